@@ -1,0 +1,1 @@
+//! An emulated modern virtio-pci device, in process.

@@ -1,0 +1,1 @@
+//! PCI functions and vhost-vdpa nodes as sysfs shows them.
