@@ -69,6 +69,22 @@ pub enum Error {
         /// Current status.
         status: u8,
     },
+    /// Ring addresses not aligned as the ring layout requires.
+    #[error("queue {queue}: ring addresses {addrs:x?} are misaligned")]
+    MisalignedRing {
+        /// Queue.
+        queue: QueueIndex,
+        /// The addresses.
+        addrs: crate::types::VringAddrs,
+    },
+    /// A provisioning mask that removes a feature the bridge requires.
+    #[error("feature mask {mask:#x} removes required feature bit {bit}")]
+    MaskRemovesRequired {
+        /// The mask.
+        mask: u64,
+        /// The required bit.
+        bit: u32,
+    },
     /// The backend cannot do this.
     #[error("{0} is not supported by this backend")]
     Unsupported(&'static str),

@@ -39,6 +39,7 @@ pub mod ops;
 pub mod pci;
 pub mod sysfs;
 pub mod types;
+pub mod vp_vdpa;
 pub mod vfio;
 pub mod vhost_vdpa;
 pub mod virtio_pci;

@@ -6,7 +6,6 @@
 //! * [`DmaMapper`]: IOVA mappings, an `unsafe` contract of its own.
 //! * [`Doorbell`]: a lock-free handle for the kick path, usable from any thread.
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -217,7 +216,7 @@ pub trait VdpaOps: Send {
     /// Attach (or detach with `None`) an eventfd whose signals kick queue
     /// `q` without a userspace hop. Fails with [`Error::Unsupported`] when
     /// the backend cannot do that (see [`BackendCaps::kick_eventfd`]).
-    fn set_vring_kick(&mut self, q: QueueIndex, fd: Option<RawFd>) -> Result<(), Error>;
+    fn set_vring_kick(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<(), Error>;
     /// Attach (or detach) the eventfd signalled when queue `q` has used
     /// buffers. Takes effect at DRIVER_OK.
     fn set_vring_call(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<(), Error>;

@@ -124,7 +124,14 @@ pub enum IoWidth {
 /// Methods that touch the device return errors instead of logging them.
 /// Implementations must not panic on any argument: offsets and lengths come
 /// from capability structures the (untrusted) device supplied.
-pub trait PciFunction: Send + Sync {
+///
+/// # Implementation safety
+///
+/// Every [`BarMapping`] returned by [`PciFunction::bar_mappings`] must stay
+/// a valid, readable and writable mapping of `len` bytes at `host_addr` for
+/// as long as the implementing value lives: the transport performs volatile
+/// loads and stores there (see `virtio_pci::bar`).
+pub unsafe trait PciFunction: Send + Sync {
     /// Read `buf.len()` bytes of PCI config space at `offset`.
     fn config_read(&self, offset: u64, buf: &mut [u8]) -> PciResult<()>;
     /// Write `buf` to PCI config space at `offset`.

@@ -1,0 +1,342 @@
+//! The bounded walk of a virtio-pci function's capability list
+//! (virtio 1.2 §4.1.4): every value here comes from the device and is
+//! checked before use.
+
+use crate::pci::{cfg, BarKind, PciError, PciFunction, PciFunctionExt};
+
+use super::regs::{cfg_type, common, VirtioPciCap};
+
+/// Most capabilities the walk follows before giving up (a looping list).
+pub const MAX_CAPS: usize = 48;
+
+/// Errors found in a device's capabilities.
+#[derive(Debug, thiserror::Error)]
+pub enum CapError {
+    /// Reading config space failed.
+    #[error("config space read failed")]
+    Config(#[source] PciError),
+    /// The status register says there is no capability list.
+    #[error("device has no capability list")]
+    NoCapabilityList,
+    /// A capability pointer outside the standard config header area.
+    #[error("capability pointer {0:#x} is out of range")]
+    BadPointer(u8),
+    /// The list is longer than [`MAX_CAPS`] or loops.
+    #[error("capability list loops or has more than {MAX_CAPS} entries")]
+    TooManyCaps,
+    /// A virtio capability shorter than its structure.
+    #[error("virtio capability at {pos:#x} (type {cfg_type}) has length {len}")]
+    ShortCap {
+        /// Position in config space.
+        pos: u8,
+        /// `cfg_type`.
+        cfg_type: u8,
+        /// `cap_len` the device reported.
+        len: u8,
+    },
+    /// A required structure has no capability.
+    #[error("required virtio capability {0} is missing")]
+    Missing(&'static str),
+    /// A structure in a BAR that does not exist.
+    #[error("{what} capability names BAR {bar}, which does not exist")]
+    NoSuchBar {
+        /// Which structure.
+        what: &'static str,
+        /// The BAR index.
+        bar: u8,
+    },
+    /// A structure in an I/O-port BAR; this driver needs memory BARs.
+    #[error("{what} capability is in BAR {bar}, an I/O-port BAR")]
+    BarNotMemory {
+        /// Which structure.
+        what: &'static str,
+        /// The BAR index.
+        bar: u8,
+    },
+    /// A structure that extends past its BAR.
+    #[error("{what} capability at {offset:#x} (+{length:#x}) is past BAR {bar} of size {bar_size:#x}")]
+    PastBar {
+        /// Which structure.
+        what: &'static str,
+        /// BAR index.
+        bar: u8,
+        /// Offset in the BAR.
+        offset: u32,
+        /// Length of the structure.
+        length: u32,
+        /// Size of the BAR.
+        bar_size: u64,
+    },
+    /// A structure smaller than the driver needs.
+    #[error("{what} capability length {length:#x} is below the minimum {min:#x}")]
+    TooSmall {
+        /// Which structure.
+        what: &'static str,
+        /// Reported length.
+        length: u32,
+        /// Required length.
+        min: u64,
+    },
+    /// Two structures overlapping in the same BAR.
+    #[error("{a} and {b} capabilities overlap in BAR {bar}")]
+    Overlap {
+        /// First structure.
+        a: &'static str,
+        /// Second structure.
+        b: &'static str,
+        /// BAR index.
+        bar: u8,
+    },
+    /// The notify multiplier is not usable.
+    #[error("notify_off_multiplier {0} is invalid")]
+    InvalidNotifyOffMultiplier(u32),
+}
+
+/// A structure's place: which BAR, where, how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapRegion {
+    /// BAR index (0..6).
+    pub bar: u8,
+    /// Offset in the BAR.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+}
+
+impl CapRegion {
+    fn end(&self) -> u64 {
+        // Cannot overflow: both come from u32 fields.
+        self.offset + self.length
+    }
+}
+
+/// The notify structure: region plus multiplier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotifyRegion {
+    /// Where the doorbells are.
+    pub region: CapRegion,
+    /// `notify_off_multiplier`.
+    pub multiplier: u32,
+}
+
+/// What the walk found: one usable instance of each structure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioCaps {
+    /// Common configuration.
+    pub common: CapRegion,
+    /// Notifications.
+    pub notify: NotifyRegion,
+    /// ISR status.
+    pub isr: CapRegion,
+    /// Device configuration (absent for devices without one).
+    pub device: Option<CapRegion>,
+    /// Position of the PCI-configuration-access capability, if any.
+    pub pci_cfg: Option<u8>,
+    /// Position of the MSI-X capability and its table size, if any.
+    pub msix: Option<(u8, u16)>,
+}
+
+/// One raw virtio capability as found in the list.
+#[derive(Clone, Copy, Debug)]
+struct RawCap {
+    pos: u8,
+    cap: VirtioPciCap,
+    multiplier: Option<u32>,
+}
+
+fn what(t: u8) -> &'static str {
+    match t {
+        cfg_type::COMMON => "common",
+        cfg_type::NOTIFY => "notify",
+        cfg_type::ISR => "ISR",
+        cfg_type::DEVICE => "device",
+        cfg_type::PCI => "PCI config access",
+        _ => "other",
+    }
+}
+
+/// Whether the function has any virtio vendor capability at all (a
+/// legacy-only device has none).
+pub fn has_virtio_caps<P: PciFunction + ?Sized>(f: &P) -> Result<bool, CapError> {
+    Ok(!walk(f)?.0.is_empty())
+}
+
+/// Walk the list: virtio vendor caps and the MSI-X cap.
+fn walk<P: PciFunction + ?Sized>(f: &P) -> Result<(Vec<RawCap>, Option<(u8, u16)>), CapError> {
+    let status = f.config_read_u16(cfg::STATUS).map_err(CapError::Config)?;
+    if status & cfg::STATUS_CAP_LIST == 0 {
+        return Err(CapError::NoCapabilityList);
+    }
+    let mut ptr = f
+        .config_read_u8(cfg::CAPABILITIES_POINTER)
+        .map_err(CapError::Config)?
+        & !3;
+    let mut seen = [false; 256];
+    let mut caps = Vec::new();
+    let mut msix = None;
+    let mut hops = 0;
+    while ptr != 0 {
+        // Standard capabilities live after the 64-byte header and need at
+        // least the 2-byte id/next pair inside the 256-byte space.
+        if ptr < 0x40 || ptr > 0xfe {
+            return Err(CapError::BadPointer(ptr));
+        }
+        hops += 1;
+        if hops > MAX_CAPS || seen[usize::from(ptr)] {
+            return Err(CapError::TooManyCaps);
+        }
+        seen[usize::from(ptr)] = true;
+        let pos = u64::from(ptr);
+        let id = f.config_read_u8(pos).map_err(CapError::Config)?;
+        let next = f.config_read_u8(pos + 1).map_err(CapError::Config)? & !3;
+        if id == cfg::CAP_ID_MSIX {
+            let ctrl = f.config_read_u16(pos + 2).map_err(CapError::Config)?;
+            msix = Some((ptr, (ctrl & 0x7ff) + 1));
+        } else if id == cfg::CAP_ID_VENDOR {
+            let len = f.config_read_u8(pos + 2).map_err(CapError::Config)?;
+            let t = f.config_read_u8(pos + 3).map_err(CapError::Config)?;
+            let min = if t == cfg_type::NOTIFY { 20 } else { 16 };
+            if usize::from(len) < min || u64::from(len) + pos > 0x100 {
+                return Err(CapError::ShortCap {
+                    pos: ptr,
+                    cfg_type: t,
+                    len,
+                });
+            }
+            let mut b = [0u8; 16];
+            f.config_read(pos, &mut b).map_err(CapError::Config)?;
+            let cap = VirtioPciCap::from_bytes(&b);
+            let multiplier = if t == cfg_type::NOTIFY {
+                Some(f.config_read_u32(pos + 16).map_err(CapError::Config)?)
+            } else {
+                None
+            };
+            caps.push(RawCap {
+                pos: ptr,
+                cap,
+                multiplier,
+            });
+        }
+        ptr = next;
+    }
+    Ok((caps, msix))
+}
+
+/// Check one capability's region against its BAR.
+fn check_region<P: PciFunction + ?Sized>(
+    f: &P,
+    cap: &VirtioPciCap,
+    min: u64,
+) -> Result<CapRegion, CapError> {
+    let what = what(cap.cfg_type);
+    let info = f.bar_info(cap.bar).ok_or(CapError::NoSuchBar {
+        what,
+        bar: cap.bar,
+    })?;
+    if info.kind != BarKind::Memory {
+        return Err(CapError::BarNotMemory { what, bar: cap.bar });
+    }
+    if u64::from(cap.length) < min {
+        return Err(CapError::TooSmall {
+            what,
+            length: cap.length,
+            min,
+        });
+    }
+    let end = u64::from(cap.offset) + u64::from(cap.length);
+    if end > info.size {
+        return Err(CapError::PastBar {
+            what,
+            bar: cap.bar,
+            offset: cap.offset,
+            length: cap.length,
+            bar_size: info.size,
+        });
+    }
+    Ok(CapRegion {
+        bar: cap.bar,
+        offset: u64::from(cap.offset),
+        length: u64::from(cap.length),
+    })
+}
+
+/// Walk the capability list and pick one usable instance of each virtio
+/// structure, the first in list order that checks out (virtio 1.2
+/// §4.1.4: "the driver SHOULD use the first instance it can use"). An
+/// instance in an I/O BAR (QEMU's `modern-pio-notify`) is passed over
+/// when a memory one exists.
+pub fn parse<P: PciFunction + ?Sized>(f: &P) -> Result<VirtioCaps, CapError> {
+    let (raw, msix) = walk(f)?;
+    let pick = |t: u8, min: u64| -> Result<Option<(CapRegion, RawCap)>, CapError> {
+        let mut first_err = None;
+        // Reserved BAR values (> 5) must be ignored (virtio 1.2 §4.1.4).
+        for rc in raw.iter().filter(|c| c.cap.cfg_type == t && c.cap.bar <= 5) {
+            match check_region(f, &rc.cap, min) {
+                Ok(r) => return Ok(Some((r, *rc))),
+                Err(e) => {
+                    log::debug!("skipping {} capability at {:#x}: {e}", what(t), rc.pos);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    };
+    let common = pick(cfg_type::COMMON, common::LEN)?
+        .ok_or(CapError::Missing("common"))?
+        .0;
+    let (notify_region, notify_raw) =
+        pick(cfg_type::NOTIFY, 2)?.ok_or(CapError::Missing("notify"))?;
+    let isr = pick(cfg_type::ISR, 1)?.ok_or(CapError::Missing("ISR"))?.0;
+    let device = pick(cfg_type::DEVICE, 0)?.map(|(r, _)| r);
+    let pci_cfg = raw
+        .iter()
+        .find(|c| c.cap.cfg_type == cfg_type::PCI)
+        .map(|c| c.pos);
+
+    let multiplier = notify_raw.multiplier.unwrap_or(0);
+    // virtio 1.2 §4.1.4.4: "an even power of 2, or 0" (0: one doorbell
+    // shared by all queues). Per-queue addresses are range-checked later.
+    if multiplier != 0 && !(multiplier.is_power_of_two() && multiplier >= 2) {
+        return Err(CapError::InvalidNotifyOffMultiplier(multiplier));
+    }
+
+    let regions = [
+        ("common", Some(common)),
+        ("notify", Some(notify_region)),
+        ("ISR", Some(isr)),
+        ("device", device),
+    ];
+    for (i, (a, ra)) in regions.iter().enumerate() {
+        for (b, rb) in regions.iter().skip(i + 1) {
+            if let (Some(ra), Some(rb)) = (ra, rb) {
+                if ra.bar == rb.bar
+                    && ra.length > 0
+                    && rb.length > 0
+                    && ra.offset < rb.end()
+                    && rb.offset < ra.end()
+                {
+                    return Err(CapError::Overlap {
+                        a,
+                        b,
+                        bar: ra.bar,
+                    });
+                }
+            }
+        }
+    }
+
+    Ok(VirtioCaps {
+        common,
+        notify: NotifyRegion {
+            region: notify_region,
+            multiplier,
+        },
+        isr,
+        device,
+        pci_cfg,
+        msix,
+    })
+}
