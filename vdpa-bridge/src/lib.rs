@@ -35,6 +35,8 @@
 
 pub mod emu;
 pub mod error;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fake;
 pub mod ops;
 pub mod pci;
 pub mod sysfs;

@@ -340,3 +340,205 @@ pub fn parse<P: PciFunction + ?Sized>(f: &P) -> Result<VirtioCaps, CapError> {
         msix,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{ConfigBuilder, RawFunction};
+    use crate::pci::BarKind;
+
+    fn func(cfg: ConfigBuilder) -> RawFunction {
+        RawFunction::new(&cfg.build()).with_bar(4, BarKind::Memory, 0x4000)
+    }
+
+    #[test]
+    fn parses_qemu_layout() {
+        let f = func(ConfigBuilder::qemu_like(0x1042));
+        let caps = parse(&f).unwrap();
+        assert_eq!(
+            caps.common,
+            CapRegion {
+                bar: 4,
+                offset: 0,
+                length: 0x1000
+            }
+        );
+        assert_eq!(caps.isr.offset, 0x1000);
+        assert_eq!(caps.device.unwrap().offset, 0x2000);
+        assert_eq!(caps.notify.region.offset, 0x3000);
+        assert_eq!(caps.notify.multiplier, 4);
+    }
+
+    #[test]
+    fn cap_past_bar_end_is_rejected() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0x3800, 0x1000)
+            .virtio_cap(3, 4, 0x1000, 0x10)
+            .notify_cap(4, 0x3000, 0x100, 4);
+        let err = parse(&func(cfg)).unwrap_err();
+        assert!(
+            matches!(err, CapError::PastBar { what: "common", bar: 4, offset: 0x3800, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn offset_plus_length_overflowing_u32_is_rejected_not_wrapped() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0xffff_f000, 0x2000)
+            .virtio_cap(3, 4, 0x1000, 0x10)
+            .notify_cap(4, 0x3000, 0x100, 4);
+        assert!(matches!(
+            parse(&func(cfg)).unwrap_err(),
+            CapError::PastBar { .. }
+        ));
+    }
+
+    #[test]
+    fn overlapping_structures_are_rejected() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0, 0x1000)
+            .virtio_cap(3, 4, 0x800, 0x10)
+            .notify_cap(4, 0x3000, 0x100, 4);
+        assert!(matches!(
+            parse(&func(cfg)).unwrap_err(),
+            CapError::Overlap {
+                a: "common",
+                b: "ISR",
+                bar: 4
+            }
+        ));
+    }
+
+    #[test]
+    fn missing_notify_cap_is_reported() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0, 0x1000)
+            .virtio_cap(3, 4, 0x1000, 0x10);
+        assert!(matches!(
+            parse(&func(cfg)).unwrap_err(),
+            CapError::Missing("notify")
+        ));
+    }
+
+    #[test]
+    fn io_port_only_bar_is_rejected() {
+        let cfg = ConfigBuilder::qemu_like(0x1042);
+        let f = RawFunction::new(&cfg.build()).with_bar(4, BarKind::Io, 0x4000);
+        assert!(matches!(
+            parse(&f).unwrap_err(),
+            CapError::BarNotMemory { bar: 4, .. }
+        ));
+    }
+
+    #[test]
+    fn io_notify_cap_is_skipped_when_memory_one_follows() {
+        // QEMU's modern-pio-notify: an extra notify cap in an I/O BAR first.
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0, 0x1000)
+            .virtio_cap(3, 4, 0x1000, 0x1000)
+            .notify_cap(2, 0, 4, 0)
+            .notify_cap(4, 0x3000, 0x1000, 4);
+        let f = RawFunction::new(&cfg.build())
+            .with_bar(2, BarKind::Io, 0x20)
+            .with_bar(4, BarKind::Memory, 0x4000);
+        let caps = parse(&f).unwrap();
+        assert_eq!(caps.notify.region.bar, 4);
+    }
+
+    #[test]
+    fn cap_naming_missing_bar_is_rejected() {
+        let cfg = ConfigBuilder::qemu_like(0x1042);
+        let f = RawFunction::new(&cfg.build()).with_bar(0, BarKind::Memory, 0x4000);
+        assert!(matches!(
+            parse(&f).unwrap_err(),
+            CapError::NoSuchBar { bar: 4, .. }
+        ));
+    }
+
+    #[test]
+    fn reserved_bar_values_are_ignored() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 7, 0, 0x1000)
+            .virtio_cap(1, 4, 0, 0x1000)
+            .virtio_cap(3, 4, 0x1000, 0x10)
+            .notify_cap(4, 0x3000, 0x100, 4);
+        assert_eq!(parse(&func(cfg)).unwrap().common.bar, 4);
+    }
+
+    #[test]
+    fn looping_capability_list_is_bounded() {
+        let cfg = ConfigBuilder::qemu_like(0x1042);
+        let last = cfg.next_pos() - 20;
+        // Point the last cap back at the first.
+        let cfg = cfg.poke(last + 1, 0x40);
+        assert!(matches!(
+            parse(&func(cfg)).unwrap_err(),
+            CapError::TooManyCaps
+        ));
+    }
+
+    #[test]
+    fn pointer_into_header_is_rejected() {
+        let cfg = ConfigBuilder::qemu_like(0x1042).poke(0x34, 0x10);
+        assert!(matches!(
+            parse(&func(cfg)).unwrap_err(),
+            CapError::BadPointer(0x10)
+        ));
+    }
+
+    #[test]
+    fn short_virtio_cap_is_rejected() {
+        let cfg = ConfigBuilder::qemu_like(0x1042).poke(0x42, 8);
+        assert!(matches!(
+            parse(&func(cfg)).unwrap_err(),
+            CapError::ShortCap { pos: 0x40, len: 8, .. }
+        ));
+    }
+
+    #[test]
+    fn common_cfg_smaller_than_its_registers_is_rejected() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0, 0x20)
+            .virtio_cap(3, 4, 0x1000, 0x10)
+            .notify_cap(4, 0x3000, 0x100, 4);
+        assert!(matches!(
+            parse(&func(cfg)).unwrap_err(),
+            CapError::TooSmall {
+                what: "common",
+                length: 0x20,
+                min: 0x38
+            }
+        ));
+    }
+
+    #[test]
+    fn odd_notify_multiplier_is_rejected() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0, 0x1000)
+            .virtio_cap(3, 4, 0x1000, 0x10)
+            .notify_cap(4, 0x3000, 0x100, 3);
+        assert!(matches!(
+            parse(&func(cfg)).unwrap_err(),
+            CapError::InvalidNotifyOffMultiplier(3)
+        ));
+    }
+
+    #[test]
+    fn zero_notify_multiplier_is_accepted() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0, 0x1000)
+            .virtio_cap(3, 4, 0x1000, 0x10)
+            .notify_cap(4, 0x3000, 0x2, 0);
+        assert_eq!(parse(&func(cfg)).unwrap().notify.multiplier, 0);
+    }
+
+    #[test]
+    fn no_capability_list_is_reported() {
+        let cfg = ConfigBuilder::virtio(0x1001).poke(6, 0);
+        assert!(matches!(
+            parse(&func(cfg)).unwrap_err(),
+            CapError::NoCapabilityList
+        ));
+    }
+}
