@@ -36,10 +36,7 @@ impl RawFunction {
     /// Give the function BAR `index` of `size` bytes and `kind`.
     pub fn with_bar(mut self, index: u8, kind: BarKind, size: u64) -> Self {
         if let Some(slot) = self.bars.get_mut(usize::from(index)) {
-            *slot = Some((
-                BarInfo { kind, size },
-                Mutex::new(vec![0u8; size as usize]),
-            ));
+            *slot = Some((BarInfo { kind, size }, Mutex::new(vec![0u8; size as usize])));
         }
         self
     }

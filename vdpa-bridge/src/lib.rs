@@ -33,23 +33,24 @@
 //! yields an error, never a panic or a hang.
 #![warn(missing_docs)]
 
+pub mod driver;
 pub mod emu;
 pub mod error;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
+pub mod info;
 pub mod ops;
 pub mod pci;
 pub mod sysfs;
 pub mod types;
-pub mod vp_vdpa;
 pub mod vfio;
 pub mod vhost_vdpa;
 pub mod virtio_pci;
+pub mod vp_vdpa;
 
 pub use error::{Error, Result};
 pub use ops::{
-    BackendCaps, Doorbell, DmaMapper, IrqGroup, IrqPlan, NotifyArea, RingDoorbell, Suspend,
-    VdpaOps,
+    BackendCaps, DmaMapper, Doorbell, IrqGroup, IrqPlan, NotifyArea, RingDoorbell, Suspend, VdpaOps,
 };
 pub use pci::{PciError, PciFunction};
 pub use types::{DeviceType, Iova, IovaRange, QueueIndex, VringAddrs};

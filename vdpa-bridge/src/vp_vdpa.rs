@@ -17,9 +17,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::ops::{
-    BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, RingDoorbell, VdpaOps,
-};
+use crate::ops::{BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, RingDoorbell, VdpaOps};
 use crate::pci::{IoWidth, PciFunction, PciFunctionExt};
 use crate::types::{features, status, Iova, IovaRange, QueueIndex, VringAddrs};
 use crate::virtio_pci::bar::BarWindow;
@@ -505,7 +503,7 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         } else {
             (16, 2, 4)
         };
-        if a.desc % d != 0 || a.driver % r != 0 || a.device % u != 0 {
+        if !a.desc.is_multiple_of(d) || !a.driver.is_multiple_of(r) || !a.device.is_multiple_of(u) {
             return Err(Error::MisalignedRing { queue: q, addrs: a });
         }
         self.transport.set_queue_addrs(q, a)?;
@@ -582,25 +580,25 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
     }
 
     fn set_vring_call(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<()> {
-        let dup = fd
-            .map(EventFd::try_clone)
-            .transpose()
-            .map_err(|source| crate::pci::PciError::Io {
-                op: "dup call eventfd",
-                source,
-            })?;
+        let dup =
+            fd.map(EventFd::try_clone)
+                .transpose()
+                .map_err(|source| crate::pci::PciError::Io {
+                    op: "dup call eventfd",
+                    source,
+                })?;
         self.queue(q)?.call = dup;
         Ok(())
     }
 
     fn set_config_call(&mut self, fd: Option<&EventFd>) -> Result<()> {
-        self.config_call = fd
-            .map(EventFd::try_clone)
-            .transpose()
-            .map_err(|source| crate::pci::PciError::Io {
-                op: "dup config eventfd",
-                source,
-            })?;
+        self.config_call =
+            fd.map(EventFd::try_clone)
+                .transpose()
+                .map_err(|source| crate::pci::PciError::Io {
+                    op: "dup config eventfd",
+                    source,
+                })?;
         Ok(())
     }
 

@@ -79,24 +79,23 @@ impl<P: PciFunction + ?Sized> BarWindow<P> {
     /// trusted to be valid for as long as the function lives, which is the
     /// [`PciFunction::bar_mappings`] contract.
     pub fn new(func: Arc<P>, region: CapRegion) -> Self {
-        let host = func
-            .bar_mappings(region.bar)
-            .iter()
-            .find(|m| {
-                region.offset >= m.offset
-                    && region
-                        .offset
-                        .checked_add(region.length)
-                        .is_some_and(|end| m.offset.checked_add(m.len).is_some_and(|me| end <= me))
-            })
-            .and_then(|m| {
-                usize::try_from(region.offset - m.offset)
-                    .ok()
-                    .and_then(|d| m.host_addr.checked_add(d))
-            })
-            // Registers are accessed with aligned loads; a window whose host
-            // address is not 8-aligned goes through the slow path instead.
-            .filter(|h| h % 8 == 0);
+        let host =
+            func.bar_mappings(region.bar)
+                .iter()
+                .find(|m| {
+                    region.offset >= m.offset
+                        && region.offset.checked_add(region.length).is_some_and(|end| {
+                            m.offset.checked_add(m.len).is_some_and(|me| end <= me)
+                        })
+                })
+                .and_then(|m| {
+                    usize::try_from(region.offset - m.offset)
+                        .ok()
+                        .and_then(|d| m.host_addr.checked_add(d))
+                })
+                // Registers are accessed with aligned loads; a window whose host
+                // address is not 8-aligned goes through the slow path instead.
+                .filter(|h| h % 8 == 0);
         BarWindow {
             func,
             bar: region.bar,
@@ -142,7 +141,7 @@ impl<P: PciFunction + ?Sized> BarWindow<P> {
 
     fn check(&self, off: u64, width: usize) -> Result<(), BarError> {
         let w = width as u64;
-        let ok = off % w == 0 && off.checked_add(w).is_some_and(|end| end <= self.len);
+        let ok = off.is_multiple_of(w) && off.checked_add(w).is_some_and(|end| end <= self.len);
         if ok {
             Ok(())
         } else {

@@ -54,7 +54,9 @@ pub enum CapError {
         bar: u8,
     },
     /// A structure that extends past its BAR.
-    #[error("{what} capability at {offset:#x} (+{length:#x}) is past BAR {bar} of size {bar_size:#x}")]
+    #[error(
+        "{what} capability at {offset:#x} (+{length:#x}) is past BAR {bar} of size {bar_size:#x}"
+    )]
     PastBar {
         /// Which structure.
         what: &'static str,
@@ -162,7 +164,10 @@ pub fn has_virtio_caps<P: PciFunction + ?Sized>(f: &P) -> Result<bool, CapError>
 }
 
 /// Walk the list: virtio vendor caps and the MSI-X cap.
-fn walk<P: PciFunction + ?Sized>(f: &P) -> Result<(Vec<RawCap>, Option<(u8, u16)>), CapError> {
+/// Raw vendor capabilities and the MSI-X capability (offset, table size).
+type Walk = (Vec<RawCap>, Option<(u8, u16)>);
+
+fn walk<P: PciFunction + ?Sized>(f: &P) -> Result<Walk, CapError> {
     let status = f.config_read_u16(cfg::STATUS).map_err(CapError::Config)?;
     if status & cfg::STATUS_CAP_LIST == 0 {
         return Err(CapError::NoCapabilityList);
@@ -178,7 +183,7 @@ fn walk<P: PciFunction + ?Sized>(f: &P) -> Result<(Vec<RawCap>, Option<(u8, u16)
     while ptr != 0 {
         // Standard capabilities live after the 64-byte header and need at
         // least the 2-byte id/next pair inside the 256-byte space.
-        if ptr < 0x40 || ptr > 0xfe {
+        if !(0x40..=0xfe).contains(&ptr) {
             return Err(CapError::BadPointer(ptr));
         }
         hops += 1;
@@ -229,10 +234,9 @@ fn check_region<P: PciFunction + ?Sized>(
     min: u64,
 ) -> Result<CapRegion, CapError> {
     let what = what(cap.cfg_type);
-    let info = f.bar_info(cap.bar).ok_or(CapError::NoSuchBar {
-        what,
-        bar: cap.bar,
-    })?;
+    let info = f
+        .bar_info(cap.bar)
+        .ok_or(CapError::NoSuchBar { what, bar: cap.bar })?;
     if info.kind != BarKind::Memory {
         return Err(CapError::BarNotMemory { what, bar: cap.bar });
     }
@@ -318,11 +322,7 @@ pub fn parse<P: PciFunction + ?Sized>(f: &P) -> Result<VirtioCaps, CapError> {
                     && ra.offset < rb.end()
                     && rb.offset < ra.end()
                 {
-                    return Err(CapError::Overlap {
-                        a,
-                        b,
-                        bar: ra.bar,
-                    });
+                    return Err(CapError::Overlap { a, b, bar: ra.bar });
                 }
             }
         }
@@ -377,7 +377,15 @@ mod tests {
             .notify_cap(4, 0x3000, 0x100, 4);
         let err = parse(&func(cfg)).unwrap_err();
         assert!(
-            matches!(err, CapError::PastBar { what: "common", bar: 4, offset: 0x3800, .. }),
+            matches!(
+                err,
+                CapError::PastBar {
+                    what: "common",
+                    bar: 4,
+                    offset: 0x3800,
+                    ..
+                }
+            ),
             "{err:?}"
         );
     }
@@ -492,7 +500,11 @@ mod tests {
         let cfg = ConfigBuilder::qemu_like(0x1042).poke(0x42, 8);
         assert!(matches!(
             parse(&func(cfg)).unwrap_err(),
-            CapError::ShortCap { pos: 0x40, len: 8, .. }
+            CapError::ShortCap {
+                pos: 0x40,
+                len: 8,
+                ..
+            }
         ));
     }
 

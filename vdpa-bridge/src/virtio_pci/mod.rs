@@ -201,7 +201,8 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
         let caps = match caps::parse(&*func) {
             Ok(c) => c,
             Err(CapError::Missing(_)) | Err(CapError::NoCapabilityList)
-                if info.pci_device_id < 0x1040 && !caps::has_virtio_caps(&*func).unwrap_or(false) =>
+                if info.pci_device_id < 0x1040
+                    && !caps::has_virtio_caps(&*func).unwrap_or(false) =>
             {
                 return Err(TransportError::LegacyOnly {
                     device: info.pci_device_id,
@@ -498,10 +499,10 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
         while i < buf.len() {
             let off = offset + i as u64;
             let left = buf.len() - i;
-            if off % 4 == 0 && left >= 4 {
+            if off.is_multiple_of(4) && left >= 4 {
                 buf[i..i + 4].copy_from_slice(&d.read32(off)?.to_le_bytes());
                 i += 4;
-            } else if off % 2 == 0 && left >= 2 {
+            } else if off.is_multiple_of(2) && left >= 2 {
                 buf[i..i + 2].copy_from_slice(&d.read16(off)?.to_le_bytes());
                 i += 2;
             } else {
@@ -534,11 +535,11 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
         while i < buf.len() {
             let off = offset + i as u64;
             let left = buf.len() - i;
-            if off % 4 == 0 && left >= 4 {
+            if off.is_multiple_of(4) && left >= 4 {
                 let v = u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
                 d.write32(off, v)?;
                 i += 4;
-            } else if off % 2 == 0 && left >= 2 {
+            } else if off.is_multiple_of(2) && left >= 2 {
                 d.write16(off, u16::from_le_bytes([buf[i], buf[i + 1]]))?;
                 i += 2;
             } else {

@@ -1,0 +1,200 @@
+//! Device facts as `vdpa-bridge info` prints them (keys are a stable
+//! interface for scripts and tests).
+
+use serde::Serialize;
+
+use crate::ops::VdpaOps;
+use crate::types::{feature_names, features, DeviceType, QueueIndex};
+use crate::Result;
+
+/// A feature word with names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FeatureSet {
+    /// Hex value, `0x...`.
+    pub hex: String,
+    /// Bit names (`VERSION_1`, `bit50` for unnamed bits).
+    pub names: Vec<String>,
+}
+
+impl FeatureSet {
+    /// Describe `bits` for a device of type `t`.
+    pub fn new(t: DeviceType, bits: u64) -> Self {
+        FeatureSet {
+            hex: format!("{bits:#x}"),
+            names: feature_names(t, bits),
+        }
+    }
+}
+
+/// Device and provisioned features.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Features {
+    /// What the device offers.
+    pub device: FeatureSet,
+    /// What the bridge offers to a driver (after the provisioning mask).
+    pub provisioned: FeatureSet,
+}
+
+/// One queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct QueueInfo {
+    /// Queue index.
+    pub index: u16,
+    /// Largest ring size.
+    pub max_size: u16,
+}
+
+/// Notify structure of a PCI device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct NotifyInfo {
+    /// BAR.
+    pub bar: u8,
+    /// Offset of the notify structure in the BAR.
+    pub offset: u64,
+    /// `notify_off_multiplier`.
+    pub multiplier: u32,
+}
+
+/// Decoded device-specific configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ConfigInfo {
+    /// virtio-blk (virtio 1.2 §5.2.4).
+    Block {
+        /// Capacity in 512-byte sectors.
+        capacity_sectors: u64,
+        /// Block size (512 unless VIRTIO_BLK_F_BLK_SIZE says otherwise).
+        blk_size: u32,
+        /// Number of request queues.
+        num_queues: u16,
+    },
+    /// virtio-net (virtio 1.2 §5.1.4).
+    Net {
+        /// MAC address, `aa:bb:cc:dd:ee:ff` (when VIRTIO_NET_F_MAC).
+        mac: Option<String>,
+        /// MTU (when VIRTIO_NET_F_MTU).
+        mtu: Option<u16>,
+        /// Queue pairs (1 unless VIRTIO_NET_F_MQ).
+        max_queue_pairs: u16,
+        /// Link status (when VIRTIO_NET_F_STATUS).
+        status: Option<u16>,
+    },
+    /// Other device types: raw size only.
+    Other {
+        /// Size of the config space.
+        size: usize,
+    },
+}
+
+/// Everything `info` reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeviceInfo {
+    /// What was opened (`emulated`, a PCI address or a node).
+    pub device: String,
+    /// Whether it is the built-in emulated device.
+    pub emulated: bool,
+    /// Backend kind: `vfio`, `emulated`, `vhost-vdpa`.
+    pub backend: String,
+    /// Device type name.
+    pub device_type: &'static str,
+    /// Virtio device id.
+    pub device_id: u32,
+    /// Vendor id.
+    pub vendor_id: u32,
+    /// Features.
+    pub features: Features,
+    /// Queues.
+    pub queues: Vec<QueueInfo>,
+    /// MSI-X vectors (PCI backends).
+    pub msix_vectors: Option<u32>,
+    /// Whether the MSI-X vectors are shared between queues.
+    pub vectors_shared: bool,
+    /// Notify structure (PCI backends).
+    pub notify: Option<NotifyInfo>,
+    /// Decoded config space.
+    pub config: ConfigInfo,
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+/// Read and decode a device's configuration space.
+pub fn decode_config(ops: &mut dyn VdpaOps) -> Result<ConfigInfo> {
+    let t = DeviceType::from_id(ops.device_id());
+    let f = ops.device_features();
+    let has = |bit: u32| f & features::bit(bit) != 0;
+    let size = ops.config_size();
+    match t {
+        DeviceType::Block => {
+            let mut b = [0u8; 36];
+            let n = size.min(b.len());
+            ops.get_config(0, &mut b[..n])?;
+            let capacity_sectors = u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8]));
+            let blk_size = if has(6) && n >= 24 {
+                u32::from_le_bytes(b[20..24].try_into().unwrap_or([0; 4]))
+            } else {
+                512
+            };
+            let num_queues = if has(12) && n >= 36 { le16(&b, 34) } else { 1 };
+            Ok(ConfigInfo::Block {
+                capacity_sectors,
+                blk_size,
+                num_queues,
+            })
+        }
+        DeviceType::Net => {
+            let mut b = [0u8; 12];
+            let n = size.min(b.len());
+            ops.get_config(0, &mut b[..n])?;
+            let mac = (has(5) && n >= 6).then(|| {
+                b[..6]
+                    .iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            });
+            let status = (has(16) && n >= 8).then(|| le16(&b, 6));
+            let max_queue_pairs = if has(22) && n >= 10 { le16(&b, 8) } else { 1 };
+            let mtu = (has(3) && n >= 12).then(|| le16(&b, 10));
+            Ok(ConfigInfo::Net {
+                mac,
+                mtu,
+                max_queue_pairs,
+                status,
+            })
+        }
+        _ => Ok(ConfigInfo::Other { size }),
+    }
+}
+
+/// Gather the generic facts; PCI-specific ones (`msix_vectors`, `notify`)
+/// are filled in by the caller that knows the transport.
+pub fn gather(ops: &mut dyn VdpaOps, device: &str, backend: &str) -> Result<DeviceInfo> {
+    let t = DeviceType::from_id(ops.device_id());
+    let mut queues = Vec::new();
+    for q in 0..ops.num_queues() {
+        queues.push(QueueInfo {
+            index: q,
+            max_size: ops.vring_max_size(QueueIndex(q))?,
+        });
+    }
+    let config = decode_config(ops)?;
+    Ok(DeviceInfo {
+        device: device.to_owned(),
+        emulated: backend == "emulated",
+        backend: backend.to_owned(),
+        device_type: t.name(),
+        device_id: ops.device_id(),
+        vendor_id: ops.vendor_id(),
+        features: Features {
+            device: FeatureSet::new(t, ops.raw_device_features()),
+            provisioned: FeatureSet::new(t, ops.device_features()),
+        },
+        queues,
+        msix_vectors: None,
+        vectors_shared: ops.irq_plan().is_shared(),
+        notify: None,
+        config,
+    })
+}
