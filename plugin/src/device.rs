@@ -1,0 +1,511 @@
+//! [`BridgeDevice`]: the device Cloud Hypervisor's device manager holds,
+//! with the shape of CH v53.0's `VirtioDevice` (`virtio-devices/src/device.rs`).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vdpa_bridge::types::{features, status};
+use vdpa_bridge::{DmaMapper, NotifyArea, QueueIndex, VdpaOps, VringAddrs};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryAtomic};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::dma::DmaHandle;
+use crate::error::{backend, io, Error, Result};
+use crate::interrupt::{InterruptType, VirtioInterrupt};
+use crate::relay::{IrqRelay, IrqTarget, KickRelay, Relay, RelayPlan};
+
+/// How guest kicks reach the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KickPolicy {
+    /// Hand each kick eventfd to the backend (in-kernel doorbell write),
+    /// falling back to the relay thread only where that cannot serve.
+    #[default]
+    Auto,
+    /// Always relay kicks through the relay thread (for comparison and for
+    /// backends whose in-kernel path misbehaves).
+    Relay,
+}
+
+/// What the VMM tells the device about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceOptions {
+    /// The VMM's virtqueue code handles packed rings (else RING_PACKED is
+    /// not offered).
+    pub packed_ring: bool,
+    /// The VMM drives DMA mappings itself (a vIOMMU is in front of the
+    /// device); otherwise guest RAM is mapped with IOVA = GPA.
+    pub iommu: bool,
+    /// Expose at most this many queues.
+    pub num_queues: Option<u16>,
+    /// Kick path.
+    pub kick: KickPolicy,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            packed_ring: false,
+            iommu: false,
+            num_queues: None,
+            kick: KickPolicy::Auto,
+        }
+    }
+}
+
+/// How an activated device's data path is wired (for tests, logs and the
+/// CLI's report).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wiring {
+    /// Queues whose kicks the backend takes in-kernel.
+    pub direct_kicks: Vec<u16>,
+    /// Queues whose kicks go through the relay thread.
+    pub relayed_kicks: Vec<u16>,
+    /// Interrupt sources routed straight to the guest's eventfd.
+    pub direct_irqs: Vec<InterruptType>,
+    /// Interrupt sources fanned out by the relay thread.
+    pub relayed_irqs: Vec<InterruptType>,
+}
+
+impl Wiring {
+    /// Whether a relay thread is needed.
+    pub fn needs_relay(&self) -> bool {
+        !self.relayed_kicks.is_empty() || !self.relayed_irqs.is_empty()
+    }
+}
+
+struct Active {
+    relay: Option<Relay>,
+    wiring: Wiring,
+}
+
+/// A vDPA device bridged into a VMM.
+///
+/// Generic over the backend (`B`: a [`VdpaOps`] + [`DmaMapper`], e.g.
+/// `VpVdpa<VfioFunction>`) and the VMM's guest memory type (`M`; CH uses
+/// `GuestMemoryMmap<AtomicBitmap>`).
+pub struct BridgeDevice<B: VdpaOps + DmaMapper, M: GuestMemory> {
+    backend: Arc<Mutex<B>>,
+    dma: DmaHandle<B, M>,
+    device_type: u32,
+    queue_max_sizes: Vec<u16>,
+    offered: u64,
+    acked: u64,
+    config_size: usize,
+    opts: DeviceOptions,
+    active: Option<Active>,
+    name: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<B, M> BridgeDevice<B, M>
+where
+    B: VdpaOps + DmaMapper + Send + 'static,
+    M: GuestMemory + Clone + Send + Sync + 'static,
+{
+    /// Wrap an opened backend. Resets it; unless `opts.iommu`, maps all of
+    /// guest memory for DMA (IOVA = GPA).
+    pub fn new(mut backend: B, mem: GuestMemoryAtomic<M>, opts: DeviceOptions) -> Result<Self> {
+        backend.reset().map_err(backend_err("reset"))?;
+        let device_type = backend.device_id();
+        let mut n = backend.num_queues();
+        if let Some(limit) = opts.num_queues {
+            if limit == 0 || limit > n {
+                return Err(Error::Config(format!(
+                    "num_queues={limit}: the device has {n} queues"
+                )));
+            }
+            n = limit;
+        }
+        let mut queue_max_sizes = Vec::with_capacity(usize::from(n));
+        for q in 0..n {
+            let max = backend
+                .vring_max_size(QueueIndex(q))
+                .map_err(backend_err("vring_max_size"))?;
+            if max == 0 {
+                return Err(Error::BadQueue {
+                    index: usize::from(q),
+                    reason: "the device reports a maximum size of 0",
+                });
+            }
+            queue_max_sizes.push(max);
+        }
+        let mut offered = backend.device_features();
+        if !opts.packed_ring {
+            offered &= !features::bit(features::RING_PACKED);
+        }
+        let config_size = backend.config_size();
+        let name = format!("vdpa-relay-{device_type}");
+        let backend = Arc::new(Mutex::new(backend));
+        let dma = DmaHandle::new(backend.clone(), mem);
+        if !opts.iommu {
+            dma.map_guest_memory()?;
+        }
+        Ok(BridgeDevice {
+            backend,
+            dma,
+            device_type,
+            queue_max_sizes,
+            offered,
+            acked: 0,
+            config_size,
+            opts,
+            active: None,
+            name,
+        })
+    }
+
+    /// Virtio device type.
+    pub fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    /// Maximum size of each queue.
+    pub fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    /// Features offered to the guest: the backend's (already masked by the
+    /// provisioning mask it was opened with) minus what the VMM cannot do.
+    pub fn features(&self) -> u64 {
+        self.offered
+    }
+
+    /// Features the guest acknowledged.
+    pub fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
+    /// Acknowledge driver features. Bits not offered are refused (nothing
+    /// is acked then).
+    pub fn ack_features(&mut self, value: u64) -> Result<()> {
+        let extra = value & !self.offered;
+        if extra != 0 {
+            return Err(Error::FeaturesNotOffered {
+                acked: value,
+                offered: self.offered,
+            });
+        }
+        self.acked |= value;
+        Ok(())
+    }
+
+    /// Size of the device's config space.
+    pub fn config_size(&self) -> usize {
+        self.config_size
+    }
+
+    fn config_range(&self, offset: u64, len: usize) -> Result<u32> {
+        let end = offset.checked_add(len as u64);
+        match end {
+            Some(e) if e <= self.config_size as u64 => Ok(offset as u32),
+            _ => Err(Error::ConfigOutOfRange {
+                offset,
+                len,
+                size: self.config_size,
+            }),
+        }
+    }
+
+    /// Read the device's config space.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<()> {
+        let off = self.config_range(offset, data.len())?;
+        lock(&self.backend)
+            .get_config(off, data)
+            .map_err(backend_err("get_config"))
+    }
+
+    /// Write the device's config space.
+    pub fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let off = self.config_range(offset, data.len())?;
+        lock(&self.backend)
+            .set_config(off, data)
+            .map_err(backend_err("set_config"))
+    }
+
+    /// Whether the device is active.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// How the data path is wired (when active).
+    pub fn wiring(&self) -> Option<&Wiring> {
+        self.active.as_ref().map(|a| &a.wiring)
+    }
+
+    /// The DMA handle (for the VMM's external DMA mapping / vIOMMU).
+    pub fn dma(&self) -> &DmaHandle<B, M> {
+        &self.dma
+    }
+
+    /// Map guest memory the VMM added (hotplug). No-op with a vIOMMU, where
+    /// the VMM maps what the guest asks for.
+    pub fn add_memory_region(&mut self) -> Result<()> {
+        if self.opts.iommu {
+            return Ok(());
+        }
+        self.dma.map_guest_memory()
+    }
+
+    /// Run `f` on the backend (control path only).
+    pub fn with_backend<R>(&self, f: impl FnOnce(&mut B) -> R) -> R {
+        f(&mut lock(&self.backend))
+    }
+
+    /// Start the device: program the queues, wire kicks and interrupts,
+    /// enable the queues, DRIVER_OK. On failure the device is reset and no
+    /// thread or wiring is left behind.
+    pub fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic<M>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<(usize, Queue, EventFd)>,
+    ) -> Result<()> {
+        if self.active.is_some() {
+            return Err(Error::AlreadyActive);
+        }
+        match self.try_activate(mem, interrupt, &queues) {
+            Ok(active) => {
+                self.active = Some(active);
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(r) = lock(&self.backend).reset() {
+                    log::error!("reset after failed activation failed: {r}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn check_queue(&self, index: usize, q: &Queue) -> Result<u16> {
+        let bad = |reason| Error::BadQueue { index, reason };
+        let qi = u16::try_from(index).map_err(|_| bad("index out of range"))?;
+        let max = *self
+            .queue_max_sizes
+            .get(index)
+            .ok_or(bad("the device has no such queue"))?;
+        let size = q.size();
+        if !q.ready() {
+            return Err(bad("not ready"));
+        }
+        if size == 0 || size > max {
+            return Err(bad("size is 0 or above the device's maximum"));
+        }
+        let packed = self.acked & features::bit(features::RING_PACKED) != 0;
+        if !packed && !size.is_power_of_two() {
+            return Err(bad("split ring size is not a power of two"));
+        }
+        Ok(qi)
+    }
+
+    fn try_activate(
+        &mut self,
+        mem: GuestMemoryAtomic<M>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: &[(usize, Queue, EventFd)],
+    ) -> Result<Active> {
+        let mut qidx = Vec::with_capacity(queues.len());
+        for (i, q, _) in queues {
+            let qi = self.check_queue(*i, q)?;
+            if qidx.contains(&qi) {
+                return Err(Error::BadQueue {
+                    index: *i,
+                    reason: "given twice",
+                });
+            }
+            qidx.push(qi);
+        }
+        let acked = self.acked;
+        let notif_data = acked & features::bit(features::NOTIFICATION_DATA) != 0;
+        let mut b = lock(&self.backend);
+        let caps = b.backend_caps();
+        let relay_kicks = self.opts.kick == KickPolicy::Relay || !caps.kick_eventfd || notif_data;
+
+        b.set_status(status::ACKNOWLEDGE | status::DRIVER)
+            .map_err(backend_err("set_status(DRIVER)"))?;
+        b.set_driver_features(acked)
+            .map_err(backend_err("set_driver_features"))?;
+        b.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK)
+            .map_err(backend_err("set_status(FEATURES_OK)"))?;
+
+        for ((_, q, _), &qi) in queues.iter().zip(&qidx) {
+            let qi = QueueIndex(qi);
+            b.set_vring_num(qi, q.size())
+                .map_err(backend_err("set_vring_num"))?;
+            b.set_vring_addr(
+                qi,
+                VringAddrs {
+                    desc: q.desc_table(),
+                    driver: q.avail_ring(),
+                    device: q.used_ring(),
+                },
+            )
+            .map_err(backend_err("set_vring_addr"))?;
+            b.set_vring_base(qi, q.next_avail())
+                .map_err(backend_err("set_vring_base"))?;
+        }
+
+        // Interrupts: one direct route per device vector when it serves a
+        // single guest interrupt that has an eventfd; a fan-out otherwise.
+        let mut wiring = Wiring::default();
+        let mut irqs = Vec::new();
+        let plan = b.irq_plan();
+        if plan.groups.is_empty() && caps.call_eventfd {
+            return Err(Error::Unsupported(
+                "the device has no MSI-X vectors: interrupts cannot be delivered",
+            ));
+        }
+        for g in &plan.groups {
+            let mut sources: Vec<InterruptType> = Vec::new();
+            if g.config {
+                sources.push(InterruptType::Config);
+            }
+            let active_queues: Vec<QueueIndex> = g
+                .queues
+                .iter()
+                .copied()
+                .filter(|q| qidx.contains(&q.0))
+                .collect();
+            sources.extend(active_queues.iter().map(|q| InterruptType::Queue(q.0)));
+            let single = match sources.as_slice() {
+                [one] => interrupt.notifier(*one).map(|fd| (*one, fd)),
+                _ => None,
+            };
+            if let Some((src, fd)) = single {
+                match src {
+                    InterruptType::Config => b.set_config_call(Some(&fd)),
+                    InterruptType::Queue(q) => b.set_vring_call(QueueIndex(q), Some(&fd)),
+                }
+                .map_err(backend_err("set call eventfd"))?;
+                wiring.direct_irqs.push(src);
+                continue;
+            }
+            if sources.is_empty() {
+                continue;
+            }
+            let fd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+            // The backend signals the group's first queue's eventfd, or the
+            // config eventfd for a config-only group.
+            match active_queues.first() {
+                Some(&q) => b.set_vring_call(q, Some(&fd)),
+                None => b.set_config_call(Some(&fd)),
+            }
+            .map_err(backend_err("set call eventfd"))?;
+            let targets = sources
+                .iter()
+                .map(|&kind| IrqTarget {
+                    notifier: interrupt.notifier(kind),
+                    kind,
+                })
+                .collect();
+            wiring.relayed_irqs.extend(sources.iter().copied());
+            irqs.push(IrqRelay { fd, targets });
+        }
+
+        let mut kicks = Vec::new();
+        for ((_, q, kick), &qi) in queues.iter().zip(&qidx) {
+            if relay_kicks {
+                kicks.push(KickRelay {
+                    fd: kick.try_clone().map_err(io("dup kick eventfd"))?,
+                    doorbell: b
+                        .doorbell(QueueIndex(qi))
+                        .map_err(backend_err("doorbell"))?,
+                    avail_idx_addr: notif_data.then(|| GuestAddress(q.avail_ring() + 2)),
+                });
+                wiring.relayed_kicks.push(qi);
+            } else {
+                b.set_vring_kick(QueueIndex(qi), Some(kick))
+                    .map_err(backend_err("set_vring_kick"))?;
+                wiring.direct_kicks.push(qi);
+            }
+        }
+
+        for &qi in &qidx {
+            b.set_vring_enable(QueueIndex(qi), true)
+                .map_err(backend_err("set_vring_enable"))?;
+        }
+
+        let relay_plan = RelayPlan {
+            kicks,
+            irqs,
+            mem,
+            interrupt,
+        };
+        let relay = if relay_plan.is_empty() {
+            None
+        } else {
+            Some(Relay::start(relay_plan, self.name.clone())?)
+        };
+        b.set_status(
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        )
+        .map_err(backend_err("set_status(DRIVER_OK)"))?;
+        // A device that failed the start reports it in its status.
+        let st = b.status().map_err(backend_err("status"))?;
+        if st & (status::FAILED | status::DEVICE_NEEDS_RESET) != 0 || st & status::DRIVER_OK == 0 {
+            return Err(Error::Backend {
+                op: "DRIVER_OK",
+                source: vdpa_bridge::Error::BadState {
+                    op: "device did not accept DRIVER_OK",
+                    status: st,
+                },
+            });
+        }
+        log::info!(
+            "activated: {} queues, kicks direct {:?} relayed {:?}, irqs direct {} relayed {}",
+            qidx.len(),
+            wiring.direct_kicks,
+            wiring.relayed_kicks,
+            wiring.direct_irqs.len(),
+            wiring.relayed_irqs.len()
+        );
+        Ok(Active { relay, wiring })
+    }
+
+    /// Virtio reset (status 0): stop the relay, reset the device, forget
+    /// acked features. The device can be activated again afterwards.
+    pub fn reset(&mut self) -> Result<()> {
+        if let Some(mut a) = self.active.take() {
+            if let Some(r) = a.relay.as_mut() {
+                r.stop();
+            }
+        }
+        self.acked = 0;
+        lock(&self.backend).reset().map_err(backend_err("reset"))
+    }
+
+    /// Where queue `q`'s doorbell can be mapped into the guest: only when
+    /// the backend has a host mapping of it and its page holds nothing
+    /// else, else `None` (the VMM then traps and forwards kicks).
+    pub fn notification_area(&self, q: u16) -> Option<NotifyArea> {
+        if usize::from(q) >= self.queue_max_sizes.len() {
+            return None;
+        }
+        let b = lock(&self.backend);
+        if !b.backend_caps().notification_area {
+            return None;
+        }
+        let area = b.notification_area(QueueIndex(q)).ok()?;
+        (area.page_exclusive && area.host_addr.is_some()).then_some(area)
+    }
+}
+
+impl<B: VdpaOps + DmaMapper, M: GuestMemory> Drop for BridgeDevice<B, M> {
+    fn drop(&mut self) {
+        // Stop the relay, quiesce the device, then take its DMA access away
+        // while guest memory still exists.
+        self.active = None;
+        if let Err(e) = lock(&self.backend).reset() {
+            log::warn!("reset on drop failed: {e}");
+        }
+        self.dma.unmap_all();
+    }
+}
+
+fn backend_err(op: &'static str) -> impl FnOnce(vdpa_bridge::Error) -> Error {
+    backend(op)
+}

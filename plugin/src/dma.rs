@@ -1,0 +1,243 @@
+//! DMA mappings of guest memory for the device.
+//!
+//! Without a vIOMMU the guest's drivers program guest-physical addresses,
+//! so guest RAM is mapped with IOVA = GPA, one mapping per memory region,
+//! as the VMM adds regions (boot RAM, hotplug). With a vIOMMU the VMM calls
+//! [`DmaHandle::map`] / [`DmaHandle::unmap`] with the guest's IOVAs.
+//!
+//! Only guest memory is ever mapped: a request is resolved to host
+//! addresses through the guest memory map and refused when any part of it
+//! is not guest RAM. Each mapping keeps a clone of the guest memory map it
+//! was resolved in (reference-counted regions), so the host pages stay
+//! mapped until the device's mapping is gone, even when the VMM removes
+//! the region from its own map first.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vdpa_bridge::{DmaMapper, Iova, IovaRange};
+use vm_memory::{
+    Address, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryRegion,
+};
+
+use crate::error::{Error, Result};
+
+struct Mapping<M> {
+    size: u64,
+    gpa: u64,
+    /// Keeps the host pages alive while the device may access them.
+    _keep: M,
+}
+
+/// The device's mappings, keyed by IOVA.
+pub(crate) struct DmaTable<M> {
+    maps: BTreeMap<u64, Mapping<M>>,
+}
+
+impl<M> Default for DmaTable<M> {
+    fn default() -> Self {
+        DmaTable {
+            maps: BTreeMap::new(),
+        }
+    }
+}
+
+impl<M> DmaTable<M> {
+    /// Check `[iova, iova + size)` is non-empty, does not overflow, lies in
+    /// `range` and overlaps no mapping.
+    fn check(&self, iova: u64, size: u64, range: IovaRange) -> Result<()> {
+        let err = |reason| Error::Dma { iova, size, reason };
+        if size == 0 {
+            return Err(err("empty mapping"));
+        }
+        let last = iova.checked_add(size - 1).ok_or(err("range overflows"))?;
+        if !range.contains(iova, size) {
+            return Err(err("outside the device's IOVA range"));
+        }
+        if let Some((&s, m)) = self.maps.range(..=last).next_back() {
+            if s + (m.size - 1) >= iova {
+                return Err(err("overlaps an existing mapping"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Maps guest memory for one device. Cloneable; all clones share the
+/// table (CH calls it from its device manager and its virtio-iommu).
+pub struct DmaHandle<B, M: GuestMemory> {
+    backend: Arc<Mutex<B>>,
+    table: Arc<Mutex<DmaTable<M>>>,
+    mem: GuestMemoryAtomic<M>,
+}
+
+impl<B, M: GuestMemory> Clone for DmaHandle<B, M> {
+    fn clone(&self) -> Self {
+        DmaHandle {
+            backend: self.backend.clone(),
+            table: self.table.clone(),
+            mem: self.mem.clone(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not wedge the control path.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<B: DmaMapper, M: GuestMemory> DmaHandle<B, M> {
+    /// Remove every mapping (teardown).
+    pub fn unmap_all(&self) {
+        let mut table = lock(&self.table);
+        let backend = lock(&self.backend);
+        for (&s, m) in &table.maps {
+            if let Err(e) = backend.dma_unmap(Iova(s), m.size) {
+                log::warn!("DMA unmap of {s:#x} (+{:#x}) failed: {e}", m.size);
+            }
+        }
+        table.maps.clear();
+    }
+
+    /// Current mappings as `(iova, gpa, size)`, sorted by IOVA.
+    pub fn mappings(&self) -> Vec<(u64, u64, u64)> {
+        lock(&self.table)
+            .maps
+            .iter()
+            .map(|(&s, m)| (s, m.gpa, m.size))
+            .collect()
+    }
+}
+
+impl<B, M> DmaHandle<B, M>
+where
+    B: DmaMapper,
+    M: GuestMemory + Clone,
+{
+    pub(crate) fn new(backend: Arc<Mutex<B>>, mem: GuestMemoryAtomic<M>) -> Self {
+        DmaHandle {
+            backend,
+            table: Arc::new(Mutex::new(DmaTable::default())),
+            mem,
+        }
+    }
+
+    /// The IOVA range the device accepts.
+    pub fn iova_range(&self) -> IovaRange {
+        lock(&self.backend).iova_range()
+    }
+
+    /// Map guest-physical `[gpa, gpa + size)` at `iova`. The range may
+    /// span adjacent regions; every byte must be guest RAM.
+    pub fn map(&self, iova: u64, gpa: u64, size: u64) -> Result<()> {
+        let range = self.iova_range();
+        let mut table = lock(&self.table);
+        table.check(iova, size, range)?;
+        gpa.checked_add(size)
+            .ok_or(Error::NotGuestMemory { gpa, size })?;
+        let snapshot: M = (*self.mem.memory()).clone();
+        // Resolve every piece first: nothing is mapped if any part fails.
+        let mut pieces = Vec::new();
+        let mut done = 0u64;
+        while done < size {
+            let at = GuestAddress(gpa + done);
+            let region = snapshot
+                .find_region(at)
+                .ok_or(Error::NotGuestMemory { gpa, size })?;
+            let off = at
+                .checked_offset_from(region.start_addr())
+                .ok_or(Error::NotGuestMemory { gpa, size })?;
+            let len = (region.len() - off).min(size - done);
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(off))
+                .map_err(|_| Error::NotGuestMemory { gpa, size })? as usize;
+            pieces.push((iova + done, gpa + done, len, host));
+            done += len;
+        }
+        let backend = lock(&self.backend);
+        for (i, &(piova, pgpa, len, host)) in pieces.iter().enumerate() {
+            // SAFETY: `host` points into a guest memory region of `snapshot`
+            // with at least `len` bytes from it; the clone of the memory map
+            // stored with the mapping keeps the region mapped until the
+            // mapping is removed (below or in `unmap`/`unmap_all`). Guest
+            // memory is only accessed through volatile accessors by the VMM.
+            let r = unsafe { backend.dma_map(Iova(piova), len, host) };
+            if let Err(source) = r {
+                for &(u, _, l, _) in &pieces[..i] {
+                    let _ = backend.dma_unmap(Iova(u), l);
+                    table.maps.remove(&u);
+                }
+                return Err(Error::Backend {
+                    op: "dma_map",
+                    source,
+                });
+            }
+            table.maps.insert(
+                piova,
+                Mapping {
+                    size: len,
+                    gpa: pgpa,
+                    _keep: snapshot.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Remove the mappings in `[iova, iova + size)`. The range must cover
+    /// whole mappings (as the vIOMMU's unmap of a mapped range does).
+    pub fn unmap(&self, iova: u64, size: u64) -> Result<()> {
+        let err = |reason| Error::Dma { iova, size, reason };
+        if size == 0 {
+            return Err(err("empty unmap"));
+        }
+        let last = iova.checked_add(size - 1).ok_or(err("range overflows"))?;
+        let mut table = lock(&self.table);
+        let hit: Vec<(u64, u64)> = table
+            .maps
+            .range(iova..=last)
+            .map(|(&s, m)| (s, m.size))
+            .collect();
+        if hit.iter().any(|&(s, l)| s + (l - 1) > last)
+            || table
+                .maps
+                .range(..iova)
+                .next_back()
+                .is_some_and(|(&s, m)| s + (m.size - 1) >= iova)
+        {
+            return Err(err("splits an existing mapping"));
+        }
+        let backend = lock(&self.backend);
+        for (s, l) in hit {
+            backend
+                .dma_unmap(Iova(s), l)
+                .map_err(|source| Error::Backend {
+                    op: "dma_unmap",
+                    source,
+                })?;
+            table.maps.remove(&s);
+        }
+        Ok(())
+    }
+
+    /// Map every region of guest memory with IOVA = GPA (no vIOMMU).
+    /// Regions already mapped are skipped, so this also serves hotplug.
+    pub fn map_guest_memory(&self) -> Result<()> {
+        let regions: Vec<(u64, u64)> = self
+            .mem
+            .memory()
+            .iter()
+            .map(|r| (r.start_addr().raw_value(), r.len()))
+            .collect();
+        for (gpa, len) in regions {
+            let mapped = lock(&self.table)
+                .maps
+                .get(&gpa)
+                .is_some_and(|m| m.gpa == gpa && m.size == len);
+            if !mapped {
+                self.map(gpa, gpa, len)?;
+            }
+        }
+        Ok(())
+    }
+}

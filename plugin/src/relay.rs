@@ -1,0 +1,206 @@
+//! The relay thread: the only userspace hop, used only where the direct
+//! paths cannot serve.
+//!
+//! * **Kick relay**: a guest kick eventfd whose queue the backend cannot
+//!   kick in-kernel (VIRTIO_F_NOTIFICATION_DATA negotiated, or a backend
+//!   without [`BackendCaps::kick_eventfd`](vdpa_bridge::BackendCaps)) is
+//!   watched here and each signal rings the queue's [`Doorbell`], with the
+//!   avail index read from guest memory when notification data is on.
+//! * **Interrupt fan-out**: a device vector that serves several guest
+//!   interrupts (shared MSI-X vectors), or one whose guest interrupt has no
+//!   eventfd, signals an eventfd of ours; each signal is forwarded to every
+//!   guest interrupt of its group, through the guest's eventfd or
+//!   [`VirtioInterrupt::trigger`].
+//!
+//! Everything the loop touches is built before the thread starts: the loop
+//! itself does no allocation and takes no lock (guest memory is read
+//! through `GuestMemoryAtomic`, an `ArcSwap` load).
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vdpa_bridge::Doorbell;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::error::{io, Result};
+use crate::interrupt::{InterruptType, VirtioInterrupt};
+
+const TOKEN_STOP: u64 = 0;
+const KIND_KICK: u64 = 1 << 32;
+const KIND_IRQ: u64 = 2 << 32;
+
+/// One relayed kick.
+pub(crate) struct KickRelay {
+    /// The guest's kick eventfd (a duplicate).
+    pub fd: EventFd,
+    /// The queue's doorbell.
+    pub doorbell: Doorbell,
+    /// With notification data: the guest address of the avail ring's
+    /// `idx` field, read on every kick.
+    pub avail_idx_addr: Option<GuestAddress>,
+}
+
+/// Where one fanned-out interrupt goes.
+pub(crate) struct IrqTarget {
+    /// The guest's eventfd, if the VMM gave one.
+    pub notifier: Option<EventFd>,
+    /// What to `trigger` otherwise.
+    pub kind: InterruptType,
+}
+
+/// One device vector whose signal is fanned out.
+pub(crate) struct IrqRelay {
+    /// The eventfd the backend signals for this vector.
+    pub fd: EventFd,
+    /// Guest interrupts to raise.
+    pub targets: Vec<IrqTarget>,
+}
+
+/// What the relay serves.
+pub(crate) struct RelayPlan<M: GuestMemory> {
+    pub kicks: Vec<KickRelay>,
+    pub irqs: Vec<IrqRelay>,
+    pub mem: GuestMemoryAtomic<M>,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl<M: GuestMemory> RelayPlan<M> {
+    pub fn is_empty(&self) -> bool {
+        self.kicks.is_empty() && self.irqs.is_empty()
+    }
+}
+
+/// A running relay thread; stopped and joined on drop.
+pub(crate) struct Relay {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Start a relay thread for `plan`.
+    pub fn start<M>(plan: RelayPlan<M>, name: String) -> Result<Relay>
+    where
+        M: GuestMemory + Send + Sync + 'static,
+    {
+        let epoll = Epoll::new().map_err(io("epoll_create"))?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+        let add = |fd: i32, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(io("epoll_ctl"))
+        };
+        add(stop.as_raw_fd(), TOKEN_STOP)?;
+        for (i, k) in plan.kicks.iter().enumerate() {
+            add(k.fd.as_raw_fd(), KIND_KICK | i as u64)?;
+        }
+        for (i, r) in plan.irqs.iter().enumerate() {
+            add(r.fd.as_raw_fd(), KIND_IRQ | i as u64)?;
+        }
+        let stop_thread = stop.try_clone().map_err(io("dup eventfd"))?;
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run(epoll, stop_thread, plan))
+            .map_err(io("spawn relay thread"))?;
+        Ok(Relay {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop and join the thread.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            if let Err(e) = self.stop.write(1) {
+                log::error!("cannot signal the relay thread to stop: {e}");
+                return;
+            }
+            if t.join().is_err() {
+                log::error!("relay thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run<M: GuestMemory>(epoll: Epoll, stop: EventFd, plan: RelayPlan<M>) {
+    let mut events = [EpollEvent::default(); 32];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("relay epoll_wait failed, relay stops: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            let idx = (token & 0xffff_ffff) as usize;
+            match token & !0xffff_ffff {
+                TOKEN_STOP => {
+                    let _ = stop.read();
+                    return;
+                }
+                KIND_KICK => {
+                    if let Some(k) = plan.kicks.get(idx) {
+                        relay_kick(k, &plan.mem);
+                    }
+                }
+                KIND_IRQ => {
+                    if let Some(r) = plan.irqs.get(idx) {
+                        relay_irq(r, plan.interrupt.as_ref());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn relay_kick<M: GuestMemory>(k: &KickRelay, mem: &GuestMemoryAtomic<M>) {
+    // Consume the count; a spurious wakeup (EAGAIN) needs no kick.
+    if k.fd.read().is_err() {
+        return;
+    }
+    let next = match k.avail_idx_addr {
+        Some(addr) => match mem.memory().load::<u16>(addr, Ordering::Acquire) {
+            Ok(v) => u32::from(u16::from_le(v)),
+            Err(e) => {
+                log::warn!("relay: cannot read avail idx at {:#x}: {e}", addr.0);
+                return;
+            }
+        },
+        None => 0,
+    };
+    if let Err(e) = k.doorbell.ring(next) {
+        log::warn!("relay: doorbell write failed: {e}");
+    }
+}
+
+fn relay_irq(r: &IrqRelay, interrupt: &dyn VirtioInterrupt) {
+    if r.fd.read().is_err() {
+        return;
+    }
+    for t in &r.targets {
+        let res = match &t.notifier {
+            Some(fd) => fd.write(1),
+            None => interrupt.trigger(t.kind),
+        };
+        if let Err(e) = res {
+            log::warn!("relay: raising {:?} failed: {e}", t.kind);
+        }
+    }
+}
