@@ -189,8 +189,8 @@ pub struct DriverQueue {
     pub kick: Option<EventFd>,
     /// Call eventfd (the one the backend signals for this queue's group).
     pub call: Option<EventFd>,
-    /// Doorbell handle.
-    pub doorbell: Doorbell,
+    /// Doorbell handle (doorbell kick mode).
+    pub doorbell: Option<Doorbell>,
 }
 
 /// Options for [`Driver::bring_up`].
@@ -322,7 +322,10 @@ impl Driver {
             } else {
                 None
             };
-            let doorbell = dev.doorbell(qi).map_err(ops("doorbell"))?;
+            let doorbell = match opts.kick {
+                KickMode::Doorbell => Some(dev.doorbell(qi).map_err(ops("doorbell"))?),
+                KickMode::EventFd => None,
+            };
             buffers
                 .push(opts.iova_base + RING_AREA * u64::from(nq) + opts.buffer_size * u64::from(q));
             queues.push(DriverQueue {
@@ -360,15 +363,18 @@ impl Driver {
     /// Notify the device about queue `q`.
     pub fn kick(&self, q: u16) -> Result<()> {
         let dq = &self.queues[usize::from(q)];
-        match &dq.kick {
-            Some(k) => k.write(1).map_err(|source| DriverError::EventFd {
+        match (&dq.kick, &dq.doorbell) {
+            (Some(k), _) => k.write(1).map_err(|source| DriverError::EventFd {
                 op: "write",
                 source,
             }),
-            None => dq
-                .doorbell
+            (None, Some(d)) => d
                 .ring(u32::from(dq.ring.next_avail()))
                 .map_err(ops("doorbell")),
+            (None, None) => Err(DriverError::Ops {
+                op: "kick",
+                source: Error::Unsupported("kick without an eventfd or doorbell"),
+            }),
         }
     }
 
