@@ -28,6 +28,7 @@ pub mod config;
 mod device;
 mod dma;
 mod error;
+pub mod harness;
 mod interrupt;
 mod relay;
 

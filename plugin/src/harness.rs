@@ -1,0 +1,247 @@
+//! A VMM-side harness: what the VMM and the guest's virtio driver do
+//! around a [`BridgeDevice`](crate::BridgeDevice), in userspace.
+//!
+//! It owns guest memory, lays out split rings in it as a guest driver
+//! would (`vdpa_bridge::driver::ring`), hands CH-shaped queues
+//! (`virtio_queue::Queue`, kick `EventFd`s) to `activate`, and provides an
+//! interrupt source with one eventfd per queue (the irqfds). The plugin's
+//! tests, the lab suite and the benchmark use it.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vdpa_bridge::driver::blk::{self, ReadLoad, ReadStats};
+use vdpa_bridge::driver::ring::{Buf, SplitRing};
+use vdpa_bridge::driver::{wait_eventfd, DriverError};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::interrupt::{InterruptType, VirtioInterrupt};
+
+/// Guest memory type of the harness.
+pub type Mem = GuestMemoryMmap<()>;
+
+/// The VMM's interrupt controller: one eventfd per queue plus config
+/// (standing in for irqfds), or none, in which case `trigger` counts.
+pub struct TestInterrupt {
+    /// Per-queue guest interrupt eventfds.
+    pub queues: Vec<EventFd>,
+    /// Config interrupt eventfd.
+    pub config: EventFd,
+    give_notifiers: bool,
+    /// Calls of `trigger`.
+    pub triggered: AtomicU32,
+}
+
+impl TestInterrupt {
+    /// An interrupt source for `n` queues; `give_notifiers = false` makes
+    /// the device fall back to `trigger`.
+    pub fn new(n: usize, give_notifiers: bool) -> std::io::Result<Arc<Self>> {
+        let queues = (0..n)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Arc::new(TestInterrupt {
+            queues,
+            config: EventFd::new(EFD_NONBLOCK)?,
+            give_notifiers,
+            triggered: AtomicU32::new(0),
+        }))
+    }
+
+    /// Calls of `trigger` so far.
+    pub fn triggered(&self) -> u32 {
+        self.triggered.load(Ordering::SeqCst)
+    }
+}
+
+impl VirtioInterrupt for TestInterrupt {
+    fn trigger(&self, _t: InterruptType) -> std::io::Result<()> {
+        self.triggered.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn notifier(&self, t: InterruptType) -> Option<EventFd> {
+        if !self.give_notifiers {
+            return None;
+        }
+        match t {
+            InterruptType::Config => self.config.try_clone().ok(),
+            InterruptType::Queue(q) => self.queues.get(usize::from(q))?.try_clone().ok(),
+        }
+    }
+}
+
+/// Guest memory and the guest driver's rings.
+pub struct Guest {
+    /// Guest memory as the VMM holds it.
+    pub mem: GuestMemoryAtomic<Mem>,
+    /// Driver-side rings, by queue.
+    pub rings: Vec<SplitRing>,
+    /// The guest's kick eventfds (what the VMM signals on a notify write).
+    pub kicks: Vec<EventFd>,
+    ring_size: u16,
+}
+
+/// Guest-physical layout: rings from 1 MiB, 64 KiB apart; buffers from
+/// 8 MiB, 256 KiB per queue.
+const RING_BASE: u64 = 0x10_0000;
+const RING_STRIDE: u64 = 0x1_0000;
+const BUF_BASE: u64 = 0x80_0000;
+const BUF_STRIDE: u64 = 0x4_0000;
+
+/// Errors of the harness.
+pub type Result<T> = std::result::Result<T, DriverError>;
+
+impl Guest {
+    /// Guest RAM of `size` bytes at GPA 0 (at least 16 MiB is sensible).
+    pub fn new(size: u64, ring_size: u16) -> Result<Guest> {
+        let m = Mem::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|_| DriverError::Alloc { size })?;
+        Ok(Guest {
+            mem: GuestMemoryAtomic::new(m),
+            rings: Vec::new(),
+            kicks: Vec::new(),
+            ring_size,
+        })
+    }
+
+    /// GPA of queue `q`'s buffer area (256 KiB).
+    pub fn buffer(q: u16) -> u64 {
+        BUF_BASE + u64::from(q) * BUF_STRIDE
+    }
+
+    /// Lay out `n` queues as a guest driver would and return them as CH's
+    /// transport passes them to `activate` (`max` is the device's maximum).
+    pub fn queues(&mut self, n: u16, max: u16) -> Result<Vec<(usize, Queue, EventFd)>> {
+        self.rings.clear();
+        self.kicks.clear();
+        let mem = self.mem.memory();
+        let mut out = Vec::new();
+        let size = self.ring_size.min(max);
+        for q in 0..n {
+            let ring = SplitRing::new(q, size, RING_BASE + u64::from(q) * RING_STRIDE);
+            ring.init(&mem)?;
+            let a = ring.addrs();
+            let mut queue = Queue::new(max).map_err(|_| DriverError::RingFull(q))?;
+            queue.set_size(size);
+            queue.set_desc_table_address(Some(a.desc as u32), Some((a.desc >> 32) as u32));
+            queue.set_avail_ring_address(Some(a.driver as u32), Some((a.driver >> 32) as u32));
+            queue.set_used_ring_address(Some(a.device as u32), Some((a.device >> 32) as u32));
+            queue.set_ready(true);
+            let kick = EventFd::new(EFD_NONBLOCK).map_err(|source| DriverError::EventFd {
+                op: "create",
+                source,
+            })?;
+            self.kicks.push(
+                kick.try_clone()
+                    .map_err(|source| DriverError::EventFd { op: "dup", source })?,
+            );
+            self.rings.push(ring);
+            out.push((usize::from(q), queue, kick));
+        }
+        Ok(out)
+    }
+
+    fn kick(&self, q: u16) -> Result<()> {
+        self.kicks[usize::from(q)]
+            .write(1)
+            .map_err(|source| DriverError::EventFd {
+                op: "write",
+                source,
+            })
+    }
+
+    /// One blk request on queue `q`: `data` is sent for writes (`ty` =
+    /// T_OUT) and filled for reads (T_IN). Waits on `irq` (or polls when it
+    /// never fires) and returns the status byte.
+    pub fn blk(
+        &mut self,
+        q: u16,
+        ty: u32,
+        sector: u64,
+        data: &mut [u8],
+        irq: &EventFd,
+    ) -> Result<u8> {
+        let mem = self.mem.memory();
+        let base = Self::buffer(q);
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&ty.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        let werr = |addr| DriverError::Memory { addr };
+        mem.write_slice(&hdr, GuestAddress(base))
+            .map_err(|_| werr(base))?;
+        mem.write_obj(0xffu8, GuestAddress(base + 16))
+            .map_err(|_| werr(base + 16))?;
+        let device_writes = ty == blk::T_IN || ty == blk::T_GET_ID;
+        if !device_writes {
+            mem.write_slice(data, GuestAddress(base + 512))
+                .map_err(|_| werr(base + 512))?;
+        }
+        let mut bufs = vec![Buf {
+            addr: base,
+            len: 16,
+            write: false,
+        }];
+        if !data.is_empty() {
+            bufs.push(Buf {
+                addr: base + 512,
+                len: data.len() as u32,
+                write: device_writes,
+            });
+        }
+        bufs.push(Buf {
+            addr: base + 16,
+            len: 1,
+            write: true,
+        });
+        self.rings[usize::from(q)].post(&mem, &bufs)?;
+        self.kick(q)?;
+        let timeout = Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.rings[usize::from(q)].pop_used(&mem)?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(DriverError::Timeout { queue: q, timeout });
+            }
+            wait_eventfd(irq, Duration::from_millis(20))?;
+        }
+        if device_writes {
+            mem.read_slice(data, GuestAddress(base + 512))
+                .map_err(|_| werr(base + 512))?;
+        }
+        mem.read_obj(GuestAddress(base + 16))
+            .map_err(|_| werr(base + 16))
+    }
+
+    /// Run a read load on queue `q` (kicks through the kick eventfd,
+    /// completions through `irq`) with the same loop as the direct harness.
+    pub fn blk_read_load(&mut self, q: u16, irq: &EventFd, load: &ReadLoad) -> Result<ReadStats> {
+        let mem = self.mem.memory();
+        let kick_fd = &self.kicks[usize::from(q)];
+        let mut kick = || {
+            kick_fd.write(1).map_err(|source| DriverError::EventFd {
+                op: "write",
+                source,
+            })
+        };
+        let timeout = Duration::from_secs(10);
+        let mut wait = || -> Result<()> {
+            if !wait_eventfd(irq, timeout)? {
+                return Err(DriverError::Timeout { queue: q, timeout });
+            }
+            Ok(())
+        };
+        blk::blk_read_load(
+            &mem,
+            &mut self.rings[usize::from(q)],
+            Self::buffer(q),
+            &mut kick,
+            &mut wait,
+            load,
+        )
+    }
+}
