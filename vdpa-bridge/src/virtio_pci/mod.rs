@@ -522,6 +522,11 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
             self.read_config_once(d, offset, buf)?;
             let after = self.config_generation()?;
             if before == after {
+                // All-ones everywhere may be a device that is gone: the
+                // status register tells (it is never 0xff on a live device).
+                if after == 0xff {
+                    self.status()?;
+                }
                 return Ok(());
             }
         }
