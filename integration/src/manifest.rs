@@ -1,35 +1,61 @@
 //! The manifest: what the host orchestrator tells the guest runner.
 //!
-//! Written by `lab` to `<target>/lab/manifest.json` before QEMU starts and
-//! read by `lab-guest` inside the VM (through the read-only 9p root share, so
-//! the path is the same on both sides). Every path in it is a host path.
+//! `lab` writes it to `<target>/lab/manifest.json` before QEMU starts and
+//! passes its path on the kernel command line; `lab-guest` reads it inside
+//! the VM through the read-only 9p share of the host's root, so the path is
+//! the same on both sides.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change, so a stale runner fails loudly.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 
-/// The whole manifest.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Manifest {
-    /// [`MANIFEST_VERSION`] of the writer.
-    pub version: u32,
-    /// Host directory holding the manifest, disk images and console log.
-    pub lab_dir: PathBuf,
-    /// Case name filters (substring match); empty runs every case.
-    pub filter: Vec<String>,
-    /// Treat `skip` outcomes as failures (`VDPA_LAB_NO_SKIP=1`).
-    pub skip_is_failure: bool,
-    /// The test devices, in PCI address order.
-    pub devices: Vec<Device>,
-    /// The multi-queue tap's network namespace.
-    pub net: NetInfo,
-    /// Host environment carried into the guest (`CLOUD_HYPERVISOR`, `CH_REMOTE`).
-    pub env: BTreeMap<String, String>,
+/// PCI vendor id of every virtio device.
+pub const VIRTIO_VENDOR_ID: u16 = 0x1af4;
+
+/// The device variants a lab run can create. Cases name the one they need.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    /// virtio-blk on a pattern-filled raw image, QEMU's default queues and vectors.
+    Blk0,
+    /// virtio-blk, 4 queues sharing 2 MSI-X vectors.
+    BlkMq,
+    /// virtio-blk with `page-per-vq=on` (one notify page per queue).
+    BlkPpv,
+    /// virtio-net on QEMU user-mode networking (one queue pair).
+    NetUser,
+    /// virtio-net with 4 queue pairs on a multi-queue tap in a netns.
+    NetMq,
+    /// Legacy-only virtio-blk (`disable-modern=on`); the bridge must refuse it.
+    Legacy,
+}
+
+impl Variant {
+    /// Every variant, in PCI slot order.
+    pub const ALL: [Variant; 6] = [
+        Variant::Blk0,
+        Variant::BlkMq,
+        Variant::BlkPpv,
+        Variant::NetUser,
+        Variant::NetMq,
+        Variant::Legacy,
+    ];
+
+    /// Stable name, as in JSON and case names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Blk0 => "blk0",
+            Variant::BlkMq => "blk_mq",
+            Variant::BlkPpv => "blk_ppv",
+            Variant::NetUser => "net_user",
+            Variant::NetMq => "net_mq",
+            Variant::Legacy => "legacy",
+        }
+    }
 }
 
 /// Kind of virtio device.
@@ -43,7 +69,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// PCI device id of a modern (virtio 1.0, `disable-legacy=on`) device.
+    /// PCI device id of a modern device (virtio 1.0 section 4.1.2.1:
+    /// 0x1040 + virtio device id).
     pub fn modern_device_id(self) -> u16 {
         match self {
             Kind::Net => 0x1041,
@@ -60,32 +87,25 @@ impl Kind {
     }
 }
 
-/// One QEMU virtio-pci device under test.
+/// One QEMU virtio-pci device in the VM.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Device {
-    /// Stable name used by cases (`blk0`, `netmq`, ...).
-    pub name: String,
+    /// Which variant this is.
+    pub variant: Variant,
     /// Guest PCI address, `0000:00:03.0`.
     pub bdf: String,
     /// blk or net.
     pub kind: Kind,
-    /// Driver the guest's init binds the device to (`vfio-pci`), or `None`
-    /// to leave it with the kernel's virtio-pci.
-    pub bind: Option<String>,
+    /// Legacy-only (`disable-modern=on`); otherwise modern-only with
+    /// `disable-legacy=on,iommu_platform=on`.
+    pub legacy: bool,
     /// Backing image (blk only), a host path.
     pub image: Option<PathBuf>,
-    /// MAC address (net only).
-    pub mac: Option<String>,
-    /// blk: request queues; net: queue pairs.
+    /// blk: request queues; net: queue pairs (what QEMU will offer).
     pub num_queues: u32,
-    /// MSI-X table size QEMU was given.
-    pub vectors: u32,
-    /// `page-per-vq=on`.
-    pub page_per_vq: bool,
-    /// Legacy-only (`disable-modern=on`).
-    pub legacy: bool,
-    /// blk: expected `capacity` in 512-byte sectors.
-    pub capacity_sectors: Option<u64>,
+    /// MSI-X table size QEMU gives the device (explicit `vectors=` or
+    /// QEMU's default formula).
+    pub msix_vectors: u32,
     /// The QEMU `-device` string, for diagnostics.
     pub qemu_device: String,
 }
@@ -100,34 +120,37 @@ impl Device {
         }
     }
 
-    /// Image file name, the key `LAB-CHECK-IMAGE` uses.
-    pub fn image_name(&self) -> Option<&str> {
-        self.image.as_deref()?.file_name()?.to_str()
-    }
-
-    /// The device's sysfs directory.
+    /// The device's sysfs directory in the guest.
     pub fn sysfs(&self) -> PathBuf {
         Path::new("/sys/bus/pci/devices").join(&self.bdf)
     }
 }
 
-/// The tap that backs the multi-queue virtio-net device.
+/// A variant the host could not create, and why.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NetInfo {
-    /// Network namespace QEMU runs in.
-    pub netns: String,
-    /// Multi-queue tap inside it.
-    pub tap: String,
-    /// The tap's (far end, host side) address, e.g. `10.99.0.1`.
-    pub tap_addr: String,
-    /// Prefix length of `tap_addr`.
-    pub prefix_len: u8,
-    /// An address the guest side may use on that subnet, e.g. `10.99.0.2`.
-    pub guest_addr: String,
+pub struct Skipped {
+    /// The variant.
+    pub variant: Variant,
+    /// Why it is absent; cases that need it report this as their skip reason.
+    pub reason: String,
+}
+
+/// The whole manifest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    /// [`MANIFEST_VERSION`] of the writer.
+    pub version: u32,
+    /// The devices in the VM, in PCI slot order.
+    pub devices: Vec<Device>,
+    /// Variants left out of this run.
+    pub skipped: Vec<Skipped>,
 }
 
 impl Manifest {
     /// Read and version-check a manifest.
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed, or was written by another version.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
@@ -142,23 +165,59 @@ impl Manifest {
     }
 
     /// Write the manifest as pretty JSON.
+    ///
+    /// # Errors
+    /// The file cannot be written.
     pub fn store(&self, path: &Path) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(self)?;
         std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
     }
 
-    /// The device called `name`.
-    pub fn device(&self, name: &str) -> anyhow::Result<&Device> {
-        self.devices
-            .iter()
-            .find(|d| d.name == name)
-            .with_context(|| format!("no device {name:?} in the manifest"))
+    /// The device of `variant`, if this run has it.
+    pub fn device(&self, variant: Variant) -> Option<&Device> {
+        self.devices.iter().find(|d| d.variant == variant)
     }
 
-    /// The device whose image file is called `image_name`.
-    pub fn device_by_image(&self, image_name: &str) -> Option<&Device> {
-        self.devices
+    /// Why `variant` is absent, if the host said.
+    pub fn skip_reason(&self, variant: Variant) -> Option<&str> {
+        self.skipped
             .iter()
-            .find(|d| d.image_name() == Some(image_name))
+            .find(|s| s.variant == variant)
+            .map(|s| s.reason.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_serializes_as_its_name() {
+        for v in Variant::ALL {
+            assert_eq!(
+                serde_json::to_string(&v).unwrap(),
+                format!("\"{}\"", v.name())
+            );
+        }
+    }
+
+    #[test]
+    fn manifest_roundtrips_through_a_file() {
+        let m = Manifest {
+            version: MANIFEST_VERSION,
+            devices: vec![],
+            skipped: vec![Skipped {
+                variant: Variant::NetMq,
+                reason: "no netns".into(),
+            }],
+        };
+        let path = std::env::temp_dir().join(format!("lab-manifest-{}.json", std::process::id()));
+
+        m.store(&path).unwrap();
+        let back = Manifest::load(&path);
+        let _ = std::fs::remove_file(&path);
+
+        assert_eq!(back.unwrap(), m);
+        assert_eq!(m.skip_reason(Variant::NetMq), Some("no netns"));
     }
 }

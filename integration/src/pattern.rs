@@ -1,15 +1,16 @@
 //! The known content the host writes into every disk image.
 //!
-//! Both sides compute it: the host when it creates the image, a guest case
-//! when it checks what it read through the device (or when it asks the host
-//! to verify a region with `LAB-CHECK-IMAGE`).
+//! Both sides compute it: the host when it creates the image and when it
+//! checks the image after the VM exited, a guest case when it checks what it
+//! read through the device.
 //!
 //! Each 512-byte sector is `b"VDPALAB1"`, the sector number as a
 //! little-endian `u64`, then a 496-byte body that depends only on the image
-//! name. So every sector differs from every other one, and a read from the
-//! wrong image or the wrong sector is told apart from a right one.
+//! name (the device variant, e.g. `blk0`). So every sector differs from every
+//! other one, and a read from the wrong image or the wrong sector is told
+//! apart from a right one.
 
-use sha2::{Digest, Sha256};
+use std::ops::Range;
 
 /// Sector size the pattern is laid out in.
 pub const SECTOR: usize = 512;
@@ -33,7 +34,7 @@ fn body(image: &str) -> [u8; SECTOR - 16] {
     out
 }
 
-/// Sector `lba` of `image` (the image's file name, e.g. `blk0.img`).
+/// Sector `lba` of `image` (the image's name, e.g. `blk0`).
 pub fn sector(image: &str, lba: u64) -> [u8; SECTOR] {
     let mut s = [0u8; SECTOR];
     s[..8].copy_from_slice(MAGIC);
@@ -61,12 +62,17 @@ pub fn region(image: &str, offset: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// Lower-case hex SHA-256 of `data`.
-pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// The first byte offset in `data` (the whole image, read back) that
+/// differs from `image`'s pattern, ignoring the byte ranges in `written`.
+/// `None` when the image is intact.
+pub fn first_mismatch(image: &str, data: &[u8], written: &[Range<u64>]) -> Option<u64> {
+    let expected = region(image, 0, data.len());
+    data.iter()
+        .zip(&expected)
+        .enumerate()
+        .map(|(i, (a, b))| (i as u64, a, b))
+        .find(|&(off, a, b)| a != b && !written.iter().any(|w| w.contains(&off)))
+        .map(|(off, _, _)| off)
 }
 
 #[cfg(test)]
@@ -75,26 +81,34 @@ mod tests {
 
     #[test]
     fn region_spanning_sectors_equals_concatenated_sectors() {
-        let mut want = sector("blk0.img", 3)[100..].to_vec();
-        want.extend_from_slice(&sector("blk0.img", 4));
-        want.extend_from_slice(&sector("blk0.img", 5)[..10]);
+        let mut want = sector("blk0", 3)[100..].to_vec();
+        want.extend_from_slice(&sector("blk0", 4));
+        want.extend_from_slice(&sector("blk0", 5)[..10]);
 
-        let got = region("blk0.img", 3 * 512 + 100, want.len());
+        let got = region("blk0", 3 * 512 + 100, want.len());
 
         assert_eq!(got, want);
     }
 
     #[test]
     fn images_and_sectors_have_distinct_content() {
-        assert_ne!(sector("blk0.img", 0), sector("blkmq.img", 0));
-        assert_ne!(sector("blk0.img", 0), sector("blk0.img", 1));
+        assert_ne!(sector("blk0", 0), sector("blk_mq", 0));
+        assert_ne!(sector("blk0", 0), sector("blk0", 1));
     }
 
     #[test]
-    fn sha256_hex_matches_known_vector() {
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+    fn mismatch_inside_a_declared_write_is_ignored() {
+        let mut data = region("blk0", 0, 4 * SECTOR);
+        data[1000] ^= 0xff;
+
+        assert_eq!(first_mismatch("blk0", &data, &[512..1024]), None);
+    }
+
+    #[test]
+    fn mismatch_outside_declared_writes_is_reported() {
+        let mut data = region("blk0", 0, 4 * SECTOR);
+        data[1500] ^= 0xff;
+
+        assert_eq!(first_mismatch("blk0", &data, &[512..1024]), Some(1500));
     }
 }

@@ -1,164 +1,144 @@
-//! Console line protocol between the guest (init script and runner) and the
-//! host orchestrator. One event per line on the serial console:
+//! Console line protocol between the guest and the host orchestrator.
+//!
+//! The serial console is the only channel out of the guest, and the kernel
+//! writes to it too. So every event is one line: a tag, a space and a JSON
+//! object. The host finds the tag anywhere in a line, so kernel text that
+//! interleaves at the start of a console line does not hide an event.
 //!
 //! | line | from | meaning |
 //! | --- | --- | --- |
-//! | `LAB-INIT <text>` | init | progress / diagnostics |
-//! | `LAB-PLAN <n>` | runner | n cases selected |
-//! | `LAB-START <name>` | runner | case begins |
-//! | `LAB-RESULT ok <name>` | runner | case passed |
-//! | `LAB-RESULT FAIL <name> <reason>` | runner | case failed |
-//! | `LAB-RESULT skip <name> <reason>` | runner | case skipped |
-//! | `LAB-CHECK-IMAGE <image> <offset> <len> <sha256> <test>` | runner | host must verify image bytes after the VM exits; recorded as `host:<test>` |
-//! | `LAB-DONE` | runner | every selected case reported |
-//! | `LAB-RUNNER-EXIT <rc>` | init | the runner's exit code |
-//!
-//! Names never contain whitespace; reasons are flattened to one line. The
-//! parser finds the marker anywhere in the line, so kernel messages that
-//! interleave at the start of a console line do not hide an event.
+//! | `@@LAB-START {"case":..}` | `lab-guest` | a case begins (names the culprit of a hang) |
+//! | `@@LAB {"case":..,"result":"pass"\|"fail"\|"skip","detail":..,"ms":N}` | `lab-guest` | a case ended |
+//! | `@@LAB-WRITE {"device":..,"offset":N,"len":N}` | `lab-guest` | a case wrote that byte range of a blk device's image |
+//! | `@@LAB-DONE {"failed":N}` | `lab-guest` | every case reported |
+//! | `@@LAB-EXIT {"rc":N}` | `/init` | `lab-guest`'s exit code; the VM powers off next |
 
 use std::fmt;
 
-/// Outcome reported for a case.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Status {
-    /// Passed.
-    Ok,
-    /// Failed with a reason.
-    Fail(String),
-    /// Not run, with a reason.
-    Skip(String),
+use serde::{Deserialize, Serialize};
+
+/// How a case ended.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Every assertion held.
+    Pass,
+    /// An assertion failed, an error was returned or the case panicked.
+    Fail,
+    /// A precondition was missing; `detail` says which.
+    Skip,
 }
 
-/// A host-side check the guest asks for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ImageCheck {
-    /// Image file name as in the manifest (`blk0.img`).
-    pub image: String,
-    /// Byte offset.
+/// A case's result line.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CaseRecord {
+    /// Case name.
+    pub case: String,
+    /// Outcome.
+    pub result: Verdict,
+    /// Failure or skip reason; empty on pass.
+    pub detail: String,
+    /// Wall time the case took, in milliseconds.
+    pub ms: u64,
+}
+
+/// A byte range a case wrote to a blk device's image. The host excludes it
+/// when it checks the image against [`crate::pattern`] after the VM exits.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WriteRecord {
+    /// Device variant name (`blk0`).
+    pub device: String,
+    /// Byte offset into the image.
     pub offset: u64,
     /// Byte count.
     pub len: u64,
-    /// Expected lower-case hex SHA-256 of those bytes.
-    pub sha256: String,
-    /// Test name; the host records it as `host:<test>`.
-    pub test: String,
 }
 
-/// One parsed console event.
+/// One console event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// `LAB-INIT`
-    Init(String),
-    /// `LAB-PLAN`
-    Plan(usize),
-    /// `LAB-START`
+    /// `@@LAB-START`: the named case begins.
     Start(String),
-    /// `LAB-RESULT`
-    Result {
-        /// Case name.
-        name: String,
-        /// What happened.
-        status: Status,
+    /// `@@LAB`: a case ended.
+    Result(CaseRecord),
+    /// `@@LAB-WRITE`: a case wrote to an image.
+    Write(WriteRecord),
+    /// `@@LAB-DONE`: the runner finished, with this many failures.
+    Done {
+        /// Failed cases.
+        failed: u64,
     },
-    /// `LAB-CHECK-IMAGE`
-    CheckImage(ImageCheck),
-    /// `LAB-DONE`
-    Done,
-    /// `LAB-RUNNER-EXIT`
-    RunnerExit(i32),
+    /// `@@LAB-EXIT`: the runner's exit code, printed by `/init`.
+    Exit {
+        /// Exit code (negative when the runner could not be started).
+        rc: i64,
+    },
 }
 
-/// Make `s` safe to put on one console line.
-pub fn one_line(s: &str) -> String {
-    let flat: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    if flat.is_empty() {
-        "(no reason given)".to_string()
-    } else {
-        flat.join(" | ")
-    }
+#[derive(Serialize, Deserialize)]
+struct StartBody {
+    case: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DoneBody {
+    failed: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ExitBody {
+    rc: i64,
+}
+
+/// The common prefix of every tag.
+pub const PREFIX: &str = "@@LAB";
+
+/// Compact JSON of a plain record. These structs hold only strings and
+/// integers, so serialization cannot fail; a failure would still show up
+/// as a malformed line on the host rather than a panic in the guest.
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Event::Init(t) => write!(f, "LAB-INIT {}", one_line(t)),
-            Event::Plan(n) => write!(f, "LAB-PLAN {n}"),
-            Event::Start(n) => write!(f, "LAB-START {n}"),
-            Event::Result { name, status } => match status {
-                Status::Ok => write!(f, "LAB-RESULT ok {name}"),
-                Status::Fail(r) => write!(f, "LAB-RESULT FAIL {name} {}", one_line(r)),
-                Status::Skip(r) => write!(f, "LAB-RESULT skip {name} {}", one_line(r)),
-            },
-            Event::CheckImage(c) => write!(
-                f,
-                "LAB-CHECK-IMAGE {} {} {} {} {}",
-                c.image, c.offset, c.len, c.sha256, c.test
-            ),
-            Event::Done => write!(f, "LAB-DONE"),
-            Event::RunnerExit(rc) => write!(f, "LAB-RUNNER-EXIT {rc}"),
+            Event::Start(case) => {
+                let body = json(&StartBody { case: case.clone() });
+                write!(f, "{PREFIX}-START {body}")
+            }
+            Event::Result(r) => write!(f, "{PREFIX} {}", json(r)),
+            Event::Write(w) => write!(f, "{PREFIX}-WRITE {}", json(w)),
+            Event::Done { failed } => {
+                write!(f, "{PREFIX}-DONE {}", json(&DoneBody { failed: *failed }))
+            }
+            Event::Exit { rc } => write!(f, "{PREFIX}-EXIT {}", json(&ExitBody { rc: *rc })),
         }
     }
 }
 
-/// Splits off the first whitespace-separated word.
-fn word(s: &str) -> Option<(&str, &str)> {
-    let s = s.trim_start();
-    if s.is_empty() {
-        return None;
-    }
-    Some(match s.find(char::is_whitespace) {
-        Some(i) => (&s[..i], s[i..].trim_start()),
-        None => (s, ""),
-    })
-}
-
-/// Parse one console line. `Ok(None)` for ordinary console output,
-/// `Err` for a line that carries a marker but is malformed.
+/// Parse one console line. `Ok(None)` for ordinary console output, `Err`
+/// for a line that carries a tag but a malformed body (a harness bug the
+/// host reports as a failure rather than ignores).
 pub fn parse(line: &str) -> Result<Option<Event>, String> {
     let line = line.trim_end_matches(['\r', '\n']);
-    let Some(at) = line.find("LAB-") else {
+    let Some(at) = line.find(PREFIX) else {
         return Ok(None);
     };
-    let (tag, rest) = word(&line[at..]).ok_or("empty")?;
-    let bad = |what: &str| format!("malformed {tag}: {what}: {line:?}");
+    let rest = &line[at..];
+    let (tag, body) = rest.split_once(' ').unwrap_or((rest, ""));
+    let bad = |e: serde_json::Error| format!("malformed {tag} line ({e}): {line:?}");
     let ev = match tag {
-        "LAB-INIT" => Event::Init(rest.to_string()),
-        "LAB-PLAN" => Event::Plan(rest.trim().parse().map_err(|_| bad("count"))?),
-        "LAB-START" => Event::Start(word(rest).ok_or_else(|| bad("name"))?.0.to_string()),
-        "LAB-DONE" => Event::Done,
-        "LAB-RUNNER-EXIT" => Event::RunnerExit(rest.trim().parse().map_err(|_| bad("rc"))?),
-        "LAB-RESULT" => {
-            let (st, rest) = word(rest).ok_or_else(|| bad("status"))?;
-            let (name, reason) = word(rest).ok_or_else(|| bad("name"))?;
-            let status = match st {
-                "ok" => Status::Ok,
-                "FAIL" => Status::Fail(reason.to_string()),
-                "skip" => Status::Skip(reason.to_string()),
-                _ => return Err(bad("status")),
-            };
-            Event::Result {
-                name: name.to_string(),
-                status,
-            }
-        }
-        "LAB-CHECK-IMAGE" => {
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let [image, offset, len, sha, test] = f[..] else {
-                return Err(bad("want 5 fields"));
-            };
-            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(bad("sha256"));
-            }
-            Event::CheckImage(ImageCheck {
-                image: image.to_string(),
-                offset: offset.parse().map_err(|_| bad("offset"))?,
-                len: len.parse().map_err(|_| bad("len"))?,
-                sha256: sha.to_ascii_lowercase(),
-                test: test.to_string(),
-            })
-        }
-        // Some other LAB- text (e.g. inside a kernel message): not ours.
+        "@@LAB" => Event::Result(serde_json::from_str(body).map_err(bad)?),
+        "@@LAB-START" => Event::Start(serde_json::from_str::<StartBody>(body).map_err(bad)?.case),
+        "@@LAB-WRITE" => Event::Write(serde_json::from_str(body).map_err(bad)?),
+        "@@LAB-DONE" => Event::Done {
+            failed: serde_json::from_str::<DoneBody>(body).map_err(bad)?.failed,
+        },
+        "@@LAB-EXIT" => Event::Exit {
+            rc: serde_json::from_str::<ExitBody>(body).map_err(bad)?.rc,
+        },
+        // Some other text that happens to contain the prefix: not ours.
         _ => return Ok(None),
     };
     Ok(Some(ev))
@@ -174,57 +154,55 @@ mod tests {
 
     #[test]
     fn every_event_roundtrips_through_its_line() {
-        roundtrip(Event::Plan(3));
-        roundtrip(Event::Start("a_case".into()));
-        roundtrip(Event::Result {
-            name: "a".into(),
-            status: Status::Ok,
-        });
-        roundtrip(Event::Result {
-            name: "a".into(),
-            status: Status::Fail("it broke".into()),
-        });
-        roundtrip(Event::Result {
-            name: "a".into(),
-            status: Status::Skip("no kvm".into()),
-        });
-        roundtrip(Event::CheckImage(ImageCheck {
-            image: "blk0.img".into(),
+        roundtrip(Event::Start("blk0_vfio_group_viable".into()));
+        roundtrip(Event::Result(CaseRecord {
+            case: "a".into(),
+            result: Verdict::Fail,
+            detail: "line one\nline \"two\"".into(),
+            ms: 12,
+        }));
+        roundtrip(Event::Write(WriteRecord {
+            device: "blk0".into(),
             offset: 4096,
             len: 512,
-            sha256: "ab".repeat(32),
-            test: "t".into(),
         }));
-        roundtrip(Event::Done);
-        roundtrip(Event::RunnerExit(101));
+        roundtrip(Event::Done { failed: 0 });
+        roundtrip(Event::Exit { rc: -1 });
     }
 
     #[test]
-    fn multi_line_reason_is_flattened() {
-        let ev = Event::Result {
-            name: "a".into(),
-            status: Status::Fail("first\n\n  second\n".into()),
-        };
-
-        assert_eq!(ev.to_string(), "LAB-RESULT FAIL a first | second");
-    }
-
-    #[test]
-    fn marker_after_interleaved_kernel_text_is_found() {
-        let got = parse("[    3.1] random: crng initLAB-RESULT ok blk0_reads\r");
+    fn result_line_has_the_documented_shape() {
+        let ev = Event::Result(CaseRecord {
+            case: "a".into(),
+            result: Verdict::Pass,
+            detail: String::new(),
+            ms: 3,
+        });
 
         assert_eq!(
-            got,
-            Ok(Some(Event::Result {
-                name: "blk0_reads".into(),
-                status: Status::Ok
-            }))
+            ev.to_string(),
+            r#"@@LAB {"case":"a","result":"pass","detail":"","ms":3}"#
         );
     }
 
     #[test]
-    fn check_image_with_bad_sha_is_rejected() {
-        assert!(parse("LAB-CHECK-IMAGE blk0.img 0 512 xyz t").is_err());
+    fn init_line_from_the_shell_script_parses() {
+        assert_eq!(
+            parse("@@LAB-EXIT {\"rc\":0}\r\n"),
+            Ok(Some(Event::Exit { rc: 0 }))
+        );
+    }
+
+    #[test]
+    fn tag_after_interleaved_kernel_text_is_found() {
+        let got = parse(r#"[    3.1] random: crng init@@LAB-DONE {"failed":2}"#);
+
+        assert_eq!(got, Ok(Some(Event::Done { failed: 2 })));
+    }
+
+    #[test]
+    fn tagged_line_with_broken_json_is_an_error() {
+        assert!(parse(r#"@@LAB {"case":"a","result":"maybe"}"#).is_err());
     }
 
     #[test]

@@ -1,54 +1,87 @@
-//! Guest side of the lab: the case registry and the runner `lab-guest` uses.
+//! Guest side of the lab: the runner behind `lab-guest` and the case
+//! registry it runs.
 //!
-//! `lab-guest` runs inside the QEMU guest (chrooted into the host's root,
-//! shared read-only over 9p), reads the manifest and runs the selected cases
-//! one by one, printing the [`crate::protocol`] lines on the console.
+//! `lab-guest` runs inside the QEMU guest, chrooted into the host's root
+//! (shared read-only over 9p). It reads the manifest, binds every device to
+//! vfio-pci, runs the registered cases one by one and prints a
+//! [`crate::protocol`] line per event on the serial console.
 //!
 //! # Adding a case
-//! Write `fn my_case(ctx: &Ctx) -> anyhow::Result<Outcome>` in a file under
-//! `cases/` (a new file per suite), list it in that file's
-//! `pub const CASES: &[Case]`, and add the file to [`cases::all`]. Return
-//! `Ok(Outcome::Pass)`, `Ok(Outcome::Skip(reason))` when a precondition is
-//! missing, or an error (a panic counts as a failure too). Devices come from
-//! `ctx.device("blk0")`; ask the host to verify image bytes after the VM exits
-//! with [`Ctx::expect_image`].
+//! Write `fn my_case(ctx: &Ctx) -> CaseResult` in a file under `cases/`
+//! (one file per suite) and list it in that file's `cases()` with the
+//! device variant it needs. Return `Ok(Outcome::Pass)`,
+//! `Ok(Outcome::Skip(reason))` when a precondition is missing, or an error
+//! (a panic counts as a failure too). The runner reports a case whose
+//! variant is absent from the run as skipped, with the host's reason, and a
+//! case whose device failed to bind as failed, without calling it.
 
 pub mod cases;
 pub mod sys;
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
-use crate::manifest::{Device, Manifest};
-use crate::pattern;
-use crate::protocol::{Event, ImageCheck, Status};
+use anyhow::Context as _;
+
+use crate::manifest::{Device, Manifest, Variant};
+use crate::protocol::{CaseRecord, Event, Verdict, WriteRecord};
 
 /// What a case returns when it did not fail.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Everything checked out.
+    /// Every assertion held.
     Pass,
     /// A precondition is missing; the reason is reported.
     Skip(String),
 }
 
-/// A case's entry point.
-pub type CaseFn = fn(&Ctx) -> anyhow::Result<Outcome>;
+/// What a case returns: an error is a failure.
+pub type CaseResult = anyhow::Result<Outcome>;
 
-/// A named case.
-#[derive(Clone, Copy, Debug)]
+/// A registered case.
+#[derive(Clone, Debug)]
 pub struct Case {
-    /// Unique name, no whitespace; filters match substrings of it.
-    pub name: &'static str,
+    /// Unique name without whitespace.
+    pub name: String,
+    /// The device variant the case runs against, if any.
+    pub needs: Option<Variant>,
     /// Entry point.
-    pub run: CaseFn,
+    pub run: fn(&Ctx) -> CaseResult,
 }
 
-/// What every case gets.
-pub struct Ctx {
+/// What a case gets.
+pub struct Ctx<'a> {
     /// The manifest the host wrote.
-    pub manifest: Manifest,
+    pub manifest: &'a Manifest,
+    /// The device of [`Case::needs`], present and bound to vfio-pci.
+    pub device: Option<&'a Device>,
+}
+
+impl Ctx<'_> {
+    /// The device the case declared it needs.
+    ///
+    /// # Errors
+    /// The case was registered without `needs`.
+    pub fn dev(&self) -> anyhow::Result<&Device> {
+        self.device
+            .context("case registered without a device variant in `needs`")
+    }
+
+    /// Declare that the case wrote `len` bytes at `offset` of its blk
+    /// device's image, so the host's after-exit pattern check skips them.
+    ///
+    /// # Errors
+    /// The case has no device.
+    pub fn declare_write(&self, offset: u64, len: u64) -> anyhow::Result<()> {
+        emit(&Event::Write(WriteRecord {
+            device: self.dev()?.variant.name().to_string(),
+            offset,
+            len,
+        }));
+        Ok(())
+    }
 }
 
 /// Print one protocol line on the console and flush it right away.
@@ -57,38 +90,6 @@ pub fn emit(ev: &Event) {
     // The console is the only channel: nothing sensible to do on error.
     let _ = writeln!(out, "{ev}");
     let _ = out.flush();
-}
-
-impl Ctx {
-    /// The device called `name`.
-    pub fn device(&self, name: &str) -> anyhow::Result<&Device> {
-        self.manifest.device(name)
-    }
-
-    /// All test devices.
-    pub fn devices(&self) -> &[Device] {
-        &self.manifest.devices
-    }
-
-    /// Ask the host to check, after the VM exits, that `image` holds bytes
-    /// with SHA-256 `sha256` at `offset..offset+len`; the result is recorded
-    /// as `host:<test>`.
-    pub fn check_image(&self, image: &str, offset: u64, len: u64, sha256: &str, test: &str) {
-        emit(&Event::CheckImage(ImageCheck {
-            image: image.to_string(),
-            offset,
-            len,
-            sha256: sha256.to_string(),
-            test: test.to_string(),
-        }));
-    }
-
-    /// Ask the host to check that `image` holds exactly `expected` at
-    /// `offset` after the VM exits (recorded as `host:<test>`).
-    pub fn expect_image(&self, image: &str, offset: u64, expected: &[u8], test: &str) {
-        let sha = pattern::sha256_hex(expected);
-        self.check_image(image, offset, expected.len() as u64, &sha, test);
-    }
 }
 
 /// Text of a panic payload.
@@ -102,125 +103,152 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Cases whose name contains any of `filter` (all when empty).
-pub fn select<'a>(all: &'a [Case], filter: &[String]) -> Vec<&'a Case> {
-    all.iter()
-        .filter(|c| filter.is_empty() || filter.iter().any(|f| c.name.contains(f.as_str())))
+/// Result of binding each device to vfio-pci: `Err(reason)` on failure.
+pub type Bindings = BTreeMap<Variant, Result<(), String>>;
+
+/// Bind every manifest device to vfio-pci.
+pub fn bind_all(manifest: &Manifest) -> Bindings {
+    manifest
+        .devices
+        .iter()
+        .map(|d| {
+            let r = sys::bind_vfio_pci(&d.bdf)
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"));
+            (d.variant, r)
+        })
         .collect()
 }
 
-/// Run one case, catching errors and panics.
-pub fn run_one(ctx: &Ctx, case: &Case) -> Status {
-    match catch_unwind(AssertUnwindSafe(|| (case.run)(ctx))) {
-        Ok(Ok(Outcome::Pass)) => Status::Ok,
-        Ok(Ok(Outcome::Skip(why))) if ctx.manifest.skip_is_failure => {
-            Status::Fail(format!("skipped but VDPA_LAB_NO_SKIP=1: {why}"))
+/// Run one case, deciding skip/fail from the manifest and bindings first,
+/// catching errors and panics.
+pub fn run_one(manifest: &Manifest, bindings: &Bindings, case: &Case) -> (Verdict, String) {
+    let device = match case.needs {
+        None => None,
+        Some(v) => {
+            let Some(dev) = manifest.device(v) else {
+                let why = manifest
+                    .skip_reason(v)
+                    .unwrap_or("variant not created in this run");
+                return (Verdict::Skip, format!("{}: {why}", v.name()));
+            };
+            if let Some(Err(e)) = bindings.get(&v) {
+                return (Verdict::Fail, format!("binding to vfio-pci failed: {e}"));
+            }
+            Some(dev)
         }
-        Ok(Ok(Outcome::Skip(why))) => Status::Skip(why),
-        Ok(Err(e)) => Status::Fail(format!("{e:#}")),
-        Err(p) => Status::Fail(format!("panicked: {}", panic_text(p.as_ref()))),
+    };
+    let ctx = Ctx { manifest, device };
+    match catch_unwind(AssertUnwindSafe(|| (case.run)(&ctx))) {
+        Ok(Ok(Outcome::Pass)) => (Verdict::Pass, String::new()),
+        Ok(Ok(Outcome::Skip(why))) => (Verdict::Skip, why),
+        Ok(Err(e)) => (Verdict::Fail, format!("{e:#}")),
+        Err(p) => (
+            Verdict::Fail,
+            format!("panicked: {}", panic_text(p.as_ref())),
+        ),
     }
 }
 
-/// Run the selected cases, printing the protocol. Returns the failure count.
-pub fn run(ctx: &Ctx, all: &[Case], filter: &[String]) -> usize {
-    let selected = select(all, filter);
-    emit(&Event::Plan(selected.len()));
+/// Run `all`, printing the protocol. Returns the failure count.
+pub fn run(manifest: &Manifest, bindings: &Bindings, all: &[Case]) -> u64 {
     let mut failed = 0;
-    for case in selected {
-        emit(&Event::Start(case.name.to_string()));
+    for case in all {
+        emit(&Event::Start(case.name.clone()));
         let t0 = Instant::now();
-        let status = run_one(ctx, case);
-        if matches!(status, Status::Fail(_)) {
+        let (result, detail) = run_one(manifest, bindings, case);
+        if result == Verdict::Fail {
             failed += 1;
         }
-        emit(&Event::Init(format!(
-            "case {} took {:.2}s",
-            case.name,
-            t0.elapsed().as_secs_f64()
-        )));
-        emit(&Event::Result {
-            name: case.name.to_string(),
-            status,
-        });
+        emit(&Event::Result(CaseRecord {
+            case: case.name.clone(),
+            result,
+            detail,
+            ms: t0.elapsed().as_millis() as u64,
+        }));
     }
-    emit(&Event::Done);
+    emit(&Event::Done { failed });
     failed
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::NetInfo;
+    use crate::manifest::{Kind, Skipped, MANIFEST_VERSION};
 
-    fn ctx(skip_is_failure: bool) -> Ctx {
-        Ctx {
-            manifest: Manifest {
-                version: crate::manifest::MANIFEST_VERSION,
-                lab_dir: "lab".into(),
-                filter: vec![],
-                skip_is_failure,
-                devices: vec![],
-                net: NetInfo {
-                    netns: "ns".into(),
-                    tap: "tap".into(),
-                    tap_addr: "10.99.0.1".into(),
-                    prefix_len: 24,
-                    guest_addr: "10.99.0.2".into(),
-                },
-                env: Default::default(),
-            },
+    fn manifest() -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            devices: vec![Device {
+                variant: Variant::Blk0,
+                bdf: "0000:00:03.0".into(),
+                kind: Kind::Blk,
+                legacy: false,
+                image: None,
+                num_queues: 2,
+                msix_vectors: 3,
+                qemu_device: String::new(),
+            }],
+            skipped: vec![Skipped {
+                variant: Variant::NetMq,
+                reason: "cannot create netns".into(),
+            }],
         }
     }
 
-    fn panics(_: &Ctx) -> anyhow::Result<Outcome> {
+    fn case(needs: Option<Variant>, run: fn(&Ctx) -> CaseResult) -> Case {
+        Case {
+            name: "c".into(),
+            needs,
+            run,
+        }
+    }
+
+    fn panics(_: &Ctx) -> CaseResult {
         panic!("boom")
     }
 
-    fn skips(_: &Ctx) -> anyhow::Result<Outcome> {
-        Ok(Outcome::Skip("no kvm".into()))
+    fn passes(ctx: &Ctx) -> CaseResult {
+        ctx.dev()?;
+        Ok(Outcome::Pass)
     }
 
     #[test]
     fn panicking_case_is_reported_as_failure_with_message() {
-        let case = Case {
-            name: "p",
-            run: panics,
-        };
+        let got = run_one(&manifest(), &Bindings::new(), &case(None, panics));
 
-        let status = run_one(&ctx(false), &case);
-
-        assert_eq!(status, Status::Fail("panicked: boom".into()));
+        assert_eq!(got, (Verdict::Fail, "panicked: boom".into()));
     }
 
     #[test]
-    fn skip_becomes_failure_when_skips_are_forbidden() {
-        let case = Case {
-            name: "s",
-            run: skips,
-        };
+    fn case_on_a_skipped_variant_is_skipped_with_the_host_reason() {
+        let got = run_one(
+            &manifest(),
+            &Bindings::new(),
+            &case(Some(Variant::NetMq), panics),
+        );
 
-        let status = run_one(&ctx(true), &case);
-
-        assert!(matches!(status, Status::Fail(r) if r.contains("no kvm")));
+        assert_eq!(got, (Verdict::Skip, "net_mq: cannot create netns".into()));
     }
 
     #[test]
-    fn filter_selects_by_substring() {
-        let all = [
-            Case {
-                name: "vfio_a",
-                run: skips,
-            },
-            Case {
-                name: "net_b",
-                run: skips,
-            },
-        ];
+    fn case_on_a_device_that_failed_to_bind_fails_without_running() {
+        let bindings = Bindings::from([(Variant::Blk0, Err("EBUSY".to_string()))]);
 
-        let picked = select(&all, &["net".to_string()]);
+        let got = run_one(&manifest(), &bindings, &case(Some(Variant::Blk0), panics));
 
-        assert_eq!(picked.len(), 1);
-        assert_eq!(picked[0].name, "net_b");
+        assert_eq!(
+            got,
+            (Verdict::Fail, "binding to vfio-pci failed: EBUSY".into())
+        );
+    }
+
+    #[test]
+    fn case_gets_its_device() {
+        let bindings = Bindings::from([(Variant::Blk0, Ok(()))]);
+
+        let got = run_one(&manifest(), &bindings, &case(Some(Variant::Blk0), passes));
+
+        assert_eq!(got, (Verdict::Pass, String::new()));
     }
 }

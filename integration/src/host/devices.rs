@@ -1,16 +1,14 @@
-//! The device table: every QEMU virtio-pci device under test, at a fixed
-//! guest PCI address. Later suites add rows here; the QEMU arguments, the
-//! disk images, the guest's vfio-pci binding and the manifest all follow.
+//! The device table: every QEMU virtio-pci device variant, at a fixed guest
+//! PCI address. QEMU arguments, disk images and the manifest all follow
+//! from it; a later suite that needs another knob adds a row.
 //!
 //! # Address plan (all on the q35 root bus `pcie.0`, function 0)
 //! | slot | device |
 //! | --- | --- |
 //! | 00.0 | q35 host bridge (fixed by QEMU) |
-//! | 01.0 | free (`-vga none`) |
 //! | 02.0 | virtio-9p-pci `hostroot` (the guest's view of the host root) |
-//! | 03.0 - 0f.0 | virtio-blk devices under test |
-//! | 10.0 - 1b.0 | virtio-net devices under test |
-//! | 1c.0 - 1e.0 | spare (e.g. root ports for later suites) |
+//! | 03.0 - 0f.0 | virtio-blk variants |
+//! | 10.0 - 1b.0 | virtio-net variants |
 //! | 1f.x | q35 ICH9 LPC / SATA / SMBus (fixed by QEMU) |
 //!
 //! Devices on the root bus are integrated endpoints; with the vIOMMU each
@@ -18,12 +16,18 @@
 
 use std::path::Path;
 
-use crate::manifest::{Device, Kind, NetInfo};
+use crate::manifest::{Device, Kind, Variant};
+
+/// vCPUs the lab VM gets; QEMU's default virtio-blk queue count follows it.
+pub const SMP: u32 = 2;
+
+/// PCI slot of the 9p share.
+pub const HOSTROOT_SLOT: u8 = 0x02;
 
 /// What backs a device.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// A raw image `<name>.img` of this many MiB in the lab dir, filled
+    /// A raw image `<variant>.img` of this many MiB in the lab dir, filled
     /// with [`crate::pattern`].
     Image {
         /// Size in MiB.
@@ -31,9 +35,9 @@ pub enum Backend {
     },
     /// QEMU user-mode networking (single queue pair).
     UserNet,
-    /// The harness's multi-queue tap, with this many queue pairs.
+    /// The suite's multi-queue tap in its network namespace.
     Tap {
-        /// Queue pairs.
+        /// Queue pairs (`queues=` of the tap netdev).
         queues: u32,
     },
 }
@@ -41,101 +45,99 @@ pub enum Backend {
 /// One row of the device table.
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceSpec {
-    /// Stable name; also the image's stem and the blk serial.
-    pub name: &'static str,
-    /// blk or net.
-    pub kind: Kind,
+    /// The variant.
+    pub variant: Variant,
     /// Slot on `pcie.0`.
     pub slot: u8,
-    /// blk `num-queues` / net queue pairs (must match the backend).
-    pub num_queues: u32,
-    /// MSI-X table size, passed as `vectors=` (explicit, so the manifest
-    /// states the truth rather than QEMU's default formula).
-    pub vectors: u32,
-    /// `page-per-vq=on`.
-    pub page_per_vq: bool,
-    /// Legacy-only device (`disable-modern=on`); otherwise modern-only with
-    /// `disable-legacy=on,iommu_platform=on`.
+    /// `num-queues=` (blk) or queue pairs (net); `None` leaves QEMU's default.
+    pub num_queues: Option<u32>,
+    /// `vectors=`; `None` leaves QEMU's default.
+    pub vectors: Option<u32>,
+    /// Legacy-only (`disable-modern=on`).
     pub legacy: bool,
     /// Backend.
     pub backend: Backend,
-    /// MAC address (net).
-    pub mac: Option<&'static str>,
-    /// Any further `-device` properties, comma separated (e.g. `packed=on`).
+    /// Further `-device` properties, comma separated (`page-per-vq=on`).
     pub extra: &'static str,
-    /// Driver the guest's init binds it to; `None` leaves it on virtio-pci.
-    pub bind: Option<&'static str>,
 }
 
-const BLK: DeviceSpec = DeviceSpec {
-    name: "",
-    kind: Kind::Blk,
-    slot: 0,
-    num_queues: 1,
-    vectors: 2,
-    page_per_vq: false,
-    legacy: false,
-    backend: Backend::Image { mib: 64 },
-    mac: None,
-    extra: "",
-    bind: Some("vfio-pci"),
-};
+/// The tap device's name inside the suite's network namespace.
+pub const TAP_NAME: &str = "vlab0";
+/// The tap's address (host side of the guest's multi-queue NIC).
+pub const TAP_ADDR: &str = "10.99.0.1/24";
 
-/// The devices every lab run creates.
+/// Every variant, in slot order.
 pub const DEVICES: &[DeviceSpec] = &[
     DeviceSpec {
-        name: "blk0",
+        variant: Variant::Blk0,
         slot: 0x03,
-        ..BLK
+        num_queues: None,
+        vectors: None,
+        legacy: false,
+        backend: Backend::Image { mib: 16 },
+        extra: "",
     },
     DeviceSpec {
-        name: "blkmq",
+        variant: Variant::BlkMq,
         slot: 0x04,
-        num_queues: 4,
-        vectors: 2,
-        ..BLK
+        num_queues: Some(4),
+        vectors: Some(2),
+        legacy: false,
+        backend: Backend::Image { mib: 1 },
+        extra: "",
     },
     DeviceSpec {
-        name: "blkppv",
+        variant: Variant::BlkPpv,
         slot: 0x05,
-        page_per_vq: true,
-        ..BLK
+        num_queues: Some(1),
+        vectors: None,
+        legacy: false,
+        backend: Backend::Image { mib: 1 },
+        extra: "page-per-vq=on",
     },
     DeviceSpec {
-        name: "legacy",
+        variant: Variant::Legacy,
         slot: 0x06,
+        num_queues: Some(1),
+        vectors: None,
         legacy: true,
-        ..BLK
+        backend: Backend::Image { mib: 1 },
+        extra: "",
     },
     DeviceSpec {
-        name: "net0",
-        kind: Kind::Net,
+        variant: Variant::NetUser,
         slot: 0x10,
-        num_queues: 1,
-        vectors: 4,
+        num_queues: None,
+        vectors: None,
+        legacy: false,
         backend: Backend::UserNet,
-        mac: Some("52:54:00:12:34:56"),
-        ..BLK
+        extra: "mac=52:54:00:12:34:56",
     },
     DeviceSpec {
-        name: "netmq",
-        kind: Kind::Net,
+        variant: Variant::NetMq,
         slot: 0x11,
-        num_queues: 4,
-        vectors: 10,
+        num_queues: Some(4),
+        vectors: Some(10),
+        legacy: false,
         backend: Backend::Tap { queues: 4 },
-        mac: Some("52:54:00:12:34:57"),
-        extra: "mq=on",
-        ..BLK
+        extra: "mq=on,mac=52:54:00:12:34:57",
     },
 ];
 
-/// Escape a value for a QEMU `-device`/`-drive` option string.
+/// Escape a value for a QEMU option string (`,` doubles).
 pub fn qemu_escape(s: &str) -> String {
     s.replace(',', ",,")
 }
 
 impl DeviceSpec {
+    /// blk or net.
+    pub fn kind(&self) -> Kind {
+        match self.backend {
+            Backend::Image { .. } => Kind::Blk,
+            Backend::UserNet | Backend::Tap { .. } => Kind::Net,
+        }
+    }
+
     /// Guest PCI address.
     pub fn bdf(&self) -> String {
         format!("0000:00:{:02x}.0", self.slot)
@@ -143,44 +145,64 @@ impl DeviceSpec {
 
     /// Image file name, if backed by one.
     pub fn image_name(&self) -> Option<String> {
-        matches!(self.backend, Backend::Image { .. }).then(|| format!("{}.img", self.name))
+        matches!(self.backend, Backend::Image { .. })
+            .then(|| format!("{}.img", self.variant.name()))
+    }
+
+    /// Queues (blk) or queue pairs (net) QEMU offers.
+    pub fn effective_queues(&self) -> u32 {
+        match (self.num_queues, self.backend) {
+            (Some(n), _) => n,
+            (None, Backend::Tap { queues }) => queues,
+            (None, Backend::UserNet) => 1,
+            // hw/block/virtio-blk.c: num-queues=auto is
+            // virtio_pci_optimal_num_queues(), one per vCPU.
+            (None, Backend::Image { .. }) => SMP,
+        }
+    }
+
+    /// MSI-X table size: `vectors=`, or QEMU's default (hw/virtio/virtio-blk-pci.c:
+    /// queues + 1 config vector; hw/virtio/virtio-net-pci.c: 2 per queue pair
+    /// + control queue + config).
+    pub fn msix_vectors(&self) -> u32 {
+        if let Some(v) = self.vectors {
+            return v;
+        }
+        match self.kind() {
+            Kind::Blk => self.effective_queues() + 1,
+            Kind::Net => 2 * self.effective_queues() + 2,
+        }
     }
 
     /// The `-device` string.
     pub fn qemu_device(&self) -> String {
-        let model = match self.kind {
-            Kind::Blk => "virtio-blk-pci",
-            Kind::Net => "virtio-net-pci",
-        };
+        let name = self.variant.name();
         let mut p = vec![
-            model.to_string(),
-            format!("id={}", self.name),
-            format!("bus=pcie.0,addr={:#x}", self.slot),
+            match self.kind() {
+                Kind::Blk => "virtio-blk-pci".to_string(),
+                Kind::Net => "virtio-net-pci".to_string(),
+            },
+            format!("id={name}"),
+            format!("bus=pcie.0,addr={:#04x}", self.slot),
         ];
-        match self.backend {
-            Backend::Image { .. } => {
-                p.push(format!("drive=drive-{}", self.name));
-                p.push(format!("serial={}", self.name));
-                p.push(format!("num-queues={}", self.num_queues));
+        match self.kind() {
+            Kind::Blk => {
+                p.push(format!("drive=drive-{name},serial={name}"));
             }
-            Backend::UserNet | Backend::Tap { .. } => {
-                p.push(format!("netdev=netdev-{}", self.name));
-                // No option ROM: the lab boots with -kernel, and this avoids
-                // needing the ipxe-qemu package.
-                p.push("romfile=".to_string());
-            }
+            // No option ROM: the lab boots with -kernel, and this avoids
+            // needing the ipxe-qemu package.
+            Kind::Net => p.push(format!("netdev=netdev-{name},romfile=")),
         }
-        if let Some(mac) = self.mac {
-            p.push(format!("mac={mac}"));
+        if let (Some(n), Kind::Blk) = (self.num_queues, self.kind()) {
+            p.push(format!("num-queues={n}"));
         }
-        p.push(format!("vectors={}", self.vectors));
+        if let Some(v) = self.vectors {
+            p.push(format!("vectors={v}"));
+        }
         if self.legacy {
             p.push("disable-modern=on,disable-legacy=off".to_string());
         } else {
             p.push("disable-legacy=on,iommu_platform=on".to_string());
-        }
-        if self.page_per_vq {
-            p.push("page-per-vq=on".to_string());
         }
         if !self.extra.is_empty() {
             p.push(self.extra.to_string());
@@ -188,33 +210,30 @@ impl DeviceSpec {
         p.join(",")
     }
 
-    /// All QEMU arguments for this device (backend + device).
-    pub fn qemu_args(&self, lab_dir: &Path, net: &NetInfo) -> Vec<String> {
+    /// All QEMU arguments for this device (backend and device).
+    pub fn qemu_args(&self, lab_dir: &Path) -> Vec<String> {
+        let name = self.variant.name();
         let backend = match self.backend {
             Backend::Image { .. } => {
                 let img = lab_dir.join(self.image_name().unwrap_or_default());
-                vec![
+                [
                     "-drive".to_string(),
                     format!(
-                        "if=none,id=drive-{},format=raw,file={}",
-                        self.name,
+                        "if=none,id=drive-{name},format=raw,file={}",
                         qemu_escape(&img.to_string_lossy())
                     ),
                 ]
             }
-            Backend::UserNet => vec![
-                "-netdev".to_string(),
-                format!("user,id=netdev-{}", self.name),
-            ],
-            Backend::Tap { queues } => vec![
+            Backend::UserNet => ["-netdev".to_string(), format!("user,id=netdev-{name}")],
+            Backend::Tap { queues } => [
                 "-netdev".to_string(),
                 format!(
-                    "tap,id=netdev-{},ifname={},queues={queues},script=no,downscript=no",
-                    self.name, net.tap
+                    "tap,id=netdev-{name},ifname={TAP_NAME},queues={queues},\
+                     script=no,downscript=no,vhost=off"
                 ),
             ],
         };
-        let mut args = backend;
+        let mut args = backend.to_vec();
         args.push("-device".to_string());
         args.push(self.qemu_device());
         args
@@ -222,32 +241,17 @@ impl DeviceSpec {
 
     /// This device's manifest entry.
     pub fn manifest_entry(&self, lab_dir: &Path) -> Device {
-        let capacity_sectors = match self.backend {
-            Backend::Image { mib } => Some(mib * 1024 * 1024 / 512),
-            _ => None,
-        };
         Device {
-            name: self.name.to_string(),
+            variant: self.variant,
             bdf: self.bdf(),
-            kind: self.kind,
-            bind: self.bind.map(str::to_string),
-            image: self.image_name().map(|n| lab_dir.join(n)),
-            mac: self.mac.map(str::to_string),
-            num_queues: self.num_queues,
-            vectors: self.vectors,
-            page_per_vq: self.page_per_vq,
+            kind: self.kind(),
             legacy: self.legacy,
-            capacity_sectors,
+            image: self.image_name().map(|n| lab_dir.join(n)),
+            num_queues: self.effective_queues(),
+            msix_vectors: self.msix_vectors(),
             qemu_device: self.qemu_device(),
         }
     }
-}
-
-/// Whether `net` uses the tap at all (so the harness creates it only then).
-pub fn needs_tap(devices: &[DeviceSpec]) -> bool {
-    devices
-        .iter()
-        .any(|d| matches!(d.backend, Backend::Tap { .. }))
 }
 
 #[cfg(test)]
@@ -256,24 +260,34 @@ mod tests {
     use std::collections::HashSet;
 
     #[test]
-    fn device_names_and_slots_are_unique_and_in_plan() {
-        let names: HashSet<_> = DEVICES.iter().map(|d| d.name).collect();
+    fn every_variant_has_one_row_in_a_unique_slot() {
+        let variants: HashSet<_> = DEVICES.iter().map(|d| d.variant).collect();
         let slots: HashSet<_> = DEVICES.iter().map(|d| d.slot).collect();
 
-        assert_eq!(names.len(), DEVICES.len());
+        assert_eq!(variants.len(), Variant::ALL.len());
         assert_eq!(slots.len(), DEVICES.len());
-        assert!(DEVICES.iter().all(|d| (0x03..=0x1e).contains(&d.slot)));
+        assert!(DEVICES.iter().all(|d| (0x03..=0x1b).contains(&d.slot)));
     }
 
     #[test]
     fn modern_device_string_carries_iommu_platform() {
-        let blk0 = DEVICES.iter().find(|d| d.name == "blk0").unwrap();
+        let blk0 = &DEVICES[0];
 
         assert_eq!(
             blk0.qemu_device(),
-            "virtio-blk-pci,id=blk0,bus=pcie.0,addr=0x3,drive=drive-blk0,serial=blk0,\
-             num-queues=1,vectors=2,disable-legacy=on,iommu_platform=on"
+            "virtio-blk-pci,id=blk0,bus=pcie.0,addr=0x03,drive=drive-blk0,serial=blk0,\
+             disable-legacy=on,iommu_platform=on"
         );
+    }
+
+    #[test]
+    fn default_vectors_follow_qemu_formulas() {
+        let by = |v| DEVICES.iter().find(|d| d.variant == v).unwrap();
+
+        assert_eq!(by(Variant::Blk0).msix_vectors(), SMP + 1);
+        assert_eq!(by(Variant::BlkMq).msix_vectors(), 2);
+        assert_eq!(by(Variant::NetUser).msix_vectors(), 4);
+        assert_eq!(by(Variant::NetMq).msix_vectors(), 10);
     }
 
     #[test]

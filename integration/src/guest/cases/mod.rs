@@ -1,17 +1,17 @@
-//! The case registry. One file per suite; each exports `CASES`.
+//! The case registry. One file per suite, each with a `cases()` list;
+//! [`cases`] concatenates them in run order.
 //!
 //! To add a suite: create `cases/<suite>.rs` with
-//! `pub const CASES: &[Case] = &[Case { name: "...", run: my_case }, ...];`,
-//! declare it below and append it in [`all`]. Case names must be unique
-//! (a unit test checks that).
+//! `pub fn cases() -> Vec<Case>`, declare it below and append it in
+//! [`cases`]. Case names must be unique (a unit test checks that).
 
 use super::Case;
 
 pub mod smoke;
 
 /// Every registered case, in run order.
-pub fn all() -> Vec<Case> {
-    [smoke::CASES].concat()
+pub fn cases() -> Vec<Case> {
+    smoke::cases()
 }
 
 #[cfg(test)]
@@ -20,10 +20,12 @@ mod tests {
 
     #[test]
     fn case_names_are_unique_and_have_no_whitespace() {
-        let all = super::all();
-        let names: HashSet<&str> = all.iter().map(|c| c.name).collect();
+        let all = super::cases();
+        let names: HashSet<&str> = all.iter().map(|c| c.name.as_str()).collect();
 
         assert_eq!(names.len(), all.len());
-        assert!(names.iter().all(|n| !n.is_empty() && !n.contains(char::is_whitespace)));
+        assert!(names
+            .iter()
+            .all(|n| !n.is_empty() && !n.contains(char::is_whitespace)));
     }
 }
