@@ -101,7 +101,17 @@ mod tests {
         let mut data = region("blk0", 0, 4 * SECTOR);
         data[1000] ^= 0xff;
 
-        assert_eq!(first_mismatch("blk0", &data, &[512..1024]), None);
+        assert_eq!(
+            first_mismatch(
+                "blk0",
+                &data,
+                &[Range {
+                    start: 512,
+                    end: 1024
+                }]
+            ),
+            None
+        );
     }
 
     #[test]
@@ -109,6 +119,16 @@ mod tests {
         let mut data = region("blk0", 0, 4 * SECTOR);
         data[1500] ^= 0xff;
 
-        assert_eq!(first_mismatch("blk0", &data, &[512..1024]), Some(1500));
+        assert_eq!(
+            first_mismatch(
+                "blk0",
+                &data,
+                &[Range {
+                    start: 512,
+                    end: 1024
+                }]
+            ),
+            Some(1500)
+        );
     }
 }

@@ -4,7 +4,9 @@
 //! Environment:
 //! - `VDPA_LAB_BOOT_TIMEOUT` seconds for one boot (default 180),
 //! - `VDPA_LAB_TIMEOUT` seconds for all boots (default 300),
-//! - `VDPA_LAB_QEMU` QEMU binary (default `qemu-system-x86_64`).
+//! - `VDPA_LAB_QEMU` QEMU binary (default `qemu-system-x86_64`),
+//! - `VDPA_LAB_NO_SKIP=1` counts every skipped case as failed (for CI
+//!   machines that are known to have everything).
 //!
 //! Prints `lab: N passed, N failed, N skipped` last; exits 1 on any failure.
 
@@ -55,7 +57,7 @@ fn main() -> ExitCode {
         unsafe { libc::signal(sig, handler) };
     }
     let t0 = Instant::now();
-    let summary = match options().and_then(|o| host::run(&o)) {
+    let mut summary = match options().and_then(|o| host::run(&o)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("lab: error: {e:#}");
@@ -63,6 +65,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if std::env::var("VDPA_LAB_NO_SKIP").as_deref() == Ok("1") {
+        for o in &mut summary.outcomes {
+            if o.verdict == Verdict::Skip {
+                o.verdict = Verdict::Fail;
+                o.detail = format!("skipped but VDPA_LAB_NO_SKIP=1: {}", o.detail);
+            }
+        }
+    }
     let (passed, failed, skipped) = (
         summary.count(Verdict::Pass),
         summary.count(Verdict::Fail),
