@@ -140,6 +140,28 @@ fn qemu_args(
     a
 }
 
+/// Take an exclusive `flock` on `path`, waiting for another lab run on the
+/// same target directory to finish (they share images and the manifest).
+/// Released when the returned file is dropped.
+fn lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    // SAFETY: flock takes a file descriptor, owned by `file` and open for
+    // the duration of the call, and an operation flag; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        eprintln!("lab: another lab run holds {}; waiting", path.display());
+        // SAFETY: as above.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        ensure!(
+            rc == 0,
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(file)
+}
+
 /// Print the console tail.
 fn dump_tail(report: &vm::BootReport, log: &Path) {
     eprintln!(
@@ -178,6 +200,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
     );
     std::fs::create_dir_all(&lab_dir)?;
     std::fs::create_dir_all(&cache)?;
+    let _lock = lock(&opts.target_dir.join("lab.lock"))?;
 
     let t = Instant::now();
     let kernel = kernel::fetch(&cache)?;
