@@ -383,3 +383,90 @@ fn collect(summary: &mut Summary, report: &vm::BootReport) {
         summary.push("vm", Verdict::Fail, why);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::CaseRecord;
+    use std::collections::VecDeque;
+
+    fn report(events: Vec<Event>, killed: Option<&str>) -> vm::BootReport {
+        vm::BootReport {
+            events,
+            protocol_errors: vec![],
+            tail: VecDeque::new(),
+            status: None,
+            killed: killed.map(str::to_string),
+            init_after: None,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn pass(case: &str) -> Event {
+        Event::Result(CaseRecord {
+            case: case.into(),
+            result: Verdict::Pass,
+            detail: String::new(),
+            ms: 1,
+        })
+    }
+
+    #[test]
+    fn clean_run_adds_no_outcome_beyond_the_cases() {
+        let mut s = Summary::default();
+
+        collect(
+            &mut s,
+            &report(
+                vec![
+                    Event::Start("a".into()),
+                    pass("a"),
+                    Event::Done { failed: 0 },
+                    Event::Exit { rc: 0 },
+                ],
+                None,
+            ),
+        );
+
+        assert_eq!((s.count(Verdict::Pass), s.count(Verdict::Fail)), (1, 0));
+    }
+
+    #[test]
+    fn case_started_when_qemu_was_killed_fails_as_hung() {
+        let mut s = Summary::default();
+
+        collect(
+            &mut s,
+            &report(
+                vec![Event::Start("a".into())],
+                Some("timed out after 180 s"),
+            ),
+        );
+
+        let names: Vec<_> = s.outcomes.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["a", "vm"]);
+        assert_eq!(s.count(Verdict::Fail), 2);
+    }
+
+    #[test]
+    fn exit_without_sentinel_is_a_boot_failure() {
+        let mut s = Summary::default();
+
+        collect(&mut s, &report(vec![], None));
+
+        assert_eq!(s.outcomes.len(), 1);
+        assert!(s.outcomes[0].detail.contains("without the /init sentinel"));
+    }
+
+    #[test]
+    fn runner_that_exits_before_done_fails() {
+        let mut s = Summary::default();
+
+        collect(
+            &mut s,
+            &report(vec![pass("a"), Event::Exit { rc: 101 }], None),
+        );
+
+        assert_eq!(s.count(Verdict::Fail), 1);
+    }
+}
