@@ -305,7 +305,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
     collect(&mut summary, &report);
 
     // Host-side checks of the images, after QEMU closed them.
-    for dev in manifest.devices.iter().filter(|d| !d.legacy) {
+    for dev in &manifest.devices {
         let Some(image) = &dev.image else { continue };
         let name = format!("host_{}_image_intact", dev.variant.name());
         let written: Vec<_> = report
