@@ -1,0 +1,254 @@
+//! Guest side of the lab: the runner behind `lab-guest` and the case
+//! registry it runs.
+//!
+//! `lab-guest` runs inside the QEMU guest, chrooted into the host's root
+//! (shared read-only over 9p). It reads the manifest, binds every device to
+//! vfio-pci, runs the registered cases one by one and prints a
+//! [`crate::protocol`] line per event on the serial console.
+//!
+//! # Adding a case
+//! Write `fn my_case(ctx: &Ctx) -> CaseResult` in a file under `cases/`
+//! (one file per suite) and list it in that file's `cases()` with the
+//! device variant it needs. Return `Ok(Outcome::Pass)`,
+//! `Ok(Outcome::Skip(reason))` when a precondition is missing, or an error
+//! (a panic counts as a failure too). The runner reports a case whose
+//! variant is absent from the run as skipped, with the host's reason, and a
+//! case whose device failed to bind as failed, without calling it.
+
+pub mod cases;
+pub mod sys;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+use anyhow::Context as _;
+
+use crate::manifest::{Device, Manifest, Variant};
+use crate::protocol::{CaseRecord, Event, Verdict, WriteRecord};
+
+/// What a case returns when it did not fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every assertion held.
+    Pass,
+    /// A precondition is missing; the reason is reported.
+    Skip(String),
+}
+
+/// What a case returns: an error is a failure.
+pub type CaseResult = anyhow::Result<Outcome>;
+
+/// A registered case.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// Unique name without whitespace.
+    pub name: String,
+    /// The device variant the case runs against, if any.
+    pub needs: Option<Variant>,
+    /// Entry point.
+    pub run: fn(&Ctx) -> CaseResult,
+}
+
+/// What a case gets.
+pub struct Ctx<'a> {
+    /// The manifest the host wrote.
+    pub manifest: &'a Manifest,
+    /// The device of [`Case::needs`], present and bound to vfio-pci.
+    pub device: Option<&'a Device>,
+}
+
+impl Ctx<'_> {
+    /// The device the case declared it needs.
+    ///
+    /// # Errors
+    /// The case was registered without `needs`.
+    pub fn dev(&self) -> anyhow::Result<&Device> {
+        self.device
+            .context("case registered without a device variant in `needs`")
+    }
+
+    /// Declare that the case wrote `len` bytes at `offset` of its blk
+    /// device's image, so the host's after-exit pattern check skips them.
+    ///
+    /// # Errors
+    /// The case has no device.
+    pub fn declare_write(&self, offset: u64, len: u64) -> anyhow::Result<()> {
+        emit(&Event::Write(WriteRecord {
+            device: self.dev()?.variant.name().to_string(),
+            offset,
+            len,
+        }));
+        Ok(())
+    }
+}
+
+/// Print one protocol line on the console and flush it right away.
+pub fn emit(ev: &Event) {
+    let mut out = std::io::stdout().lock();
+    // The console is the only channel: nothing sensible to do on error.
+    let _ = writeln!(out, "{ev}");
+    let _ = out.flush();
+}
+
+/// Text of a panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// Result of binding each device to vfio-pci: `Err(reason)` on failure.
+pub type Bindings = BTreeMap<Variant, Result<(), String>>;
+
+/// Bind every manifest device to vfio-pci.
+pub fn bind_all(manifest: &Manifest) -> Bindings {
+    manifest
+        .devices
+        .iter()
+        .map(|d| {
+            let r = sys::bind_vfio_pci(&d.bdf)
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"));
+            (d.variant, r)
+        })
+        .collect()
+}
+
+/// Run one case, deciding skip/fail from the manifest and bindings first,
+/// catching errors and panics.
+pub fn run_one(manifest: &Manifest, bindings: &Bindings, case: &Case) -> (Verdict, String) {
+    let device = match case.needs {
+        None => None,
+        Some(v) => {
+            let Some(dev) = manifest.device(v) else {
+                let why = manifest
+                    .skip_reason(v)
+                    .unwrap_or("variant not created in this run");
+                return (Verdict::Skip, format!("{}: {why}", v.name()));
+            };
+            if let Some(Err(e)) = bindings.get(&v) {
+                return (Verdict::Fail, format!("binding to vfio-pci failed: {e}"));
+            }
+            Some(dev)
+        }
+    };
+    let ctx = Ctx { manifest, device };
+    match catch_unwind(AssertUnwindSafe(|| (case.run)(&ctx))) {
+        Ok(Ok(Outcome::Pass)) => (Verdict::Pass, String::new()),
+        Ok(Ok(Outcome::Skip(why))) => (Verdict::Skip, why),
+        Ok(Err(e)) => (Verdict::Fail, format!("{e:#}")),
+        Err(p) => (
+            Verdict::Fail,
+            format!("panicked: {}", panic_text(p.as_ref())),
+        ),
+    }
+}
+
+/// Run `all`, printing the protocol. Returns the failure count.
+pub fn run(manifest: &Manifest, bindings: &Bindings, all: &[Case]) -> u64 {
+    let mut failed = 0;
+    for case in all {
+        emit(&Event::Start(case.name.clone()));
+        let t0 = Instant::now();
+        let (result, detail) = run_one(manifest, bindings, case);
+        if result == Verdict::Fail {
+            failed += 1;
+        }
+        emit(&Event::Result(CaseRecord {
+            case: case.name.clone(),
+            result,
+            detail,
+            ms: t0.elapsed().as_millis() as u64,
+        }));
+    }
+    emit(&Event::Done { failed });
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Kind, Skipped, MANIFEST_VERSION};
+
+    fn manifest() -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            devices: vec![Device {
+                variant: Variant::Blk0,
+                bdf: "0000:00:03.0".into(),
+                kind: Kind::Blk,
+                legacy: false,
+                image: None,
+                num_queues: 2,
+                msix_vectors: 3,
+                qemu_device: String::new(),
+            }],
+            skipped: vec![Skipped {
+                variant: Variant::NetMq,
+                reason: "cannot create netns".into(),
+            }],
+        }
+    }
+
+    fn case(needs: Option<Variant>, run: fn(&Ctx) -> CaseResult) -> Case {
+        Case {
+            name: "c".into(),
+            needs,
+            run,
+        }
+    }
+
+    fn panics(_: &Ctx) -> CaseResult {
+        panic!("boom")
+    }
+
+    fn passes(ctx: &Ctx) -> CaseResult {
+        ctx.dev()?;
+        Ok(Outcome::Pass)
+    }
+
+    #[test]
+    fn panicking_case_is_reported_as_failure_with_message() {
+        let got = run_one(&manifest(), &Bindings::new(), &case(None, panics));
+
+        assert_eq!(got, (Verdict::Fail, "panicked: boom".into()));
+    }
+
+    #[test]
+    fn case_on_a_skipped_variant_is_skipped_with_the_host_reason() {
+        let got = run_one(
+            &manifest(),
+            &Bindings::new(),
+            &case(Some(Variant::NetMq), panics),
+        );
+
+        assert_eq!(got, (Verdict::Skip, "net_mq: cannot create netns".into()));
+    }
+
+    #[test]
+    fn case_on_a_device_that_failed_to_bind_fails_without_running() {
+        let bindings = Bindings::from([(Variant::Blk0, Err("EBUSY".to_string()))]);
+
+        let got = run_one(&manifest(), &bindings, &case(Some(Variant::Blk0), panics));
+
+        assert_eq!(
+            got,
+            (Verdict::Fail, "binding to vfio-pci failed: EBUSY".into())
+        );
+    }
+
+    #[test]
+    fn case_gets_its_device() {
+        let bindings = Bindings::from([(Variant::Blk0, Ok(()))]);
+
+        let got = run_one(&manifest(), &bindings, &case(Some(Variant::Blk0), passes));
+
+        assert_eq!(got, (Verdict::Pass, String::new()));
+    }
+}

@@ -1,0 +1,297 @@
+//! The device table: every QEMU virtio-pci device variant, at a fixed guest
+//! PCI address. QEMU arguments, disk images and the manifest all follow
+//! from it; a later suite that needs another knob adds a row.
+//!
+//! # Address plan (all on the q35 root bus `pcie.0`, function 0)
+//! | slot | device |
+//! | --- | --- |
+//! | 00.0 | q35 host bridge (fixed by QEMU) |
+//! | 02.0 | virtio-9p-pci `hostroot` (the guest's view of the host root) |
+//! | 03.0 - 0f.0 | virtio-blk variants |
+//! | 10.0 - 1b.0 | virtio-net variants |
+//! | 1f.x | q35 ICH9 LPC / SATA / SMBus (fixed by QEMU) |
+//!
+//! Devices on the root bus are integrated endpoints; with the vIOMMU each
+//! one lands in an IOMMU group of its own.
+
+use std::path::Path;
+
+use crate::manifest::{Device, Kind, Variant};
+
+/// vCPUs the lab VM gets; QEMU's default virtio-blk queue count follows it.
+pub const SMP: u32 = 2;
+
+/// PCI slot of the 9p share.
+pub const HOSTROOT_SLOT: u8 = 0x02;
+
+/// What backs a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A raw image `<variant>.img` of this many MiB in the lab dir, filled
+    /// with [`crate::pattern`].
+    Image {
+        /// Size in MiB.
+        mib: u64,
+    },
+    /// QEMU user-mode networking (single queue pair).
+    UserNet,
+    /// The suite's multi-queue tap in its network namespace.
+    Tap {
+        /// Queue pairs (`queues=` of the tap netdev).
+        queues: u32,
+    },
+}
+
+/// One row of the device table.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceSpec {
+    /// The variant.
+    pub variant: Variant,
+    /// Slot on `pcie.0`.
+    pub slot: u8,
+    /// `num-queues=` (blk) or queue pairs (net); `None` leaves QEMU's default.
+    pub num_queues: Option<u32>,
+    /// `vectors=`; `None` leaves QEMU's default.
+    pub vectors: Option<u32>,
+    /// Legacy-only (`disable-modern=on`).
+    pub legacy: bool,
+    /// Backend.
+    pub backend: Backend,
+    /// Further `-device` properties, comma separated (`page-per-vq=on`).
+    pub extra: &'static str,
+}
+
+/// The tap device's name inside the suite's network namespace.
+pub const TAP_NAME: &str = "vlab0";
+/// The tap's address (host side of the guest's multi-queue NIC).
+pub const TAP_ADDR: &str = "10.99.0.1/24";
+
+/// Every variant, in slot order.
+pub const DEVICES: &[DeviceSpec] = &[
+    DeviceSpec {
+        variant: Variant::Blk0,
+        slot: 0x03,
+        num_queues: None,
+        vectors: None,
+        legacy: false,
+        backend: Backend::Image { mib: 16 },
+        extra: "",
+    },
+    DeviceSpec {
+        variant: Variant::BlkMq,
+        slot: 0x04,
+        num_queues: Some(4),
+        vectors: Some(2),
+        legacy: false,
+        backend: Backend::Image { mib: 1 },
+        extra: "",
+    },
+    DeviceSpec {
+        variant: Variant::BlkPpv,
+        slot: 0x05,
+        num_queues: Some(1),
+        vectors: None,
+        legacy: false,
+        backend: Backend::Image { mib: 1 },
+        extra: "page-per-vq=on",
+    },
+    DeviceSpec {
+        variant: Variant::Legacy,
+        slot: 0x06,
+        num_queues: Some(1),
+        vectors: None,
+        legacy: true,
+        backend: Backend::Image { mib: 1 },
+        extra: "",
+    },
+    DeviceSpec {
+        variant: Variant::NetUser,
+        slot: 0x10,
+        num_queues: None,
+        vectors: None,
+        legacy: false,
+        backend: Backend::UserNet,
+        extra: "mac=52:54:00:12:34:56",
+    },
+    DeviceSpec {
+        variant: Variant::NetMq,
+        slot: 0x11,
+        num_queues: Some(4),
+        vectors: Some(10),
+        legacy: false,
+        backend: Backend::Tap { queues: 4 },
+        extra: "mq=on,mac=52:54:00:12:34:57",
+    },
+];
+
+/// Escape a value for a QEMU option string (`,` doubles).
+pub fn qemu_escape(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+impl DeviceSpec {
+    /// blk or net.
+    pub fn kind(&self) -> Kind {
+        match self.backend {
+            Backend::Image { .. } => Kind::Blk,
+            Backend::UserNet | Backend::Tap { .. } => Kind::Net,
+        }
+    }
+
+    /// Guest PCI address.
+    pub fn bdf(&self) -> String {
+        format!("0000:00:{:02x}.0", self.slot)
+    }
+
+    /// Image file name, if backed by one.
+    pub fn image_name(&self) -> Option<String> {
+        matches!(self.backend, Backend::Image { .. })
+            .then(|| format!("{}.img", self.variant.name()))
+    }
+
+    /// Queues (blk) or queue pairs (net) QEMU offers.
+    pub fn effective_queues(&self) -> u32 {
+        match (self.num_queues, self.backend) {
+            (Some(n), _) => n,
+            (None, Backend::Tap { queues }) => queues,
+            (None, Backend::UserNet) => 1,
+            // hw/block/virtio-blk.c: num-queues=auto is
+            // virtio_pci_optimal_num_queues(), one per vCPU.
+            (None, Backend::Image { .. }) => SMP,
+        }
+    }
+
+    /// MSI-X table size: `vectors=`, or QEMU's default (hw/virtio/virtio-blk-pci.c:
+    /// queues + 1 config vector; hw/virtio/virtio-net-pci.c: 2 per queue pair
+    /// + control queue + config).
+    pub fn msix_vectors(&self) -> u32 {
+        if let Some(v) = self.vectors {
+            return v;
+        }
+        match self.kind() {
+            Kind::Blk => self.effective_queues() + 1,
+            Kind::Net => 2 * self.effective_queues() + 2,
+        }
+    }
+
+    /// The `-device` string.
+    pub fn qemu_device(&self) -> String {
+        let name = self.variant.name();
+        let mut p = vec![
+            match self.kind() {
+                Kind::Blk => "virtio-blk-pci".to_string(),
+                Kind::Net => "virtio-net-pci".to_string(),
+            },
+            format!("id={name}"),
+            format!("bus=pcie.0,addr={:#04x}", self.slot),
+        ];
+        match self.kind() {
+            Kind::Blk => {
+                p.push(format!("drive=drive-{name},serial={name}"));
+            }
+            // No option ROM: the lab boots with -kernel, and this avoids
+            // needing the ipxe-qemu package.
+            Kind::Net => p.push(format!("netdev=netdev-{name},romfile=")),
+        }
+        if let (Some(n), Kind::Blk) = (self.num_queues, self.kind()) {
+            p.push(format!("num-queues={n}"));
+        }
+        if let Some(v) = self.vectors {
+            p.push(format!("vectors={v}"));
+        }
+        if self.legacy {
+            p.push("disable-modern=on,disable-legacy=off".to_string());
+        } else {
+            p.push("disable-legacy=on,iommu_platform=on".to_string());
+        }
+        if !self.extra.is_empty() {
+            p.push(self.extra.to_string());
+        }
+        p.join(",")
+    }
+
+    /// All QEMU arguments for this device (backend and device).
+    pub fn qemu_args(&self, lab_dir: &Path) -> Vec<String> {
+        let name = self.variant.name();
+        let backend = match self.backend {
+            Backend::Image { .. } => {
+                let img = lab_dir.join(self.image_name().unwrap_or_default());
+                [
+                    "-drive".to_string(),
+                    format!(
+                        "if=none,id=drive-{name},format=raw,file={}",
+                        qemu_escape(&img.to_string_lossy())
+                    ),
+                ]
+            }
+            Backend::UserNet => ["-netdev".to_string(), format!("user,id=netdev-{name}")],
+            Backend::Tap { queues } => [
+                "-netdev".to_string(),
+                format!(
+                    "tap,id=netdev-{name},ifname={TAP_NAME},queues={queues},\
+                     script=no,downscript=no,vhost=off"
+                ),
+            ],
+        };
+        let mut args = backend.to_vec();
+        args.push("-device".to_string());
+        args.push(self.qemu_device());
+        args
+    }
+
+    /// This device's manifest entry.
+    pub fn manifest_entry(&self, lab_dir: &Path) -> Device {
+        Device {
+            variant: self.variant,
+            bdf: self.bdf(),
+            kind: self.kind(),
+            legacy: self.legacy,
+            image: self.image_name().map(|n| lab_dir.join(n)),
+            num_queues: self.effective_queues(),
+            msix_vectors: self.msix_vectors(),
+            qemu_device: self.qemu_device(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_variant_has_one_row_in_a_unique_slot() {
+        let variants: HashSet<_> = DEVICES.iter().map(|d| d.variant).collect();
+        let slots: HashSet<_> = DEVICES.iter().map(|d| d.slot).collect();
+
+        assert_eq!(variants.len(), Variant::ALL.len());
+        assert_eq!(slots.len(), DEVICES.len());
+        assert!(DEVICES.iter().all(|d| (0x03..=0x1b).contains(&d.slot)));
+    }
+
+    #[test]
+    fn modern_device_string_carries_iommu_platform() {
+        let blk0 = &DEVICES[0];
+
+        assert_eq!(
+            blk0.qemu_device(),
+            "virtio-blk-pci,id=blk0,bus=pcie.0,addr=0x03,drive=drive-blk0,serial=blk0,\
+             disable-legacy=on,iommu_platform=on"
+        );
+    }
+
+    #[test]
+    fn default_vectors_follow_qemu_formulas() {
+        let by = |v| DEVICES.iter().find(|d| d.variant == v).unwrap();
+
+        assert_eq!(by(Variant::Blk0).msix_vectors(), SMP + 1);
+        assert_eq!(by(Variant::BlkMq).msix_vectors(), 2);
+        assert_eq!(by(Variant::NetUser).msix_vectors(), 4);
+        assert_eq!(by(Variant::NetMq).msix_vectors(), 10);
+    }
+
+    #[test]
+    fn comma_in_image_path_is_escaped() {
+        assert_eq!(qemu_escape("/a,b/c.img"), "/a,,b/c.img");
+    }
+}

@@ -1,0 +1,472 @@
+//! Host side of the lab: prepare the kernel, initramfs, disk images, the
+//! network namespace and the manifest; boot QEMU; collect the guest's
+//! results and check the disk images after the VM exits.
+//!
+//! Everything the guest needs lives under the cargo target directory
+//! (`<target>/lab/`, `<target>/lab-cache/`): the guest sees the host's root
+//! read-only over 9p, with a tmpfs over `/tmp`.
+
+pub mod devices;
+pub mod initramfs;
+pub mod kernel;
+pub mod netns;
+pub mod vm;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _};
+
+use crate::manifest::{Manifest, Skipped, MANIFEST_VERSION};
+use crate::pattern;
+use crate::protocol::{Event, Verdict};
+use devices::{Backend, DeviceSpec, DEVICES, HOSTROOT_SLOT, SMP};
+use netns::Netns;
+
+/// Knobs of a lab run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The cargo target directory (holds `lab/` and `lab-cache/`).
+    pub target_dir: PathBuf,
+    /// The `lab-guest` binary, run inside the guest by this host path.
+    pub guest_bin: PathBuf,
+    /// QEMU binary.
+    pub qemu: PathBuf,
+    /// Limit for one boot, from spawn to QEMU's exit.
+    pub boot_timeout: Duration,
+    /// Limit for all boots together.
+    pub overall_timeout: Duration,
+}
+
+/// One reported outcome, from the guest or a host-side check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Case name (host-side checks start with `host_`).
+    pub name: String,
+    /// Pass, fail or skip.
+    pub verdict: Verdict,
+    /// Reason for fail/skip.
+    pub detail: String,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Outcomes in report order.
+    pub outcomes: Vec<Outcome>,
+    /// Kernel package version booted.
+    pub kernel: String,
+    /// Spawn to `/init`'s first line.
+    pub init_after: Option<Duration>,
+    /// Spawn to QEMU's exit.
+    pub vm_elapsed: Duration,
+}
+
+impl Summary {
+    fn push(&mut self, name: impl Into<String>, verdict: Verdict, detail: impl Into<String>) {
+        self.outcomes.push(Outcome {
+            name: name.into(),
+            verdict,
+            detail: detail.into(),
+        });
+    }
+
+    /// How many outcomes have `verdict`.
+    pub fn count(&self, verdict: Verdict) -> usize {
+        self.outcomes
+            .iter()
+            .filter(|o| o.verdict == verdict)
+            .count()
+    }
+}
+
+/// Write the pattern image of `spec` into `lab_dir`.
+fn make_image(spec: &DeviceSpec, lab_dir: &Path) -> anyhow::Result<()> {
+    let (Backend::Image { mib }, Some(name)) = (spec.backend, spec.image_name()) else {
+        return Ok(());
+    };
+    let data = pattern::region(spec.variant.name(), 0, (mib * 1024 * 1024) as usize);
+    let path = lab_dir.join(name);
+    std::fs::write(&path, data).with_context(|| format!("write {}", path.display()))
+}
+
+/// The QEMU command line (without the netns wrapper).
+fn qemu_args(
+    kernel: &kernel::Kernel,
+    initrd: &Path,
+    cmdline: &str,
+    specs: &[&DeviceSpec],
+    lab_dir: &Path,
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        &SMP.to_string(),
+        "-m",
+        "2G",
+        "-nographic",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        // The vIOMMU comes before the devices it translates for.
+        "-device",
+        "intel-iommu,intremap=on,caching-mode=on",
+        "-fsdev",
+        "local,id=hostroot,path=/,security_model=none,readonly=on",
+        "-device",
+        &format!(
+            "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot,bus=pcie.0,addr={HOSTROOT_SLOT:#04x}"
+        ),
+        "-kernel",
+        &kernel.vmlinuz.to_string_lossy(),
+        "-initrd",
+        &initrd.to_string_lossy(),
+        "-append",
+        cmdline,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for spec in specs {
+        a.extend(spec.qemu_args(lab_dir));
+    }
+    a
+}
+
+/// Take an exclusive `flock` on `path`, waiting for another lab run on the
+/// same target directory to finish (they share images and the manifest).
+/// Released when the returned file is dropped.
+fn lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    // SAFETY: flock takes a file descriptor, owned by `file` and open for
+    // the duration of the call, and an operation flag; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        eprintln!("lab: another lab run holds {}; waiting", path.display());
+        // SAFETY: as above.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        ensure!(
+            rc == 0,
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(file)
+}
+
+/// Print the console tail.
+fn dump_tail(report: &vm::BootReport, log: &Path) {
+    eprintln!(
+        "lab: ---- last {} console lines (full log: {}) ----",
+        report.tail.len(),
+        log.display()
+    );
+    for l in &report.tail {
+        eprintln!("  | {l}");
+    }
+    eprintln!("lab: ---- end of console ----");
+}
+
+/// Prepare and boot the lab once, running every registered guest case.
+///
+/// # Errors
+/// Preparation fails (kernel, initramfs, images, manifest) or QEMU cannot
+/// be spawned. A VM that boots but misbehaves is reported as failed
+/// outcomes, not as an error.
+pub fn run(opts: &Options) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
+    let lab_dir = opts.target_dir.join("lab");
+    let cache = opts.target_dir.join("lab-cache");
+    for p in [&lab_dir, &opts.guest_bin] {
+        let s = p.to_string_lossy();
+        ensure!(
+            !p.starts_with("/tmp") && !s.contains(char::is_whitespace),
+            "{s}: the guest cannot see it (host /tmp is hidden there) or the \
+             kernel cmdline cannot carry it; use another cargo target dir"
+        );
+    }
+    ensure!(
+        opts.guest_bin.exists(),
+        "{} missing: cargo build --release -p vdpa-integration --bins",
+        opts.guest_bin.display()
+    );
+    std::fs::create_dir_all(&lab_dir)?;
+    std::fs::create_dir_all(&cache)?;
+    let _lock = lock(&opts.target_dir.join("lab.lock"))?;
+
+    let t = Instant::now();
+    let kernel = kernel::fetch(&cache)?;
+    let modules = kernel.resolve(kernel::GUEST_MODULES)?;
+    if !modules.missing.is_empty() {
+        eprintln!(
+            "lab: kernel {} lacks modules {:?}",
+            kernel.release, modules.missing
+        );
+    }
+    let initrd = lab_dir.join("initramfs.cpio.gz");
+    initramfs::build(&kernel, &modules, &lab_dir.join("initramfs.d"), &initrd)?;
+    summary.kernel = format!("{} ({})", kernel.version, kernel.release);
+    eprintln!(
+        "lab: kernel {}, {} modules, initramfs ready in {:.1} s",
+        summary.kernel,
+        modules.load.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut skipped = Vec::new();
+    let needs_tap = DEVICES
+        .iter()
+        .any(|d| matches!(d.backend, Backend::Tap { .. }));
+    let netns = if needs_tap {
+        match Netns::create() {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                for d in DEVICES
+                    .iter()
+                    .filter(|d| matches!(d.backend, Backend::Tap { .. }))
+                {
+                    let reason = format!("cannot create the network namespace/tap: {e:#}");
+                    eprintln!("lab: skipping device {}: {reason}", d.variant.name());
+                    skipped.push(Skipped {
+                        variant: d.variant,
+                        reason,
+                    });
+                }
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let specs: Vec<&DeviceSpec> = DEVICES
+        .iter()
+        .filter(|d| !skipped.iter().any(|s| s.variant == d.variant))
+        .collect();
+    for spec in &specs {
+        make_image(spec, &lab_dir)?;
+    }
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        devices: specs.iter().map(|s| s.manifest_entry(&lab_dir)).collect(),
+        skipped,
+    };
+    let manifest_path = lab_dir.join("manifest.json");
+    manifest.store(&manifest_path)?;
+
+    let cmdline = format!(
+        "console=ttyS0 intel_iommu=on iommu=pt panic=-1 quiet lab.guest={} lab.manifest={}",
+        opts.guest_bin.display(),
+        manifest_path.display()
+    );
+    let args = qemu_args(&kernel, &initrd, &cmdline, &specs, &lab_dir);
+    let mut cmd = match &netns {
+        // `ip netns exec` execs, so the spawned pid is QEMU's own.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name]).arg(&opts.qemu);
+            c
+        }
+        None => Command::new(&opts.qemu),
+    };
+    cmd.args(&args);
+    std::fs::write(lab_dir.join("qemu-cmdline.txt"), format!("{cmd:?}\n"))?;
+
+    let console_log = lab_dir.join("console.log");
+    let timeout = opts.boot_timeout.min(opts.overall_timeout);
+    eprintln!(
+        "lab: booting {} devices (timeout {} s)",
+        specs.len(),
+        timeout.as_secs()
+    );
+    let report = vm::boot(cmd, &console_log, timeout, |ev| match ev {
+        Event::Result(r) => {
+            let tag = match r.result {
+                Verdict::Pass => "PASS",
+                Verdict::Fail => "FAIL",
+                Verdict::Skip => "SKIP",
+            };
+            let sep = if r.detail.is_empty() { "" } else { ": " };
+            eprintln!("lab: {tag} {} ({} ms){sep}{}", r.case, r.ms, r.detail);
+        }
+        Event::Exit { rc } => eprintln!("lab: guest runner exited with {rc}"),
+        _ => {}
+    })?;
+    drop(netns);
+    summary.init_after = report.init_after;
+    summary.vm_elapsed = report.elapsed;
+    collect(&mut summary, &report);
+
+    // Host-side checks of the images, after QEMU closed them.
+    for dev in &manifest.devices {
+        let Some(image) = &dev.image else { continue };
+        let name = format!("host_{}_image_intact", dev.variant.name());
+        let written: Vec<_> = report
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Write(w) if w.device == dev.variant.name() => {
+                    Some(w.offset..w.offset.saturating_add(w.len))
+                }
+                _ => None,
+            })
+            .collect();
+        match std::fs::read(image) {
+            Ok(data) => match pattern::first_mismatch(dev.variant.name(), &data, &written) {
+                None => summary.push(name, Verdict::Pass, ""),
+                Some(off) => summary.push(
+                    name,
+                    Verdict::Fail,
+                    format!("byte {off:#x} differs from the pattern outside declared writes"),
+                ),
+            },
+            Err(e) => summary.push(
+                name,
+                Verdict::Fail,
+                format!("read {}: {e}", image.display()),
+            ),
+        }
+    }
+
+    if summary.count(Verdict::Fail) > 0 || report.runner_exit().is_none() {
+        dump_tail(&report, &console_log);
+    }
+    Ok(summary)
+}
+
+/// Turn the boot's events into outcomes, adding failures for everything
+/// that went wrong around the cases (hang, crash, missing sentinel).
+fn collect(summary: &mut Summary, report: &vm::BootReport) {
+    let mut open: Option<&str> = None;
+    let mut done = false;
+    for ev in &report.events {
+        match ev {
+            Event::Start(c) => open = Some(c),
+            Event::Result(r) => {
+                open = None;
+                summary.push(r.case.clone(), r.result, r.detail.clone());
+            }
+            Event::Done { .. } => done = true,
+            Event::Write(_) | Event::Exit { .. } => {}
+        }
+    }
+    if let Some(c) = open {
+        summary.push(
+            c,
+            Verdict::Fail,
+            "started but never reported: hung or crashed the VM",
+        );
+    }
+    for e in &report.protocol_errors {
+        summary.push("protocol", Verdict::Fail, e.clone());
+    }
+    let vm_problem = match (&report.killed, report.runner_exit()) {
+        (Some(why), _) => Some(format!("QEMU killed: {why}")),
+        (None, None) => Some(format!(
+            "QEMU exited ({:?}) without the /init sentinel: the VM did not boot or /init failed",
+            report.status
+        )),
+        (None, Some(rc)) if !done => Some(format!("lab-guest exited with {rc} before finishing")),
+        (None, Some(rc)) if rc != 0 && summary.count(Verdict::Fail) == 0 => Some(format!(
+            "lab-guest exited with {rc} but reported no failure"
+        )),
+        _ => None,
+    };
+    if let Some(why) = vm_problem {
+        summary.push("vm", Verdict::Fail, why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::CaseRecord;
+    use std::collections::VecDeque;
+
+    fn report(events: Vec<Event>, killed: Option<&str>) -> vm::BootReport {
+        vm::BootReport {
+            events,
+            protocol_errors: vec![],
+            tail: VecDeque::new(),
+            status: None,
+            killed: killed.map(str::to_string),
+            init_after: None,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn pass(case: &str) -> Event {
+        Event::Result(CaseRecord {
+            case: case.into(),
+            result: Verdict::Pass,
+            detail: String::new(),
+            ms: 1,
+        })
+    }
+
+    #[test]
+    fn clean_run_adds_no_outcome_beyond_the_cases() {
+        let mut s = Summary::default();
+
+        collect(
+            &mut s,
+            &report(
+                vec![
+                    Event::Start("a".into()),
+                    pass("a"),
+                    Event::Done { failed: 0 },
+                    Event::Exit { rc: 0 },
+                ],
+                None,
+            ),
+        );
+
+        assert_eq!((s.count(Verdict::Pass), s.count(Verdict::Fail)), (1, 0));
+    }
+
+    #[test]
+    fn case_started_when_qemu_was_killed_fails_as_hung() {
+        let mut s = Summary::default();
+
+        collect(
+            &mut s,
+            &report(
+                vec![Event::Start("a".into())],
+                Some("timed out after 180 s"),
+            ),
+        );
+
+        let names: Vec<_> = s.outcomes.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["a", "vm"]);
+        assert_eq!(s.count(Verdict::Fail), 2);
+    }
+
+    #[test]
+    fn exit_without_sentinel_is_a_boot_failure() {
+        let mut s = Summary::default();
+
+        collect(&mut s, &report(vec![], None));
+
+        assert_eq!(s.outcomes.len(), 1);
+        assert!(s.outcomes[0].detail.contains("without the /init sentinel"));
+    }
+
+    #[test]
+    fn runner_that_exits_before_done_fails() {
+        let mut s = Summary::default();
+
+        collect(
+            &mut s,
+            &report(vec![pass("a"), Event::Exit { rc: 101 }], None),
+        );
+
+        assert_eq!(s.count(Verdict::Fail), 1);
+    }
+}

@@ -1,0 +1,223 @@
+//! The manifest: what the host orchestrator tells the guest runner.
+//!
+//! `lab` writes it to `<target>/lab/manifest.json` before QEMU starts and
+//! passes its path on the kernel command line; `lab-guest` reads it inside
+//! the VM through the read-only 9p share of the host's root, so the path is
+//! the same on both sides.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change, so a stale runner fails loudly.
+pub const MANIFEST_VERSION: u32 = 2;
+
+/// PCI vendor id of every virtio device.
+pub const VIRTIO_VENDOR_ID: u16 = 0x1af4;
+
+/// The device variants a lab run can create. Cases name the one they need.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    /// virtio-blk on a pattern-filled raw image, QEMU's default queues and vectors.
+    Blk0,
+    /// virtio-blk, 4 queues sharing 2 MSI-X vectors.
+    BlkMq,
+    /// virtio-blk with `page-per-vq=on` (one notify page per queue).
+    BlkPpv,
+    /// virtio-net on QEMU user-mode networking (one queue pair).
+    NetUser,
+    /// virtio-net with 4 queue pairs on a multi-queue tap in a netns.
+    NetMq,
+    /// Legacy-only virtio-blk (`disable-modern=on`); the bridge must refuse it.
+    Legacy,
+}
+
+impl Variant {
+    /// Every variant, in PCI slot order.
+    pub const ALL: [Variant; 6] = [
+        Variant::Blk0,
+        Variant::BlkMq,
+        Variant::BlkPpv,
+        Variant::NetUser,
+        Variant::NetMq,
+        Variant::Legacy,
+    ];
+
+    /// Stable name, as in JSON and case names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Blk0 => "blk0",
+            Variant::BlkMq => "blk_mq",
+            Variant::BlkPpv => "blk_ppv",
+            Variant::NetUser => "net_user",
+            Variant::NetMq => "net_mq",
+            Variant::Legacy => "legacy",
+        }
+    }
+}
+
+/// Kind of virtio device.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// virtio-blk
+    Blk,
+    /// virtio-net
+    Net,
+}
+
+impl Kind {
+    /// PCI device id of a modern device (virtio 1.0 section 4.1.2.1:
+    /// 0x1040 + virtio device id).
+    pub fn modern_device_id(self) -> u16 {
+        match self {
+            Kind::Net => 0x1041,
+            Kind::Blk => 0x1042,
+        }
+    }
+
+    /// PCI device id of a transitional or legacy-only device.
+    pub fn transitional_device_id(self) -> u16 {
+        match self {
+            Kind::Net => 0x1000,
+            Kind::Blk => 0x1001,
+        }
+    }
+}
+
+/// One QEMU virtio-pci device in the VM.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Device {
+    /// Which variant this is.
+    pub variant: Variant,
+    /// Guest PCI address, `0000:00:03.0`.
+    pub bdf: String,
+    /// blk or net.
+    pub kind: Kind,
+    /// Legacy-only (`disable-modern=on`); otherwise modern-only with
+    /// `disable-legacy=on,iommu_platform=on`.
+    pub legacy: bool,
+    /// Backing image (blk only), a host path.
+    pub image: Option<PathBuf>,
+    /// blk: request queues; net: queue pairs (what QEMU will offer).
+    pub num_queues: u32,
+    /// MSI-X table size QEMU gives the device (explicit `vectors=` or
+    /// QEMU's default formula).
+    pub msix_vectors: u32,
+    /// The QEMU `-device` string, for diagnostics.
+    pub qemu_device: String,
+}
+
+impl Device {
+    /// Expected PCI device id.
+    pub fn pci_device_id(&self) -> u16 {
+        if self.legacy {
+            self.kind.transitional_device_id()
+        } else {
+            self.kind.modern_device_id()
+        }
+    }
+
+    /// The device's sysfs directory in the guest.
+    pub fn sysfs(&self) -> PathBuf {
+        Path::new("/sys/bus/pci/devices").join(&self.bdf)
+    }
+}
+
+/// A variant the host could not create, and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Skipped {
+    /// The variant.
+    pub variant: Variant,
+    /// Why it is absent; cases that need it report this as their skip reason.
+    pub reason: String,
+}
+
+/// The whole manifest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    /// [`MANIFEST_VERSION`] of the writer.
+    pub version: u32,
+    /// The devices in the VM, in PCI slot order.
+    pub devices: Vec<Device>,
+    /// Variants left out of this run.
+    pub skipped: Vec<Skipped>,
+}
+
+impl Manifest {
+    /// Read and version-check a manifest.
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed, or was written by another version.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let m: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        anyhow::ensure!(
+            m.version == MANIFEST_VERSION,
+            "manifest version {} but this runner speaks {MANIFEST_VERSION}: rebuild",
+            m.version
+        );
+        Ok(m)
+    }
+
+    /// Write the manifest as pretty JSON.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn store(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+    }
+
+    /// The device of `variant`, if this run has it.
+    pub fn device(&self, variant: Variant) -> Option<&Device> {
+        self.devices.iter().find(|d| d.variant == variant)
+    }
+
+    /// Why `variant` is absent, if the host said.
+    pub fn skip_reason(&self, variant: Variant) -> Option<&str> {
+        self.skipped
+            .iter()
+            .find(|s| s.variant == variant)
+            .map(|s| s.reason.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_serializes_as_its_name() {
+        for v in Variant::ALL {
+            assert_eq!(
+                serde_json::to_string(&v).unwrap(),
+                format!("\"{}\"", v.name())
+            );
+        }
+    }
+
+    #[test]
+    fn manifest_roundtrips_through_a_file() {
+        let m = Manifest {
+            version: MANIFEST_VERSION,
+            devices: vec![],
+            skipped: vec![Skipped {
+                variant: Variant::NetMq,
+                reason: "no netns".into(),
+            }],
+        };
+        let path = std::env::temp_dir().join(format!("lab-manifest-{}.json", std::process::id()));
+
+        m.store(&path).unwrap();
+        let back = Manifest::load(&path);
+        let _ = std::fs::remove_file(&path);
+
+        assert_eq!(back.unwrap(), m);
+        assert_eq!(m.skip_reason(Variant::NetMq), Some("no netns"));
+    }
+}
