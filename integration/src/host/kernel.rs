@@ -177,7 +177,7 @@ fn newest_cached(cache: &Path) -> anyhow::Result<PathBuf> {
             .metadata()
             .and_then(|m| m.modified())
         {
-            if best.as_ref().map_or(true, |(bt, _)| t > *bt) {
+            if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
                 best = Some((t, e.path()));
             }
         }

@@ -307,7 +307,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
     // Host-side checks of the images, after QEMU closed them.
     for dev in &manifest.devices {
         let Some(image) = &dev.image else { continue };
-        let name = format!("host_{}_image_intact", dev.variant.name());
+        let name = format!("host_{}_image_holds_writes_and_pattern", dev.variant.name());
         let written: Vec<_> = report
             .events
             .iter()
@@ -324,7 +324,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
                 Some(off) => summary.push(
                     name,
                     Verdict::Fail,
-                    format!("byte {off:#x} differs from the pattern outside declared writes"),
+                    format!(
+                        "byte {off:#x} differs from what it must hold (the pattern, or the written pattern inside the {} declared writes)",
+                        written.len()
+                    ),
                 ),
             },
             Err(e) => summary.push(
