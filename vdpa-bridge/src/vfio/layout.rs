@@ -8,7 +8,7 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::VfioRegionInfoCap;
 
-use crate::pci::{BarKind, IoWidth};
+use crate::pci::{BarKind, IoWidth, PciError};
 use crate::types::IovaRange;
 
 // vfio_irq_set is five u32 followed by its data: irq_set_words relies on it.
@@ -53,6 +53,41 @@ pub(crate) fn ioeventfd_arg(
         data,
         fd,
     })
+}
+
+/// The device-fd position of `[offset, offset + len)` in a window of
+/// `size` bytes at `base`, or `None` when it leaves the window.
+pub(crate) fn window_pos(base: u64, size: u64, offset: u64, len: usize) -> Option<u64> {
+    let end = offset.checked_add(u64::try_from(len).ok()?)?;
+    if end > size {
+        return None;
+    }
+    base.checked_add(offset)
+}
+
+/// Validate an MSI-X routing request of `requested` vectors.
+pub(crate) fn msix_request(available: u32, requested: usize) -> Result<u32, PciError> {
+    let requested = u32::try_from(requested).unwrap_or(u32::MAX);
+    if requested > available {
+        return Err(PciError::MsixVectors {
+            available,
+            requested,
+        });
+    }
+    Ok(requested)
+}
+
+/// The [`PciError`] for a failed `VFIO_DEVICE_IOEVENTFD`: ENOTTY (no
+/// support) and EINVAL (offset refused, e.g. inside the MSI-X table) mean
+/// no ioeventfd can serve here.
+pub(crate) fn ioeventfd_error(bar: u8, offset: u64, e: std::io::Error) -> PciError {
+    match e.raw_os_error() {
+        Some(libc::ENOTTY) | Some(libc::EINVAL) => PciError::IoeventfdUnsupported { bar, offset },
+        _ => PciError::Io {
+            op: "VFIO_DEVICE_IOEVENTFD",
+            source: e,
+        },
+    }
 }
 
 /// Byte width of an [`IoWidth`].
@@ -263,6 +298,61 @@ mod tests {
     #[test]
     fn empty_sparse_cap_maps_nothing() {
         assert!(mmap_areas(0x4000, MMAP, &sparse(&[]), PAGE).is_empty());
+    }
+
+    #[test]
+    fn window_pos_accepts_accesses_ending_at_the_window_end() {
+        assert_eq!(
+            window_pos(1 << 40, 0x4000, 0x3ffe, 2),
+            Some((1 << 40) + 0x3ffe)
+        );
+        assert_eq!(window_pos(0, 4096, 0, 4096), Some(0));
+    }
+
+    #[test]
+    fn window_pos_rejects_past_end_and_overflowing_accesses() {
+        assert_eq!(window_pos(0, 0x4000, 0x3fff, 2), None);
+        assert_eq!(window_pos(0, 4096, 4096, 1), None);
+        assert_eq!(window_pos(0, u64::MAX, u64::MAX, 2), None);
+        assert_eq!(window_pos(u64::MAX, 0x10, 1, 1), None);
+    }
+
+    #[test]
+    fn msix_request_refuses_more_vectors_than_the_device_has() {
+        assert_eq!(msix_request(3, 3).unwrap(), 3);
+        assert_eq!(msix_request(3, 0).unwrap(), 0);
+        assert!(matches!(
+            msix_request(3, 4),
+            Err(PciError::MsixVectors {
+                available: 3,
+                requested: 4
+            })
+        ));
+    }
+
+    #[test]
+    fn ioeventfd_enotty_and_einval_mean_unsupported_other_errnos_are_io() {
+        let e = |n| std::io::Error::from_raw_os_error(n);
+
+        let enotty = ioeventfd_error(4, 0x3000, e(libc::ENOTTY));
+        let einval = ioeventfd_error(4, 0x3000, e(libc::EINVAL));
+        let eexist = ioeventfd_error(4, 0x3000, e(libc::EEXIST));
+
+        assert!(matches!(
+            enotty,
+            PciError::IoeventfdUnsupported {
+                bar: 4,
+                offset: 0x3000
+            }
+        ));
+        assert!(matches!(einval, PciError::IoeventfdUnsupported { .. }));
+        assert!(matches!(
+            eexist,
+            PciError::Io {
+                op: "VFIO_DEVICE_IOEVENTFD",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -456,24 +456,20 @@ impl VfioFunction {
     /// Device-fd position of `[offset, offset + len)` in BAR `index`.
     fn bar_pos(&self, index: u8, offset: u64, len: usize) -> PciResult<u64> {
         let bar = self.bar(index)?;
-        let out = PciError::BarOutOfRange {
-            bar: index,
-            offset,
-            len,
-            size: bar.info.size,
-        };
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= bar.info.size => bar.region.offset.checked_add(offset).ok_or(out),
-            _ => Err(out),
-        }
+        layout::window_pos(bar.region.offset, bar.info.size, offset, len).ok_or(
+            PciError::BarOutOfRange {
+                bar: index,
+                offset,
+                len,
+                size: bar.info.size,
+            },
+        )
     }
 
     fn config_pos(&self, offset: u64, len: usize) -> PciResult<u64> {
         let limit = self.config.size.min(CONFIG_SPACE_MAX);
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= limit => Ok(self.config.offset + offset),
-            _ => Err(PciError::ConfigOutOfRange { offset, len }),
-        }
+        layout::window_pos(self.config.offset, limit, offset, len)
+            .ok_or(PciError::ConfigOutOfRange { offset, len })
     }
 
     fn ioeventfd(&self, key: IoeventKey, fd: RawFd) -> PciResult<()> {
@@ -483,16 +479,8 @@ impl VfioFunction {
                 bar: key.bar,
                 offset: key.offset,
             })?;
-        sys::device_ioeventfd(&self.device, &arg).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOTTY) | Some(libc::EINVAL) => PciError::IoeventfdUnsupported {
-                bar: key.bar,
-                offset: key.offset,
-            },
-            _ => PciError::Io {
-                op: "VFIO_DEVICE_IOEVENTFD",
-                source: e,
-            },
-        })
+        sys::device_ioeventfd(&self.device, &arg)
+            .map_err(|e| layout::ioeventfd_error(key.bar, key.offset, e))
     }
 
     fn set_msix_irqs(&self, flags: u32, fds: &[i32]) -> PciResult<()> {
@@ -560,13 +548,7 @@ unsafe impl PciFunction for VfioFunction {
     }
 
     fn enable_msix(&self, fds: &[Option<&EventFd>]) -> PciResult<()> {
-        let requested = u32::try_from(fds.len()).unwrap_or(u32::MAX);
-        if requested > self.msix_count {
-            return Err(PciError::MsixVectors {
-                available: self.msix_count,
-                requested,
-            });
-        }
+        let requested = layout::msix_request(self.msix_count, fds.len())?;
         let mut enabled = lock(&self.msix_enabled);
         if requested == 0 {
             return self.disable_msix_locked(&mut enabled);

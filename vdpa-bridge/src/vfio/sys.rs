@@ -50,15 +50,13 @@ pub(crate) fn device_reset(device: &impl AsRawFd) -> io::Result<()> {
 
 /// `VFIO_DEVICE_SET_IRQS` with a buffer from [`super::layout::irq_set_words`].
 pub(crate) fn set_irqs(device: &impl AsRawFd, words: &mut [u32]) -> io::Result<()> {
-    assert!(words.len() >= 5, "irq set buffer lacks its header");
-    assert_eq!(
-        words[0] as usize,
-        size_of_val(words),
-        "argsz must cover the whole buffer"
-    );
+    let header_ok = words.len() >= 5 && words[0] as usize == size_of_val(words);
+    if !header_ok {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     // SAFETY: `words` is a vfio_irq_set header (5 u32, the struct's size and
-    // alignment, checked in layout.rs) followed by its data; the asserts above
-    // make argsz equal to the buffer length, and the kernel reads at most
+    // alignment, checked in layout.rs) followed by its data; the check above
+    // makes argsz equal to the buffer length, and the kernel reads at most
     // argsz bytes (it never writes this argument).
     check(unsafe { ioctl_with_mut_ptr(device, VFIO_DEVICE_SET_IRQS(), words.as_mut_ptr()) })
 }
@@ -68,7 +66,9 @@ pub(crate) fn device_ioeventfd(
     device: &impl AsRawFd,
     arg: &vfio_device_ioeventfd,
 ) -> io::Result<()> {
-    assert_eq!(arg.argsz as usize, size_of::<vfio_device_ioeventfd>());
+    if arg.argsz as usize != size_of::<vfio_device_ioeventfd>() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     // SAFETY: the kernel reads one vfio_device_ioeventfd (argsz checked above
     // equal to its size) from a live reference and writes nothing back.
     check(unsafe { ioctl_with_ref(device, VFIO_DEVICE_IOEVENTFD(), arg) })
@@ -204,6 +204,27 @@ mod tests {
         assert_eq!(info.raw_os_error(), Some(libc::ENOTTY));
         assert_eq!(reset.raw_os_error(), Some(libc::ENOTTY));
         assert_eq!(iommu.raw_os_error(), Some(libc::ENOTTY));
+    }
+
+    #[test]
+    fn set_irqs_and_ioeventfd_reach_the_kernel_only_with_a_consistent_argsz() {
+        let f = File::open("/dev/null").unwrap();
+        let mut good = super::super::layout::irq_set_words(1 | 32, 2, 0, &[]);
+        let mut bad_argsz = good.clone();
+        bad_argsz[0] = 4096;
+        let arg =
+            super::super::layout::ioeventfd_arg(0, 0, crate::pci::IoWidth::U16, 0, -1).unwrap();
+        let bad_arg = vfio_device_ioeventfd { argsz: 8, ..arg };
+
+        let sent = set_irqs(&f, &mut good).unwrap_err();
+        let refused = set_irqs(&f, &mut bad_argsz).unwrap_err();
+        let ioev = device_ioeventfd(&f, &arg).unwrap_err();
+        let ioev_refused = device_ioeventfd(&f, &bad_arg).unwrap_err();
+
+        assert_eq!(sent.raw_os_error(), Some(libc::ENOTTY));
+        assert_eq!(refused.raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(ioev.raw_os_error(), Some(libc::ENOTTY));
+        assert_eq!(ioev_refused.raw_os_error(), Some(libc::EINVAL));
     }
 
     #[test]
