@@ -1,9 +1,862 @@
-//! The VFIO backend: a PCI function claimed through vfio-pci.
+//! The VFIO backend: a PCI function claimed through vfio-pci, seen through
+//! [`PciFunction`].
+//!
+//! [`VfioFunction::open`] resolves the device in sysfs, checks that it has
+//! an IOMMU group and is bound to vfio-pci, then opens a type1v2 container,
+//! the group and the device through vfio-ioctls. On open it resets the
+//! function (when VFIO says it can), enables memory decoding and bus
+//! mastering, and mmaps every BAR area VFIO allows (sparse-mmap areas
+//! honoured, so the MSI-X table stays out on kernels that protect it).
+//! Everything not mapped goes through `pread`/`pwrite` on the device fd.
+//!
+//! Kicks use `VFIO_DEVICE_IOEVENTFD` and interrupts `VFIO_DEVICE_SET_IRQS`
+//! with one eventfd per MSI-X vector, so neither needs a userspace thread.
+//!
+//! One container per function: two functions of the same IOMMU group cannot
+//! be opened at once (the second group attach fails).
+
+mod dma;
+mod layout;
+mod sys;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::pci::{
+    cfg, BarInfo, BarMapping, IoWidth, PciError, PciFunction, PciFunctionExt, PciResult,
+};
+use crate::sysfs::{self, SysfsError, VFIO_PCI};
+use crate::types::{Iova, IovaRange};
+use dma::{DmaTracker, IovaRanges};
+
+/// Size of PCI Express extended config space.
+const CONFIG_SPACE_MAX: u64 = 4096;
+
+/// Number of BARs of a type-0 header.
+const NUM_BARS: u8 = 6;
 
 /// Errors of the VFIO backend.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioError {
-    /// The device address or path could not be resolved.
-    #[error("cannot resolve PCI device {0}")]
-    Resolve(String),
+    /// The argument is neither a PCI address nor a PCI device path.
+    #[error(
+        "`{0}` is not a PCI address (expected 0000:00:04.0, 00:04.0 or a /sys/bus/pci/devices path)"
+    )]
+    BadAddress(String),
+    /// No such device (or path).
+    #[error("no PCI device at {}", path.display())]
+    NotFound {
+        /// The missing path.
+        path: PathBuf,
+    },
+    /// The device has no IOMMU group: the IOMMU is off or absent.
+    #[error(
+        "device {bdf} has no IOMMU group; VFIO needs an enabled IOMMU (e.g. boot with intel_iommu=on)"
+    )]
+    NoIommuGroup {
+        /// PCI address.
+        bdf: String,
+    },
+    /// The device is not bound to vfio-pci.
+    #[error(
+        "device {bdf} is bound to {}, not vfio-pci; run `vdpa-bridge bind {bdf}`",
+        sysfs::driver_name(.driver)
+    )]
+    WrongDriver {
+        /// PCI address.
+        bdf: String,
+        /// The bound driver (`None`: no driver).
+        driver: Option<String>,
+    },
+    /// Another sysfs access failed.
+    #[error("sysfs access failed")]
+    Sysfs(#[source] SysfsError),
+    /// `/dev/vfio/vfio` could not be opened or lacks type1v2.
+    #[error("cannot open a VFIO type1v2 container")]
+    Container {
+        /// The cause.
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+    /// The IOMMU group could not be opened or attached to the container.
+    #[error(
+        "cannot attach IOMMU group {group} (every device of the group must be bound to vfio-pci, and /dev/vfio/{group} accessible)"
+    )]
+    Group {
+        /// The group number.
+        group: u32,
+        /// The cause.
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+    /// The device fd could not be obtained or described.
+    #[error("cannot open VFIO device {bdf}")]
+    Device {
+        /// PCI address.
+        bdf: String,
+        /// The cause.
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+    /// The VFIO device is not a PCI device.
+    #[error("VFIO device {bdf} is not a PCI device")]
+    NotPci {
+        /// PCI address.
+        bdf: String,
+    },
+    /// A VFIO region does not look as vfio-pci describes it.
+    #[error("VFIO region {index} is unusable: {reason}")]
+    Region {
+        /// Region index.
+        index: u32,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// An ioctl or system call during open failed.
+    #[error("{op} failed")]
+    Ioctl {
+        /// The ioctl or system call.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Enabling memory decoding and bus mastering failed.
+    #[error("cannot enable memory decoding and bus mastering")]
+    Command(#[source] PciError),
+}
+
+impl From<SysfsError> for VfioError {
+    fn from(e: SysfsError) -> Self {
+        match e {
+            SysfsError::BadAddress(a) => VfioError::BadAddress(a),
+            SysfsError::NotFound { path } => VfioError::NotFound { path },
+            other => VfioError::Sysfs(other),
+        }
+    }
+}
+
+/// Where [`VfioFunction::open_with`] looks and what it does on open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VfioOptions {
+    /// The sysfs PCI devices directory (`/sys/bus/pci/devices`).
+    pub sysfs_root: PathBuf,
+    /// Reset the function on open when VFIO reports it can (default true).
+    pub reset_on_open: bool,
+}
+
+impl Default for VfioOptions {
+    fn default() -> Self {
+        Self {
+            sysfs_root: PathBuf::from("/sys/bus/pci/devices"),
+            reset_on_open: true,
+        }
+    }
+}
+
+/// Where a VFIO region sits on the device fd.
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    offset: u64,
+    size: u64,
+}
+
+#[derive(Debug)]
+struct Bar {
+    info: BarInfo,
+    region: Region,
+    mappings: Vec<BarMapping>,
+}
+
+/// An ioevent registration: what the kernel writes where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct IoeventKey {
+    bar: u8,
+    offset: u64,
+    width: IoWidth,
+    data: u64,
+}
+
+/// A PCI function claimed through vfio-pci.
+///
+/// Dropping it disables MSI-X, removes the ioeventfds it registered, resets
+/// the function (or, without reset, clears bus mastering), removes its DMA
+/// mappings and unmaps its BARs; failures there are logged, never raised.
+pub struct VfioFunction {
+    bdf: String,
+    bars: [Option<Bar>; NUM_BARS as usize],
+    config: Region,
+    msix_count: u32,
+    reset_supported: bool,
+    reset_on_open: bool,
+    iova: IovaRanges,
+    /// MSI-X vectors currently enabled through VFIO (0: disabled).
+    msix_enabled: Mutex<u32>,
+    ioevents: Mutex<Vec<IoeventKey>>,
+    dma: Mutex<DmaTracker>,
+    // Drop order matters: BAR mappings, then the duplicated device fd, then
+    // the device (closing its fd before it detaches the group), then the
+    // container.
+    mmaps: Vec<sys::Mmap>,
+    file: File,
+    device: VfioDevice,
+    container: Arc<VfioContainer>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> PciError {
+    move |source| PciError::Io { op, source }
+}
+
+/// An io::Error for a vfio-ioctls error, keeping the errno where it has one.
+fn vfio_io(e: vfio_ioctls::VfioError) -> io::Error {
+    use vfio_ioctls::VfioError as E;
+    match &e {
+        E::IommuDmaMap(s) | E::IommuDmaUnmap(s) => io::Error::from_raw_os_error(s.errno()),
+        _ => io::Error::other(e),
+    }
+}
+
+/// Whether a vfio-ioctls error of `VfioDevice::new` concerns the group.
+fn is_group_error(e: &vfio_ioctls::VfioError) -> bool {
+    use vfio_ioctls::VfioError as E;
+    matches!(
+        e,
+        E::OpenGroup(..)
+            | E::GetGroupStatus
+            | E::GroupViable
+            | E::GroupSetContainer
+            | E::ContainerSetIOMMU(_)
+            | E::InvalidPath
+    )
+}
+
+impl VfioFunction {
+    /// Open `device` (`0000:00:04.0`, `00:04.0` or a sysfs device path)
+    /// with default [`VfioOptions`].
+    ///
+    /// # Errors
+    ///
+    /// See [`VfioFunction::open_with`].
+    pub fn open(device: &str) -> Result<VfioFunction, VfioError> {
+        Self::open_with(device, &VfioOptions::default())
+    }
+
+    /// Open `device` with explicit options.
+    ///
+    /// # Errors
+    ///
+    /// [`VfioError::BadAddress`]/[`VfioError::NotFound`] when the device
+    /// cannot be resolved, [`VfioError::NoIommuGroup`] without an IOMMU,
+    /// [`VfioError::WrongDriver`] when it is not bound to vfio-pci, then
+    /// container, group, device and region errors from VFIO itself.
+    pub fn open_with(device: &str, opts: &VfioOptions) -> Result<VfioFunction, VfioError> {
+        let bdf = sysfs::resolve_in(&opts.sysfs_root, device)?;
+        let dev_path = opts.sysfs_root.join(&bdf);
+        let group = sysfs::iommu_group_of(&dev_path)
+            .ok_or_else(|| VfioError::NoIommuGroup { bdf: bdf.clone() })?;
+        let driver = sysfs::driver_of(&dev_path);
+        if driver.as_deref() != Some(VFIO_PCI) {
+            return Err(VfioError::WrongDriver { bdf, driver });
+        }
+
+        let container =
+            Arc::new(VfioContainer::new(None).map_err(|source| VfioError::Container { source })?);
+        let ops: Arc<dyn VfioOps> = container.clone();
+        let vdev = VfioDevice::new(&dev_path, ops).map_err(|source| {
+            if is_group_error(&source) {
+                VfioError::Group { group, source }
+            } else {
+                VfioError::Device {
+                    bdf: bdf.clone(),
+                    source,
+                }
+            }
+        })?;
+        let ioctl_err = |op| move |source| VfioError::Ioctl { op, source };
+        let info = sys::device_info(&vdev).map_err(ioctl_err("VFIO_DEVICE_GET_INFO"))?;
+        if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
+            return Err(VfioError::NotPci { bdf });
+        }
+        let file = sys::dup_file(&vdev).map_err(ioctl_err("dup of the device fd"))?;
+
+        // vfio-ioctls lists regions by position from index 0, skipping only
+        // ones whose info fails; vfio-pci answers for BARs, ROM and config,
+        // so positions 0..=7 are the region indices. Checked here for config.
+        let ci = VFIO_PCI_CONFIG_REGION_INDEX;
+        let config = Region {
+            offset: vdev.get_region_offset(ci),
+            size: vdev.get_region_size(ci),
+        };
+        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+        if !(64..=CONFIG_SPACE_MAX).contains(&config.size) || vdev.get_region_flags(ci) & rw != rw {
+            return Err(VfioError::Region {
+                index: ci,
+                reason: "config region is not 64..=4096 bytes and read-write",
+            });
+        }
+
+        let iova = match sys::iommu_info(&*container) {
+            Ok(bytes) => layout::parse_iova_ranges(&bytes),
+            Err(e) => {
+                log::warn!("VFIO_IOMMU_GET_INFO failed: {e}");
+                None
+            }
+        };
+        let iova = iova.unwrap_or_else(|| {
+            log::warn!(
+                "{bdf}: IOMMU reports no IOVA ranges; assuming {:#x}..={:#x}",
+                IovaRanges::FALLBACK.first,
+                IovaRanges::FALLBACK.last
+            );
+            Vec::new()
+        });
+
+        let mut f = VfioFunction {
+            msix_count: vdev
+                .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
+                .map_or(0, |i| i.count),
+            bdf,
+            bars: Default::default(),
+            config,
+            reset_supported: info.flags & VFIO_DEVICE_FLAGS_RESET != 0,
+            reset_on_open: false,
+            iova: IovaRanges::new(iova),
+            msix_enabled: Mutex::new(0),
+            ioevents: Mutex::new(Vec::new()),
+            dma: Mutex::new(DmaTracker::default()),
+            mmaps: Vec::new(),
+            file,
+            device: vdev,
+            container,
+        };
+        // From here on, failures drop `f`, whose Drop undoes what was done.
+        if opts.reset_on_open && f.reset_supported {
+            match sys::device_reset(&f.device) {
+                Ok(()) => f.reset_on_open = true,
+                Err(e) => log::warn!("{}: reset on open failed: {e}", f.bdf),
+            }
+        }
+        f.enable_decoding().map_err(VfioError::Command)?;
+        f.setup_bars()?;
+        log::info!(
+            "{}: opened (reset {}, {} MSI-X vectors, IOVA {:#x}..={:#x})",
+            f.bdf,
+            if f.reset_on_open { "done" } else { "skipped" },
+            f.msix_count,
+            f.iova.envelope().first,
+            f.iova.envelope().last
+        );
+        Ok(f)
+    }
+
+    /// The canonical PCI address.
+    pub fn bdf(&self) -> &str {
+        &self.bdf
+    }
+
+    /// Whether the function was reset when it was opened.
+    pub fn was_reset_on_open(&self) -> bool {
+        self.reset_on_open
+    }
+
+    /// Whether VFIO can reset the function.
+    pub fn reset_supported(&self) -> bool {
+        self.reset_supported
+    }
+
+    /// Set memory-space decoding and bus mastering in PCI_COMMAND.
+    fn enable_decoding(&self) -> PciResult<()> {
+        let cmd = self.config_read_u16(cfg::COMMAND)?;
+        let want = cmd | cfg::COMMAND_MEMORY | cfg::COMMAND_BUS_MASTER;
+        if want != cmd {
+            self.config_write_u16(cfg::COMMAND, want)?;
+        }
+        Ok(())
+    }
+
+    /// Read BAR region info and mmap what VFIO allows.
+    fn setup_bars(&mut self) -> Result<(), VfioError> {
+        let page = sys::page_size();
+        for i in 0..NUM_BARS {
+            let idx = u32::from(i);
+            let size = self.device.get_region_size(idx);
+            if size == 0 {
+                continue;
+            }
+            let region = Region {
+                offset: self.device.get_region_offset(idx),
+                size,
+            };
+            let reg = self
+                .config_read_u32(cfg::BAR0 + 4 * u64::from(i))
+                .map_err(VfioError::Command)?;
+            let flags = self.device.get_region_flags(idx);
+            let caps = self.device.get_region_caps(idx);
+            let mut mappings = Vec::new();
+            for (off, len) in layout::mmap_areas(size, flags, &caps, page) {
+                let mapped = region
+                    .offset
+                    .checked_add(off)
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::EOVERFLOW))
+                    .and_then(|at| {
+                        let len = usize::try_from(len)
+                            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+                        sys::Mmap::new(&self.file, at, len)
+                    });
+                match mapped {
+                    Ok(m) => {
+                        mappings.push(BarMapping {
+                            offset: off,
+                            len,
+                            host_addr: m.addr(),
+                        });
+                        self.mmaps.push(m);
+                    }
+                    Err(e) => log::warn!(
+                        "{}: mmap of BAR {i} at {off:#x} (+{len:#x}) failed, using slow path: {e}",
+                        self.bdf
+                    ),
+                }
+            }
+            self.bars[usize::from(i)] = Some(Bar {
+                info: BarInfo {
+                    kind: layout::bar_kind(reg),
+                    size,
+                },
+                region,
+                mappings,
+            });
+        }
+        Ok(())
+    }
+
+    fn bar(&self, index: u8) -> PciResult<&Bar> {
+        self.bars
+            .get(usize::from(index))
+            .and_then(Option::as_ref)
+            .ok_or(PciError::NoSuchBar(index))
+    }
+
+    /// Device-fd position of `[offset, offset + len)` in BAR `index`.
+    fn bar_pos(&self, index: u8, offset: u64, len: usize) -> PciResult<u64> {
+        let bar = self.bar(index)?;
+        layout::window_pos(bar.region.offset, bar.info.size, offset, len).ok_or(
+            PciError::BarOutOfRange {
+                bar: index,
+                offset,
+                len,
+                size: bar.info.size,
+            },
+        )
+    }
+
+    fn config_pos(&self, offset: u64, len: usize) -> PciResult<u64> {
+        let limit = self.config.size.min(CONFIG_SPACE_MAX);
+        layout::window_pos(self.config.offset, limit, offset, len)
+            .ok_or(PciError::ConfigOutOfRange { offset, len })
+    }
+
+    fn ioeventfd(&self, key: IoeventKey, fd: RawFd) -> PciResult<()> {
+        let bar = self.bar(key.bar)?;
+        let arg = layout::ioeventfd_arg(bar.region.offset, key.offset, key.width, key.data, fd)
+            .ok_or(PciError::IoeventfdUnsupported {
+                bar: key.bar,
+                offset: key.offset,
+            })?;
+        sys::device_ioeventfd(&self.device, &arg)
+            .map_err(|e| layout::ioeventfd_error(key.bar, key.offset, e))
+    }
+
+    fn set_msix_irqs(&self, flags: u32, fds: &[i32]) -> PciResult<()> {
+        let mut words = layout::irq_set_words(flags, VFIO_PCI_MSIX_IRQ_INDEX, 0, fds);
+        sys::set_irqs(&self.device, &mut words).map_err(io_err("VFIO_DEVICE_SET_IRQS"))
+    }
+
+    fn disable_msix_locked(&self, enabled: &mut u32) -> PciResult<()> {
+        if *enabled == 0 {
+            return Ok(());
+        }
+        self.set_msix_irqs(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, &[])?;
+        *enabled = 0;
+        Ok(())
+    }
+}
+
+// SAFETY: every BarMapping handed out describes an Mmap in `self.mmaps`:
+// a MAP_SHARED, PROT_READ|PROT_WRITE mapping of exactly `len` bytes created
+// in `setup_bars`. `mmaps` is private, never shrunk, and its Mmaps are
+// unmapped only when the VfioFunction is dropped, so the mappings stay valid
+// for as long as the value lives. (VFIO may zap them during a reset; the
+// kernel then faults them back in, the addresses stay valid.)
+unsafe impl PciFunction for VfioFunction {
+    fn config_read(&self, offset: u64, buf: &mut [u8]) -> PciResult<()> {
+        let pos = self.config_pos(offset, buf.len())?;
+        self.file
+            .read_exact_at(buf, pos)
+            .map_err(io_err("config space read"))
+    }
+
+    fn config_write(&self, offset: u64, buf: &[u8]) -> PciResult<()> {
+        let pos = self.config_pos(offset, buf.len())?;
+        self.file
+            .write_all_at(buf, pos)
+            .map_err(io_err("config space write"))
+    }
+
+    fn bar_info(&self, index: u8) -> Option<BarInfo> {
+        self.bar(index).ok().map(|b| b.info)
+    }
+
+    fn bar_mappings(&self, index: u8) -> Vec<BarMapping> {
+        self.bar(index)
+            .map(|b| b.mappings.clone())
+            .unwrap_or_default()
+    }
+
+    fn bar_read(&self, index: u8, offset: u64, buf: &mut [u8]) -> PciResult<()> {
+        let pos = self.bar_pos(index, offset, buf.len())?;
+        self.file
+            .read_exact_at(buf, pos)
+            .map_err(io_err("BAR read (pread on the VFIO device)"))
+    }
+
+    fn bar_write(&self, index: u8, offset: u64, buf: &[u8]) -> PciResult<()> {
+        let pos = self.bar_pos(index, offset, buf.len())?;
+        self.file
+            .write_all_at(buf, pos)
+            .map_err(io_err("BAR write (pwrite on the VFIO device)"))
+    }
+
+    fn msix_vectors(&self) -> u32 {
+        self.msix_count
+    }
+
+    fn enable_msix(&self, fds: &[Option<&EventFd>]) -> PciResult<()> {
+        let requested = layout::msix_request(self.msix_count, fds.len())?;
+        let mut enabled = lock(&self.msix_enabled);
+        if requested == 0 {
+            return self.disable_msix_locked(&mut enabled);
+        }
+        // Re-routing keeps MSI-X on when the vector count is unchanged; a
+        // different count needs a fresh enable (the kernel sizes the
+        // allocation at enable time).
+        if *enabled != requested {
+            self.disable_msix_locked(&mut enabled)?;
+        }
+        let raw: Vec<i32> = fds
+            .iter()
+            .map(|f| f.map_or(-1, |e| e.as_raw_fd()))
+            .collect();
+        self.set_msix_irqs(
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            &raw,
+        )?;
+        *enabled = requested;
+        Ok(())
+    }
+
+    fn disable_msix(&self) -> PciResult<()> {
+        self.disable_msix_locked(&mut lock(&self.msix_enabled))
+    }
+
+    fn set_ioeventfd(
+        &self,
+        bar: u8,
+        offset: u64,
+        width: IoWidth,
+        data: u64,
+        fd: Option<RawFd>,
+    ) -> PciResult<()> {
+        let len = layout::io_width_bytes(width) as usize;
+        self.bar_pos(bar, offset, len)?;
+        let key = IoeventKey {
+            bar,
+            offset,
+            width,
+            data,
+        };
+        let mut list = lock(&self.ioevents);
+        let registered = list.iter().position(|k| *k == key);
+        // The kernel refuses a second registration of the same doorbell
+        // (EEXIST): replace means remove, then add.
+        if let Some(i) = registered {
+            self.ioeventfd(key, -1)?;
+            list.swap_remove(i);
+        }
+        if let Some(fd) = fd {
+            self.ioeventfd(key, fd)?;
+            list.push(key);
+        }
+        Ok(())
+    }
+
+    fn function_reset(&self) -> PciResult<bool> {
+        if !self.reset_supported {
+            return Ok(false);
+        }
+        sys::device_reset(&self.device).map_err(io_err("VFIO_DEVICE_RESET"))?;
+        self.enable_decoding()?;
+        Ok(true)
+    }
+
+    fn iova_range(&self) -> IovaRange {
+        self.iova.envelope()
+    }
+
+    unsafe fn dma_map(&self, iova: Iova, size: u64, host_addr: usize) -> PciResult<()> {
+        let range = PciError::DmaRange { iova: iova.0, size };
+        let mut dma = lock(&self.dma);
+        if !dma.may_map(&self.iova, iova.0, size) {
+            return Err(range);
+        }
+        let len = usize::try_from(size).map_err(|_| range)?;
+        // SAFETY: the caller upholds PciFunction::dma_map's contract, which is
+        // VfioContainer::vfio_dma_map's (the same text) for this range.
+        unsafe {
+            self.container
+                .vfio_dma_map(iova.0, len, host_addr as *mut u8)
+        }
+        .map_err(|e| PciError::Io {
+            op: "VFIO_IOMMU_MAP_DMA",
+            source: vfio_io(e),
+        })?;
+        dma.insert(iova.0, size);
+        Ok(())
+    }
+
+    fn dma_unmap(&self, iova: Iova, size: u64) -> PciResult<()> {
+        let mut dma = lock(&self.dma);
+        let plan = dma
+            .unmap_plan(iova.0, size)
+            .ok_or(PciError::DmaRange { iova: iova.0, size })?;
+        for (start, len) in plan {
+            let n = usize::try_from(len).map_err(|_| PciError::DmaRange {
+                iova: start,
+                size: len,
+            })?;
+            self.container
+                .vfio_dma_unmap(start, n)
+                .map_err(|e| PciError::Io {
+                    op: "VFIO_IOMMU_UNMAP_DMA",
+                    source: vfio_io(e),
+                })?;
+            dma.remove(start);
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("vfio {}", self.bdf)
+    }
+}
+
+impl Drop for VfioFunction {
+    fn drop(&mut self) {
+        let bdf = self.bdf.clone();
+        if let Err(e) = self.disable_msix() {
+            log::warn!("{bdf}: disabling MSI-X failed: {e}");
+        }
+        let keys = std::mem::take(&mut *lock(&self.ioevents));
+        for k in keys {
+            if let Err(e) = self.ioeventfd(k, -1) {
+                log::warn!(
+                    "{bdf}: removing ioeventfd at BAR {} +{:#x} failed: {e}",
+                    k.bar,
+                    k.offset
+                );
+            }
+        }
+        // Quiesce the device before its DMA mappings go away.
+        if self.reset_supported {
+            if let Err(e) = sys::device_reset(&self.device) {
+                log::warn!("{bdf}: reset on close failed: {e}");
+            }
+        } else {
+            let stop = self
+                .config_read_u16(cfg::COMMAND)
+                .and_then(|c| self.config_write_u16(cfg::COMMAND, c & !cfg::COMMAND_BUS_MASTER));
+            if let Err(e) = stop {
+                log::warn!("{bdf}: clearing bus master failed: {e}");
+            }
+        }
+        let maps = lock(&self.dma).all();
+        for (iova, size) in maps {
+            let r = usize::try_from(size)
+                .map_err(io::Error::other)
+                .and_then(|n| self.container.vfio_dma_unmap(iova, n).map_err(vfio_io));
+            if let Err(e) = r {
+                log::warn!("{bdf}: DMA unmap of {iova:#x} (+{size:#x}) failed: {e}");
+            }
+        }
+        // BAR mappings, the fd duplicate, the device and the container are
+        // released by their own Drop, in field order.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sysfs::fake::FakeSysfs;
+
+    fn opts(fs: &FakeSysfs) -> VfioOptions {
+        VfioOptions {
+            sysfs_root: fs.devices(),
+            reset_on_open: true,
+        }
+    }
+
+    #[test]
+    fn default_options_use_sys_and_reset() {
+        let o = VfioOptions::default();
+
+        assert_eq!(o.sysfs_root, PathBuf::from("/sys/bus/pci/devices"));
+        assert!(o.reset_on_open);
+    }
+
+    #[test]
+    fn open_rejects_a_malformed_address() {
+        let fs = FakeSysfs::new("vfio-bad");
+
+        let err = VfioFunction::open_with("00:04", &opts(&fs)).err().unwrap();
+
+        assert!(
+            matches!(err, VfioError::BadAddress(ref a) if a == "00:04"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn open_of_a_missing_device_names_its_path() {
+        let fs = FakeSysfs::new("vfio-missing");
+
+        let err = VfioFunction::open_with("00:09.0", &opts(&fs))
+            .err()
+            .unwrap();
+
+        assert!(
+            matches!(&err, VfioError::NotFound { path } if path.ends_with("0000:00:09.0")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn open_without_iommu_group_explains_the_iommu_is_needed() {
+        let fs = FakeSysfs::new("vfio-nogroup");
+        fs.add_device(
+            "0000:00:04.0",
+            (0x1af4, 0x1042, 2),
+            &[],
+            Some("vfio-pci"),
+            None,
+        );
+
+        let err = VfioFunction::open_with("0000:00:04.0", &opts(&fs))
+            .err()
+            .unwrap();
+
+        assert!(matches!(err, VfioError::NoIommuGroup { .. }), "{err}");
+        assert!(err.to_string().contains("intel_iommu=on"));
+    }
+
+    #[test]
+    fn open_of_a_device_on_virtio_pci_suggests_the_bind_command() {
+        let fs = FakeSysfs::new("vfio-wrongdrv");
+        fs.add_device(
+            "0000:00:04.0",
+            (0x1af4, 0x1042, 2),
+            &[],
+            Some("virtio-pci"),
+            Some(4),
+        );
+
+        let err = VfioFunction::open_with("00:04.0", &opts(&fs))
+            .err()
+            .unwrap();
+
+        assert_eq!(
+            err.to_string(),
+            "device 0000:00:04.0 is bound to virtio-pci, not vfio-pci; \
+             run `vdpa-bridge bind 0000:00:04.0`"
+        );
+    }
+
+    #[test]
+    fn open_of_an_unbound_device_says_no_driver() {
+        let fs = FakeSysfs::new("vfio-nodrv");
+        fs.add_device("0000:00:04.0", (0x1af4, 0x1042, 2), &[], None, Some(4));
+
+        let err = VfioFunction::open_with("0000:00:04.0", &opts(&fs))
+            .err()
+            .unwrap();
+
+        assert!(err.to_string().contains("bound to no driver"), "{err}");
+    }
+
+    #[test]
+    fn open_of_a_vfio_bound_device_gets_past_sysfs_checks() {
+        // Past the sysfs checks the real /dev/vfio is needed: here (no VFIO)
+        // the container fails; with VFIO the fake group number fails.
+        let fs = FakeSysfs::new("vfio-pastsysfs");
+        let dev = fs.add_device(
+            "0000:00:04.0",
+            (0x1af4, 0x1042, 2),
+            &[],
+            Some("vfio-pci"),
+            Some(999_999),
+        );
+
+        let err = VfioFunction::open_with(dev.to_str().unwrap(), &opts(&fs))
+            .err()
+            .unwrap();
+
+        assert!(
+            matches!(
+                err,
+                VfioError::Container { .. } | VfioError::Group { group: 999_999, .. }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sysfs_errors_convert_to_matching_variants() {
+        let bad: VfioError = SysfsError::BadAddress("x".into()).into();
+        let other: VfioError = SysfsError::VfioPciNotLoaded.into();
+
+        assert!(matches!(bad, VfioError::BadAddress(_)));
+        assert!(matches!(other, VfioError::Sysfs(_)));
+    }
+
+    #[test]
+    fn vfio_dma_errors_keep_their_errno() {
+        let e = vfio_ioctls::VfioError::IommuDmaMap(vmm_sys_util::errno::Error::new(libc::EINVAL));
+        let other = vfio_io(vfio_ioctls::VfioError::GroupViable);
+
+        assert_eq!(vfio_io(e).raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(other.raw_os_error(), None);
+    }
+
+    #[test]
+    fn group_errors_are_told_apart_from_device_errors() {
+        assert!(is_group_error(&vfio_ioctls::VfioError::GroupViable));
+        assert!(!is_group_error(
+            &vfio_ioctls::VfioError::VfioDeviceGetInfoPCI
+        ));
+    }
 }
