@@ -198,3 +198,28 @@ pub fn gather(ops: &mut dyn VdpaOps, device: &str, backend: &str) -> Result<Devi
         config,
     })
 }
+
+/// [`gather`] plus the PCI facts (`msix_vectors`, `notify`) of a device
+/// driven by our virtio-pci transport.
+pub fn gather_pci<P: crate::pci::PciFunction + ?Sized + 'static>(
+    d: &mut crate::vp_vdpa::VpVdpa<P>,
+    device: &str,
+    backend: &str,
+) -> Result<DeviceInfo> {
+    let mut i = gather(d, device, backend)?;
+    let region = d.transport().notify_region();
+    i.msix_vectors = Some(d.msix_vectors());
+    i.notify = Some(NotifyInfo {
+        bar: region.bar,
+        offset: region.offset,
+        multiplier: d.transport().caps().notify.multiplier,
+    });
+    Ok(i)
+}
+
+impl Features {
+    /// Whether the provisioned features include the one named `name`.
+    pub fn names_contain(&self, name: &str) -> bool {
+        self.provisioned.names.iter().any(|n| n == name)
+    }
+}

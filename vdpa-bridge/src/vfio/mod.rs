@@ -380,6 +380,11 @@ impl VfioFunction {
         self.reset_supported
     }
 
+    /// Number of live DMA mappings (for leak checks).
+    pub fn dma_mappings(&self) -> usize {
+        lock(&self.dma).all().len()
+    }
+
     /// Set memory-space decoding and bus mastering in PCI_COMMAND.
     fn enable_decoding(&self) -> PciResult<()> {
         let cmd = self.config_read_u16(cfg::COMMAND)?;

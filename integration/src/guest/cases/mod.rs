@@ -7,11 +7,14 @@
 
 use super::Case;
 
+pub mod bridge;
 pub mod smoke;
 
 /// Every registered case, in run order.
 pub fn cases() -> Vec<Case> {
-    smoke::cases()
+    let mut all = smoke::cases();
+    all.extend(bridge::cases());
+    all
 }
 
 #[cfg(test)]
