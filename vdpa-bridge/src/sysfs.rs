@@ -22,7 +22,7 @@ use crate::types::DeviceType;
 pub const VFIO_PCI: &str = "vfio-pci";
 
 /// How long [`SysfsPci::bind_vfio`] waits for the probe to attach vfio-pci.
-const BIND_TIMEOUT: Duration = Duration::from_secs(1);
+const BIND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Capability walk bound (a config space of 256 bytes holds at most 48
 /// capabilities after the header).

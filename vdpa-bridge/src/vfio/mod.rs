@@ -14,6 +14,14 @@
 //!
 //! One container per function: two functions of the same IOMMU group cannot
 //! be opened at once (the second group attach fails).
+//!
+//! # Testing
+//!
+//! Argument layouts, range checks, sparse-mmap and IOVA-capability parsing,
+//! DMA book-keeping and the sysfs checks of `open` are unit-tested here.
+//! Everything that needs `/dev/vfio` (open, reset, region I/O, mmap,
+//! MSI-X routing, ioeventfds, DMA map/unmap, teardown) is proven only by
+//! the VM lab (the integration suite, inside a QEMU guest).
 
 mod dma;
 mod layout;
