@@ -115,8 +115,17 @@ pub struct DeviceInfo {
     pub config: ConfigInfo,
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
+/// Read one config field of `N` bytes at `off`, or `None` past the config
+/// size. Fields are read one by one at their own width, as drivers do:
+/// devices (QEMU) answer an access that runs past the end of their config
+/// with all-ones, so a wide read across fields is not safe.
+fn field<const N: usize>(ops: &mut dyn VdpaOps, off: u32, size: usize) -> Result<Option<[u8; N]>> {
+    if off as usize + N > size {
+        return Ok(None);
+    }
+    let mut b = [0u8; N];
+    ops.get_config(off, &mut b)?;
+    Ok(Some(b))
 }
 
 /// Read and decode a device's configuration space.
@@ -127,16 +136,17 @@ pub fn decode_config(ops: &mut dyn VdpaOps) -> Result<ConfigInfo> {
     let size = ops.config_size();
     match t {
         DeviceType::Block => {
-            let mut b = [0u8; 36];
-            let n = size.min(b.len());
-            ops.get_config(0, &mut b[..n])?;
-            let capacity_sectors = u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8]));
-            let blk_size = if has(6) && n >= 24 {
-                u32::from_le_bytes(b[20..24].try_into().unwrap_or([0; 4]))
+            let capacity_sectors = field::<8>(ops, 0, size)?.map_or(0, u64::from_le_bytes);
+            let blk_size = if has(6) {
+                field::<4>(ops, 20, size)?.map_or(512, u32::from_le_bytes)
             } else {
                 512
             };
-            let num_queues = if has(12) && n >= 36 { le16(&b, 34) } else { 1 };
+            let num_queues = if has(12) {
+                field::<2>(ops, 34, size)?.map_or(1, u16::from_le_bytes)
+            } else {
+                1
+            };
             Ok(ConfigInfo::Block {
                 capacity_sectors,
                 blk_size,
@@ -144,19 +154,31 @@ pub fn decode_config(ops: &mut dyn VdpaOps) -> Result<ConfigInfo> {
             })
         }
         DeviceType::Net => {
-            let mut b = [0u8; 12];
-            let n = size.min(b.len());
-            ops.get_config(0, &mut b[..n])?;
-            let mac = (has(5) && n >= 6).then(|| {
-                b[..6]
-                    .iter()
-                    .map(|x| format!("{x:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":")
-            });
-            let status = (has(16) && n >= 8).then(|| le16(&b, 6));
-            let max_queue_pairs = if has(22) && n >= 10 { le16(&b, 8) } else { 1 };
-            let mtu = (has(3) && n >= 12).then(|| le16(&b, 10));
+            let mac = if has(5) {
+                field::<6>(ops, 0, size)?.map(|m| {
+                    m.iter()
+                        .map(|x| format!("{x:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                })
+            } else {
+                None
+            };
+            let status = if has(16) {
+                field::<2>(ops, 6, size)?.map(u16::from_le_bytes)
+            } else {
+                None
+            };
+            let max_queue_pairs = if has(22) {
+                field::<2>(ops, 8, size)?.map_or(1, u16::from_le_bytes)
+            } else {
+                1
+            };
+            let mtu = if has(3) {
+                field::<2>(ops, 10, size)?.map(u16::from_le_bytes)
+            } else {
+                None
+            };
             Ok(ConfigInfo::Net {
                 mac,
                 mtu,

@@ -117,7 +117,18 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
                 return Err(Error::MaskRemovesRequired { mask, bit });
             }
         }
-        let n = transport.num_queues();
+        // Probe with every offered feature: some devices instantiate queues
+        // only for negotiated features (QEMU's virtio-net adds its
+        // multiqueue pairs when VIRTIO_NET_F_MQ is set), and consumers need
+        // the full count up front. A device refusing the probe is read as
+        // it is. The reset below undoes the probe.
+        let base = status::ACKNOWLEDGE | status::DRIVER;
+        transport.set_status(base)?;
+        transport.set_driver_features(raw & mask)?;
+        if let Err(e) = transport.features_ok(base, raw & mask) {
+            log::debug!("feature probe refused: {e}");
+        }
+        let n = transport.refresh_num_queues()?;
         let mut queues = Vec::with_capacity(usize::from(n));
         for q in 0..n {
             let max_size = transport.queue_max_size(QueueIndex(q))?;
@@ -138,6 +149,7 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
             }
         }
         let page_exclusive = page_exclusivity(&transport, &notify)?;
+        transport.reset()?;
         let plan = IrqPlan::for_vectors(n, transport.function().msix_vectors());
         Ok(VpVdpa {
             notify,

@@ -45,6 +45,9 @@ pub enum TransportError {
     /// The function reads all-ones: it is gone (surprise removal) or dead.
     #[error("device reads all-ones: removed or not responding")]
     DeviceRemoved,
+    /// The device reports more queues than any virtio transport allows.
+    #[error("device reports {0} queues (at most {MAX_QUEUES} are accepted)")]
+    TooManyQueues(u16),
     /// A legacy-only (virtio 0.9.5) device, which this driver does not drive.
     #[error("device {device:#06x} is legacy-only (no virtio 1.x capabilities); a modern device is required")]
     LegacyOnly {
@@ -219,6 +222,9 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
         if num_queues == 0xffff && status == 0xff {
             return Err(TransportError::DeviceRemoved);
         }
+        if num_queues > MAX_QUEUES {
+            return Err(TransportError::TooManyQueues(num_queues));
+        }
         log::debug!(
             "{}: virtio id {}, {} queues, caps {:?}, common mapped: {}",
             func.describe(),
@@ -263,6 +269,19 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
     /// Number of queues (`num_queues` at probe time).
     pub fn num_queues(&self) -> u16 {
         self.num_queues
+    }
+
+    /// Re-read `num_queues`. Some devices change it with the negotiated
+    /// features (QEMU's virtio-net instantiates its multiqueue pairs only
+    /// once VIRTIO_NET_F_MQ is negotiated). Values above
+    /// [`MAX_QUEUES`] are refused.
+    pub fn refresh_num_queues(&mut self) -> Result<u16> {
+        let n = self.common.read16(common::NUM_QUEUES)?;
+        if n > MAX_QUEUES {
+            return Err(TransportError::TooManyQueues(n));
+        }
+        self.num_queues = n;
+        Ok(n)
     }
 
     /// Enable memory decoding and bus mastering, disable INTx.
@@ -561,7 +580,10 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
     }
 }
 
-/// Whether `f` has VERSION_1.
+/// Upper bound on `num_queues` (QEMU's VIRTIO_QUEUE_MAX).
+pub const MAX_QUEUES: u16 = 1024;
+
+/// Whether `f` has VIRTIO_F_VERSION_1.
 pub fn has_version_1(f: u64) -> bool {
     f & features::bit(features::VERSION_1) != 0
 }
