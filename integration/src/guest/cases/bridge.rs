@@ -47,7 +47,11 @@ pub fn cases() -> Vec<Case> {
     }
     add(Variant::BlkMq, "shares_two_vectors", shares_vectors);
     add(Variant::BlkPpv, "doorbell_pages_exclusive", ppv_exclusive);
-    add(Variant::Blk0, "doorbell_pages_shared", default_not_exclusive);
+    add(
+        Variant::Blk0,
+        "doorbell_pages_shared",
+        default_not_exclusive,
+    );
     add(Variant::NetUser, "arp_reply_from_slirp", net_user_arp);
     add(Variant::NetMq, "arp_on_every_queue_pair", net_mq_every_pair);
     add(Variant::Blk0, "reset_cycles_no_leak", reset_cycles_no_leak);
@@ -90,7 +94,11 @@ fn info_matches_qemu(ctx: &Ctx) -> CaseResult {
     let dev = ctx.dev()?;
     let (_f, mut d) = open(dev)?;
     let info = vdpa_bridge::info::gather_pci(&mut d, &dev.bdf, "vfio")?;
-    ensure!(info.vendor_id == 0x1af4, "subsystem vendor {:#x}", info.vendor_id);
+    ensure!(
+        info.vendor_id == 0x1af4,
+        "subsystem vendor {:#x}",
+        info.vendor_id
+    );
     ensure!(
         info.msix_vectors == Some(dev.msix_vectors),
         "msix {:?}, QEMU configured {}",
@@ -133,7 +141,10 @@ fn info_matches_qemu(ctx: &Ctx) -> CaseResult {
                 "capacity {capacity_sectors} sectors, image has {}",
                 image_sectors(dev)?
             );
-            ensure!(u32::from(*num_queues) == dev.num_queues, "num_queues {num_queues}");
+            ensure!(
+                u32::from(*num_queues) == dev.num_queues,
+                "num_queues {num_queues}"
+            );
         }
         (
             ConfigInfo::Net {
@@ -195,7 +206,11 @@ fn cli_info_json(ctx: &Ctx) -> CaseResult {
     };
     ensure!(v["device_type"] == want, "device_type {}", v["device_type"]);
     ensure!(v["emulated"] == false, "claims to be emulated");
-    ensure!(v["msix_vectors"] == dev.msix_vectors, "msix {}", v["msix_vectors"]);
+    ensure!(
+        v["msix_vectors"] == dev.msix_vectors,
+        "msix {}",
+        v["msix_vectors"]
+    );
     ensure!(v["notify"]["multiplier"].is_u64(), "notify {}", v["notify"]);
     if dev.kind == Kind::Blk {
         ensure!(
@@ -244,7 +259,10 @@ fn blk_io(ctx: &Ctx, kick: KickMode, first_sector: u64) -> CaseResult {
         ctx.declare_write(sector * 512, 2048)?;
         drv.blk_write(q, sector, &data)?;
         let back = drv.blk_read(q, sector, 2048)?;
-        ensure!(back == data, "queue {q}: read back differs from what was written");
+        ensure!(
+            back == data,
+            "queue {q}: read back differs from what was written"
+        );
     }
     drv.blk_flush(0)?;
     drv.release(&mut d)?;
@@ -265,7 +283,11 @@ fn shares_vectors(ctx: &Ctx) -> CaseResult {
     let plan = d.irq_plan();
     ensure!(plan.is_shared(), "plan not shared: {plan:?}");
     ensure!(plan.groups.len() == 2, "{} vectors used", plan.groups.len());
-    let q = plan.groups.iter().find(|g| !g.config).context("no queue vector")?;
+    let q = plan
+        .groups
+        .iter()
+        .find(|g| !g.config)
+        .context("no queue vector")?;
     ensure!(q.queues.len() == 4, "queue vector serves {:?}", q.queues);
     // The I/O cases on this device ran with this plan; completions on all
     // four queues came through the one shared vector.
@@ -285,7 +307,10 @@ fn notify_exclusive(ctx: &Ctx) -> anyhow::Result<Vec<bool>> {
 
 fn ppv_exclusive(ctx: &Ctx) -> CaseResult {
     let ex = notify_exclusive(ctx)?;
-    ensure!(ex.iter().all(|&e| e), "page-per-vq doorbells not exclusive: {ex:?}");
+    ensure!(
+        ex.iter().all(|&e| e),
+        "page-per-vq doorbells not exclusive: {ex:?}"
+    );
     Ok(Outcome::Pass)
 }
 
@@ -343,7 +368,10 @@ fn net_user_arp(ctx: &Ctx) -> CaseResult {
     )?;
     drv.net_fill_rx(0)?;
     let peer = arp_exchange(&mut drv, 0, 1, mac, [10, 0, 2, 15], [10, 0, 2, 2])?;
-    ensure!(peer != [0; 6] && peer != [0xff; 6], "reply names MAC {peer:02x?}");
+    ensure!(
+        peer != [0; 6] && peer != [0xff; 6],
+        "reply names MAC {peer:02x?}"
+    );
     drv.release(&mut d)?;
     Ok(Outcome::Pass)
 }
@@ -402,7 +430,9 @@ fn count_dir(p: &str) -> anyhow::Result<usize> {
 /// MSI-X interrupt lines vfio-pci registered for `bdf`.
 fn vfio_irqs(bdf: &str) -> anyhow::Result<usize> {
     let s = std::fs::read_to_string("/proc/interrupts")?;
-    Ok(s.lines().filter(|l| l.contains("vfio-msix") && l.contains(bdf)).count())
+    Ok(s.lines()
+        .filter(|l| l.contains("vfio-msix") && l.contains(bdf))
+        .count())
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -433,7 +463,11 @@ fn reset_cycles_no_leak(ctx: &Ctx) -> CaseResult {
         let mut drv = Driver::bring_up(
             &mut d,
             DriverOptions {
-                kick: if i % 2 == 0 { KickMode::EventFd } else { KickMode::Doorbell },
+                kick: if i % 2 == 0 {
+                    KickMode::EventFd
+                } else {
+                    KickMode::Doorbell
+                },
                 ..DriverOptions::default()
             },
         )
@@ -442,7 +476,11 @@ fn reset_cycles_no_leak(ctx: &Ctx) -> CaseResult {
         let got = drv.blk_read(0, lba, 512)?;
         ensure!(got == pattern::sector(image, lba), "cycle {i}: wrong data");
         drv.release(&mut d)?;
-        ensure!(f.dma_mappings() == 0, "cycle {i}: {} DMA mappings left", f.dma_mappings());
+        ensure!(
+            f.dma_mappings() == 0,
+            "cycle {i}: {} DMA mappings left",
+            f.dma_mappings()
+        );
         let r = resources(&dev.bdf)?;
         match &first {
             None => first = Some(r),
@@ -452,8 +490,15 @@ fn reset_cycles_no_leak(ctx: &Ctx) -> CaseResult {
     drop(d);
     drop(f);
     let after = resources(&dev.bdf)?;
-    ensure!(after.irqs == 0, "{} MSI-X lines still registered after close", after.irqs);
-    ensure!(after.vm_pin_kb == 0 && after.vm_lck_kb == 0, "pinned memory left: {after:?}");
+    ensure!(
+        after.irqs == 0,
+        "{} MSI-X lines still registered after close",
+        after.irqs
+    );
+    ensure!(
+        after.vm_pin_kb == 0 && after.vm_lck_kb == 0,
+        "pinned memory left: {after:?}"
+    );
     Ok(Outcome::Pass)
 }
 

@@ -8,12 +8,14 @@
 use super::Case;
 
 pub mod bridge;
+pub mod plugin;
 pub mod smoke;
 
 /// Every registered case, in run order.
 pub fn cases() -> Vec<Case> {
     let mut all = smoke::cases();
     all.extend(bridge::cases());
+    all.extend(plugin::cases());
     all
 }
 

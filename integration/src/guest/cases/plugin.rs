@@ -1,0 +1,258 @@
+//! The plugin (`vdpa-plugin::BridgeDevice`) on QEMU's real devices: what a
+//! VMM does with it, driven by the VMM-side harness (guest memory, the
+//! guest driver's rings, kick eventfds in, irqfd stand-ins out).
+
+use std::sync::Arc;
+
+use anyhow::{ensure, Context as _};
+use vdpa_bridge::driver::blk::{T_IN, T_OUT};
+use vdpa_bridge::types::features;
+use vdpa_bridge::vfio::VfioFunction;
+use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
+use vdpa_plugin::harness::{Guest, Mem, TestInterrupt};
+use vdpa_plugin::{BridgeDevice, DeviceOptions, InterruptType, KickPolicy};
+
+use crate::guest::{Case, CaseResult, Ctx, Outcome};
+use crate::manifest::{Device, Variant};
+use crate::pattern;
+
+type Dev = BridgeDevice<VpVdpa<VfioFunction>, Mem>;
+
+const GUEST_RAM: u64 = 32 << 20;
+
+/// The suite.
+pub fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    let mut add = |v: Variant, what: &str, run: fn(&Ctx) -> CaseResult| {
+        out.push(Case {
+            name: format!("plugin_{}_{what}", v.name()),
+            needs: Some(v),
+            run,
+        })
+    };
+    add(Variant::Blk0, "io_in_kernel_kicks_direct_irqs", io_direct);
+    add(Variant::Blk0, "io_relayed_kicks", io_relay);
+    add(Variant::BlkMq, "io_shared_vectors_fan_out", io_fan_out);
+    add(
+        Variant::Blk0,
+        "reset_reactivate_100_under_traffic",
+        reset_cycles,
+    );
+    add(Variant::BlkPpv, "notification_area_offered", ppv_area);
+    add(Variant::Blk0, "notification_area_withheld", default_area);
+    out
+}
+
+fn open(dev: &Device, g: &Guest, opts: DeviceOptions) -> anyhow::Result<(Arc<VfioFunction>, Dev)> {
+    let f = Arc::new(VfioFunction::open(&dev.bdf).context("claim through VFIO")?);
+    let vp = VpVdpa::open(f.clone(), OpenOptions::default())?;
+    let d = BridgeDevice::new(vp, g.mem.clone(), opts)?;
+    Ok((f, d))
+}
+
+fn ack(d: &mut Dev) -> anyhow::Result<()> {
+    let want = features::bit(features::VERSION_1) | features::bit(features::ACCESS_PLATFORM);
+    ensure!(d.features() & want == want, "device lacks {want:#x}");
+    d.ack_features(want)?;
+    Ok(())
+}
+
+/// Activate with every queue of the device and return the interrupts.
+fn activate(d: &mut Dev, g: &mut Guest) -> anyhow::Result<Arc<TestInterrupt>> {
+    let n = d.queue_max_sizes().len();
+    let irq = TestInterrupt::new(n, true)?;
+    let queues = g.queues(n as u16, d.queue_max_sizes()[0])?;
+    d.activate(g.mem.clone(), irq.clone(), queues)?;
+    Ok(irq)
+}
+
+/// Read the image's pattern and write+read the written pattern on every
+/// queue; writes are declared to the host.
+fn blk_io_every_queue(
+    ctx: &Ctx,
+    g: &mut Guest,
+    irq: &TestInterrupt,
+    nq: u16,
+    first_sector: u64,
+) -> anyhow::Result<()> {
+    let image = ctx.dev()?.variant.name();
+    for q in 0..nq {
+        let fd = &irq.queues[usize::from(q)];
+        let lba = 7 + u64::from(q);
+        let mut buf = vec![0u8; 512];
+        ensure!(
+            g.blk(q, T_IN, lba, &mut buf, fd)? == 0,
+            "queue {q}: read failed"
+        );
+        ensure!(
+            buf == pattern::sector(image, lba),
+            "queue {q}: wrong data at {lba}"
+        );
+        let sector = first_sector + 8 * u64::from(q);
+        let mut data = pattern::written(image, sector * 512, 4096);
+        ctx.declare_write(sector * 512, 4096)?;
+        ensure!(
+            g.blk(q, T_OUT, sector, &mut data, fd)? == 0,
+            "queue {q}: write failed"
+        );
+        let mut back = vec![0u8; 4096];
+        ensure!(
+            g.blk(q, T_IN, sector, &mut back, fd)? == 0,
+            "queue {q}: read back failed"
+        );
+        ensure!(back == data, "queue {q}: read back differs");
+    }
+    Ok(())
+}
+
+fn io_direct(ctx: &Ctx) -> CaseResult {
+    let mut g = Guest::new(GUEST_RAM, 128)?;
+    let (_f, mut d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
+    ack(&mut d)?;
+    let irq = activate(&mut d, &mut g)?;
+    let w = d.wiring().context("not active")?.clone();
+    let nq = d.queue_max_sizes().len() as u16;
+    ensure!(w.direct_kicks.len() == usize::from(nq), "kicks {w:?}");
+    ensure!(!w.needs_relay(), "a relay thread runs: {w:?}");
+    blk_io_every_queue(ctx, &mut g, &irq, nq, 300)?;
+    ensure!(irq.triggered() == 0, "slow-path triggers used");
+    d.reset()?;
+    Ok(Outcome::Pass)
+}
+
+fn io_relay(ctx: &Ctx) -> CaseResult {
+    let mut g = Guest::new(GUEST_RAM, 128)?;
+    let opts = DeviceOptions {
+        kick: KickPolicy::Relay,
+        ..DeviceOptions::default()
+    };
+    let (_f, mut d) = open(ctx.dev()?, &g, opts)?;
+    ack(&mut d)?;
+    let irq = activate(&mut d, &mut g)?;
+    let nq = d.queue_max_sizes().len() as u16;
+    let w = d.wiring().context("not active")?.clone();
+    ensure!(w.relayed_kicks.len() == usize::from(nq), "kicks {w:?}");
+    blk_io_every_queue(ctx, &mut g, &irq, nq, 400)?;
+    d.reset()?;
+    Ok(Outcome::Pass)
+}
+
+fn io_fan_out(ctx: &Ctx) -> CaseResult {
+    let mut g = Guest::new(GUEST_RAM, 128)?;
+    let (_f, mut d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
+    ack(&mut d)?;
+    let irq = activate(&mut d, &mut g)?;
+    let nq = d.queue_max_sizes().len() as u16;
+    let w = d.wiring().context("not active")?.clone();
+    for q in 0..nq {
+        ensure!(
+            w.relayed_irqs.contains(&InterruptType::Queue(q)),
+            "queue {q} not fanned out: {w:?}"
+        );
+    }
+    // Each request waits on its own queue's guest eventfd, which only the
+    // relay's fan-out of the shared vector raises.
+    blk_io_every_queue(ctx, &mut g, &irq, nq, 100)?;
+    d.reset()?;
+    Ok(Outcome::Pass)
+}
+
+fn count(p: &str) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(p)?.count())
+}
+
+fn reset_cycles(ctx: &Ctx) -> CaseResult {
+    let image = ctx.dev()?.variant.name();
+    let mut g = Guest::new(GUEST_RAM, 64)?;
+    let (f, mut d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
+    let maps = f.dma_mappings();
+    let mut first = None;
+    for i in 0..100u64 {
+        ack(&mut d)?;
+        let irq = activate(&mut d, &mut g).with_context(|| format!("cycle {i}"))?;
+        let lba = 2000 + i;
+        let mut buf = vec![0u8; 512];
+        ensure!(
+            g.blk(0, T_IN, lba, &mut buf, &irq.queues[0])? == 0,
+            "cycle {i}"
+        );
+        ensure!(buf == pattern::sector(image, lba), "cycle {i}: wrong data");
+        // Leave requests in flight: reset must cope with a busy device.
+        let mem = g.mem.clone();
+        let m = vm_memory::GuestAddressSpace::memory(&mem);
+        let base = Guest::buffer(0);
+        for k in 0..4u64 {
+            let hdr = base + 0x1000 * (k + 1);
+            let mut h = [0u8; 16];
+            h[8..16].copy_from_slice(&(lba + k).to_le_bytes());
+            vm_memory::Bytes::write_slice(&*m, &h, vm_memory::GuestAddress(hdr))?;
+            g.rings[0].post(
+                &m,
+                &[
+                    vdpa_bridge::driver::ring::Buf {
+                        addr: hdr,
+                        len: 16,
+                        write: false,
+                    },
+                    vdpa_bridge::driver::ring::Buf {
+                        addr: hdr + 512,
+                        len: 512,
+                        write: true,
+                    },
+                    vdpa_bridge::driver::ring::Buf {
+                        addr: hdr + 16,
+                        len: 1,
+                        write: true,
+                    },
+                ],
+            )?;
+        }
+        g.kicks[0].write(1)?;
+        d.reset()?;
+        ensure!(!d.is_active(), "cycle {i}: still active");
+        let now = (
+            count("/proc/self/fd")?,
+            count("/proc/self/task")?,
+            f.dma_mappings(),
+        );
+        match first {
+            None => first = Some(now),
+            Some(b) => ensure!(
+                now == b,
+                "cycle {i}: (fds, threads, maps) {now:?}, first {b:?}"
+            ),
+        }
+    }
+    ensure!(
+        f.dma_mappings() == maps,
+        "DMA mappings changed across cycles"
+    );
+    Ok(Outcome::Pass)
+}
+
+fn ppv_area(ctx: &Ctx) -> CaseResult {
+    let g = Guest::new(GUEST_RAM, 64)?;
+    let (_f, d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
+    for q in 0..d.queue_max_sizes().len() as u16 {
+        let a = d
+            .notification_area(q)
+            .with_context(|| format!("queue {q}: none offered"))?;
+        ensure!(
+            a.host_addr.is_some_and(|h| h % 4096 == 0),
+            "queue {q}: {a:?}"
+        );
+    }
+    Ok(Outcome::Pass)
+}
+
+fn default_area(ctx: &Ctx) -> CaseResult {
+    let g = Guest::new(GUEST_RAM, 64)?;
+    let (_f, d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
+    for q in 0..d.queue_max_sizes().len() as u16 {
+        ensure!(
+            d.notification_area(q).is_none(),
+            "queue {q}: a shared doorbell page offered"
+        );
+    }
+    Ok(Outcome::Pass)
+}
