@@ -112,7 +112,7 @@ pub(crate) fn mmap_areas(
     if flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || region_size == 0 {
         return Vec::new();
     }
-    let aligned = |v: u64| page_size != 0 && v % page_size == 0;
+    let aligned = |v: u64| page_size != 0 && v.is_multiple_of(page_size);
     let sparse = caps.iter().find_map(|c| match c {
         VfioRegionInfoCap::SparseMmap(s) => Some(s),
         _ => None,
