@@ -144,6 +144,9 @@ pub struct Manifest {
     pub devices: Vec<Device>,
     /// Variants left out of this run.
     pub skipped: Vec<Skipped>,
+    /// Run the benchmark instead of the test cases.
+    #[serde(default)]
+    pub bench: bool,
 }
 
 impl Manifest {
@@ -210,6 +213,7 @@ mod tests {
                 variant: Variant::NetMq,
                 reason: "no netns".into(),
             }],
+            bench: true,
         };
         let path = std::env::temp_dir().join(format!("lab-manifest-{}.json", std::process::id()));
 

@@ -32,5 +32,9 @@ fn run() -> anyhow::Result<u64> {
             println!("lab-guest: binding {} to vfio-pci failed: {e}", v.name());
         }
     }
-    Ok(guest::run(&manifest, &bindings, &guest::cases::cases()))
+    Ok(guest::run(
+        &manifest,
+        &bindings,
+        &guest::cases::cases(&manifest),
+    ))
 }

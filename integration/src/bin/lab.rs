@@ -5,6 +5,7 @@
 //! - `VDPA_LAB_BOOT_TIMEOUT` seconds for one boot (default 180),
 //! - `VDPA_LAB_TIMEOUT` seconds for all boots (default 300),
 //! - `VDPA_LAB_QEMU` QEMU binary (default `qemu-system-x86_64`),
+//! - `VDPA_LAB_BENCH=1` runs the benchmark (bench cases only),
 //! - `VDPA_LAB_NO_SKIP=1` counts every skipped case as failed (for CI
 //!   machines that are known to have everything).
 //!
@@ -46,6 +47,7 @@ fn options() -> anyhow::Result<Options> {
             .into(),
         boot_timeout: secs("VDPA_LAB_BOOT_TIMEOUT", 180)?,
         overall_timeout: secs("VDPA_LAB_TIMEOUT", 300)?,
+        bench: std::env::var("VDPA_LAB_BENCH").as_deref() == Ok("1"),
     })
 }
 

@@ -33,6 +33,8 @@ use crate::protocol::{CaseRecord, Event, Verdict, WriteRecord};
 pub enum Outcome {
     /// Every assertion held.
     Pass,
+    /// Passed, with a note for the report (measurements).
+    PassWith(String),
     /// A precondition is missing; the reason is reported.
     Skip(String),
 }
@@ -141,6 +143,7 @@ pub fn run_one(manifest: &Manifest, bindings: &Bindings, case: &Case) -> (Verdic
     let ctx = Ctx { manifest, device };
     match catch_unwind(AssertUnwindSafe(|| (case.run)(&ctx))) {
         Ok(Ok(Outcome::Pass)) => (Verdict::Pass, String::new()),
+        Ok(Ok(Outcome::PassWith(note))) => (Verdict::Pass, note),
         Ok(Ok(Outcome::Skip(why))) => (Verdict::Skip, why),
         Ok(Err(e)) => (Verdict::Fail, format!("{e:#}")),
         Err(p) => (
@@ -193,6 +196,7 @@ mod tests {
                 variant: Variant::NetMq,
                 reason: "cannot create netns".into(),
             }],
+            bench: false,
         }
     }
 

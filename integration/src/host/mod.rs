@@ -37,6 +37,8 @@ pub struct Options {
     pub boot_timeout: Duration,
     /// Limit for all boots together.
     pub overall_timeout: Duration,
+    /// Run the benchmark instead of the test cases.
+    pub bench: bool,
 }
 
 /// One reported outcome, from the guest or a host-side check.
@@ -257,6 +259,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         version: MANIFEST_VERSION,
         devices: specs.iter().map(|s| s.manifest_entry(&lab_dir)).collect(),
         skipped,
+        bench: opts.bench,
     };
     let manifest_path = lab_dir.join("manifest.json");
     manifest.store(&manifest_path)?;

@@ -6,13 +6,24 @@
 //! [`cases`]. Case names must be unique (a unit test checks that).
 
 use super::Case;
+use crate::manifest::Manifest;
 
+pub mod bench;
 pub mod bridge;
 pub mod plugin;
 pub mod smoke;
 
-/// Every registered case, in run order.
-pub fn cases() -> Vec<Case> {
+/// The cases of this run, in run order: the benchmark alone when the
+/// manifest asks for it, else every test case.
+pub fn cases(manifest: &Manifest) -> Vec<Case> {
+    if manifest.bench {
+        return bench::cases();
+    }
+    all()
+}
+
+/// Every test case, in run order.
+pub fn all() -> Vec<Case> {
     let mut all = smoke::cases();
     all.extend(bridge::cases());
     all.extend(plugin::cases());
@@ -25,7 +36,7 @@ mod tests {
 
     #[test]
     fn case_names_are_unique_and_have_no_whitespace() {
-        let all = super::cases();
+        let all = super::all();
         let names: HashSet<&str> = all.iter().map(|c| c.name.as_str()).collect();
 
         assert_eq!(names.len(), all.len());
