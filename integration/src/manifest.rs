@@ -147,6 +147,10 @@ pub struct Manifest {
     /// Run the benchmark instead of the test cases.
     #[serde(default)]
     pub bench: bool,
+    /// A pattern image (name `vduse`) the guest exports as a VDUSE block
+    /// device; the lab directory is shared read-write so writes land in it.
+    #[serde(default)]
+    pub vduse_image: Option<PathBuf>,
 }
 
 impl Manifest {
@@ -214,6 +218,7 @@ mod tests {
                 reason: "no netns".into(),
             }],
             bench: true,
+            vduse_image: None,
         };
         let path = std::env::temp_dir().join(format!("lab-manifest-{}.json", std::process::id()));
 

@@ -97,8 +97,8 @@ pub type Result<T> = std::result::Result<T, DriverError>;
 impl Guest {
     /// Guest RAM of `size` bytes at GPA 0 (at least 16 MiB is sensible).
     pub fn new(size: u64, ring_size: u16) -> Result<Guest> {
-        let m = Mem::from_ranges(&[(GuestAddress(0), size as usize)])
-            .map_err(|_| DriverError::Alloc { size })?;
+        // Shared memory, as VMMs give vDPA guests (see `shared_memory`).
+        let m = vdpa_bridge::driver::shared_memory(&[(0, size)])?;
         Ok(Guest {
             mem: GuestMemoryAtomic::new(m),
             rings: Vec::new(),

@@ -77,13 +77,19 @@ impl Ctx<'_> {
     /// # Errors
     /// The case has no device.
     pub fn declare_write(&self, offset: u64, len: u64) -> anyhow::Result<()> {
-        emit(&Event::Write(WriteRecord {
-            device: self.dev()?.variant.name().to_string(),
-            offset,
-            len,
-        }));
+        declare_write_to(self.dev()?.variant.name(), offset, len);
         Ok(())
     }
+}
+
+/// Declare a write of `len` bytes at `offset` of the image named
+/// `image` (a device variant name, or `vduse`).
+pub fn declare_write_to(image: &str, offset: u64, len: u64) {
+    emit(&Event::Write(WriteRecord {
+        device: image.to_string(),
+        offset,
+        len,
+    }));
 }
 
 /// Print one protocol line on the console and flush it right away.
@@ -197,6 +203,7 @@ mod tests {
                 reason: "cannot create netns".into(),
             }],
             bench: false,
+            vduse_image: None,
         }
     }
 

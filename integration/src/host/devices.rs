@@ -23,6 +23,8 @@ pub const SMP: u32 = 2;
 
 /// PCI slot of the 9p share.
 pub const HOSTROOT_SLOT: u8 = 0x02;
+/// PCI slot of the read-write 9p share of the lab directory.
+pub const LABRW_SLOT: u8 = 0x07;
 
 /// What backs a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -36,10 +36,12 @@ for m in $(cat /modules.order); do
 done
 guest=
 manifest=
+rw=
 for w in $(cat /proc/cmdline); do
 	case "$w" in
 	lab.guest=*) guest=${w#lab.guest=} ;;
 	lab.manifest=*) manifest=${w#lab.manifest=} ;;
+	lab.rw=*) rw=${w#lab.rw=} ;;
 	esac
 done
 [ -n "$guest" ] && [ -n "$manifest" ] || { say "no lab.guest= or lab.manifest= on the cmdline"; finish -3; }
@@ -48,8 +50,11 @@ mount -t tmpfs tmpfs /host/tmp
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
+if [ -n "$rw" ]; then
+	mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 labrw "/host$rw" || say "cannot mount the read-write lab share"
+fi
 say "modules loaded, host root mounted at $(cut -d' ' -f1 /proc/uptime) s; running $guest"
-chroot /host "$guest" --manifest "$manifest"
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin chroot /host "$guest" --manifest "$manifest"
 finish $?
 "#;
 

@@ -21,7 +21,7 @@ use anyhow::{ensure, Context as _};
 use crate::manifest::{Manifest, Skipped, MANIFEST_VERSION};
 use crate::pattern;
 use crate::protocol::{Event, Verdict};
-use devices::{Backend, DeviceSpec, DEVICES, HOSTROOT_SLOT, SMP};
+use devices::{Backend, DeviceSpec, DEVICES, HOSTROOT_SLOT, LABRW_SLOT, SMP};
 use netns::Netns;
 
 /// Knobs of a lab run.
@@ -83,6 +83,11 @@ impl Summary {
     }
 }
 
+/// Name (pattern seed) of the image the guest exports through VDUSE.
+pub const VDUSE_IMAGE: &str = "vduse";
+/// Its size in MiB.
+const VDUSE_MIB: usize = 8;
+
 /// Write the pattern image of `spec` into `lab_dir`.
 fn make_image(spec: &DeviceSpec, lab_dir: &Path) -> anyhow::Result<()> {
     let (Backend::Image { mib }, Some(name)) = (spec.backend, spec.image_name()) else {
@@ -126,6 +131,15 @@ fn qemu_args(
         &format!(
             "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot,bus=pcie.0,addr={HOSTROOT_SLOT:#04x}"
         ),
+        // The lab directory read-write, for images the guest itself serves
+        // (VDUSE) and the host checks afterwards.
+        "-fsdev",
+        &format!(
+            "local,id=labrw,path={},security_model=none",
+            devices::qemu_escape(&lab_dir.to_string_lossy())
+        ),
+        "-device",
+        &format!("virtio-9p-pci,fsdev=labrw,mount_tag=labrw,bus=pcie.0,addr={LABRW_SLOT:#04x}"),
         "-kernel",
         &kernel.vmlinuz.to_string_lossy(),
         "-initrd",
@@ -255,19 +269,27 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
     for spec in &specs {
         make_image(spec, &lab_dir)?;
     }
+    let vduse_image = lab_dir.join("vduse.img");
+    std::fs::write(
+        &vduse_image,
+        pattern::region(VDUSE_IMAGE, 0, VDUSE_MIB << 20),
+    )
+    .with_context(|| format!("write {}", vduse_image.display()))?;
     let manifest = Manifest {
         version: MANIFEST_VERSION,
         devices: specs.iter().map(|s| s.manifest_entry(&lab_dir)).collect(),
         skipped,
         bench: opts.bench,
+        vduse_image: Some(vduse_image.clone()),
     };
     let manifest_path = lab_dir.join("manifest.json");
     manifest.store(&manifest_path)?;
 
     let cmdline = format!(
-        "console=ttyS0 intel_iommu=on iommu=pt panic=-1 quiet lab.guest={} lab.manifest={}",
+        "console=ttyS0 intel_iommu=on iommu=pt panic=-1 quiet lab.guest={} lab.manifest={} lab.rw={}",
         opts.guest_bin.display(),
-        manifest_path.display()
+        manifest_path.display(),
+        lab_dir.display()
     );
     let args = qemu_args(&kernel, &initrd, &cmdline, &specs, &lab_dir);
     let mut cmd = match &netns {
@@ -308,21 +330,26 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
     collect(&mut summary, &report);
 
     // Host-side checks of the images, after QEMU closed them.
-    for dev in &manifest.devices {
-        let Some(image) = &dev.image else { continue };
-        let name = format!("host_{}_image_holds_writes_and_pattern", dev.variant.name());
+    let images = manifest
+        .devices
+        .iter()
+        .filter_map(|d| Some((d.variant.name(), d.image.clone()?)))
+        .chain(manifest.vduse_image.clone().map(|i| (VDUSE_IMAGE, i)));
+    for (image_name, image) in images {
+        let image = &image;
+        let name = format!("host_{image_name}_image_holds_writes_and_pattern");
         let written: Vec<_> = report
             .events
             .iter()
             .filter_map(|e| match e {
-                Event::Write(w) if w.device == dev.variant.name() => {
+                Event::Write(w) if w.device == image_name => {
                     Some(w.offset..w.offset.saturating_add(w.len))
                 }
                 _ => None,
             })
             .collect();
         match std::fs::read(image) {
-            Ok(data) => match pattern::first_mismatch(dev.variant.name(), &data, &written) {
+            Ok(data) => match pattern::first_mismatch(image_name, &data, &written) {
                 None => summary.push(name, Verdict::Pass, ""),
                 Some(off) => summary.push(
                     name,

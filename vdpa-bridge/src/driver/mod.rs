@@ -125,9 +125,7 @@ impl DmaMemory {
     /// Allocate `size` bytes (anonymous, page-aligned) and map them at
     /// `iova` through `mapper`.
     pub fn new<M: DmaMapper + ?Sized>(mapper: &M, iova: u64, size: u64) -> Result<Self> {
-        let usize_size = usize::try_from(size).map_err(|_| DriverError::Alloc { size })?;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(iova), usize_size)])
-            .map_err(|_| DriverError::Alloc { size })?;
+        let mem = shared_memory(&[(iova, size)])?;
         let host = mem
             .get_host_address(GuestAddress(iova))
             .map_err(|_| DriverError::Memory { addr: iova })? as usize;
@@ -161,6 +159,35 @@ impl DmaMemory {
     pub fn size(&self) -> u64 {
         self.size
     }
+}
+
+/// Memory for `ranges` (`(address, size)`), each range a shared mapping of
+/// its own memfd. Shared, file-backed memory is what every backend can
+/// map: VFIO pins any memory, but vhost-vdpa on VDUSE hands the daemon the
+/// *file* behind each mapping and silently skips private anonymous memory
+/// (which is why VMMs run vDPA guests with shared memory).
+pub fn shared_memory(ranges: &[(u64, u64)]) -> Result<GuestMemoryMmap> {
+    use std::os::fd::FromRawFd;
+    use vm_memory::{FileOffset, GuestRegionMmap, MmapRegion};
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(addr, size) in ranges {
+        let alloc = || DriverError::Alloc { size };
+        let len = usize::try_from(size).map_err(|_| alloc())?;
+        // SAFETY: memfd_create with a NUL-terminated name; the result is
+        // checked before use.
+        let fd = unsafe { libc::memfd_create(c"vdpa-bridge-dma".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(alloc());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(size).map_err(|_| alloc())?;
+        let region = MmapRegion::from_file(FileOffset::new(file, 0), len).map_err(|_| alloc())?;
+        regions.push(GuestRegionMmap::new(region, GuestAddress(addr)).ok_or_else(alloc)?);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|_| DriverError::Alloc {
+        size: ranges.iter().map(|r| r.1).sum(),
+    })
 }
 
 /// How the harness kicks.

@@ -224,12 +224,17 @@ fn cli_info_json(ctx: &Ctx) -> CaseResult {
 
 /// Read the image's pattern on every queue, write new data at distinct
 /// sectors per queue, read it back; the host checks the image afterwards.
-fn blk_io(ctx: &Ctx, kick: KickMode, first_sector: u64) -> CaseResult {
-    let dev = ctx.dev()?;
-    let image = dev.variant.name();
-    let (_f, mut d) = open(dev)?;
+/// Backend-independent: the VFIO cases and the vhost-vdpa (VDUSE) case
+/// run this same code.
+pub fn blk_io_on<B: VdpaOps + vdpa_bridge::DmaMapper>(
+    d: &mut B,
+    image: &str,
+    kick: KickMode,
+    first_sector: u64,
+    expect_queues: u16,
+) -> anyhow::Result<()> {
     let mut drv = Driver::bring_up(
-        &mut d,
+        d,
         DriverOptions {
             kick,
             ..DriverOptions::default()
@@ -246,7 +251,7 @@ fn blk_io(ctx: &Ctx, kick: KickMode, first_sector: u64) -> CaseResult {
         drv.features
     );
     let nq = drv.queues.len() as u16;
-    ensure!(u32::from(nq) == dev.num_queues, "{nq} queues");
+    ensure!(nq == expect_queues, "{nq} queues, want {expect_queues}");
     for q in 0..nq {
         let lba = 3 + 5 * u64::from(q);
         let got = drv.blk_read(q, lba, 1024)?;
@@ -256,7 +261,7 @@ fn blk_io(ctx: &Ctx, kick: KickMode, first_sector: u64) -> CaseResult {
         );
         let sector = first_sector + 4 * u64::from(q);
         let data = pattern::written(image, sector * 512, 2048);
-        ctx.declare_write(sector * 512, 2048)?;
+        crate::guest::declare_write_to(image, sector * 512, 2048);
         drv.blk_write(q, sector, &data)?;
         let back = drv.blk_read(q, sector, 2048)?;
         ensure!(
@@ -265,7 +270,20 @@ fn blk_io(ctx: &Ctx, kick: KickMode, first_sector: u64) -> CaseResult {
         );
     }
     drv.blk_flush(0)?;
-    drv.release(&mut d)?;
+    drv.release(d)?;
+    Ok(())
+}
+
+fn blk_io(ctx: &Ctx, kick: KickMode, first_sector: u64) -> CaseResult {
+    let dev = ctx.dev()?;
+    let (_f, mut d) = open(dev)?;
+    blk_io_on(
+        &mut d,
+        dev.variant.name(),
+        kick,
+        first_sector,
+        dev.num_queues as u16,
+    )?;
     Ok(Outcome::Pass)
 }
 

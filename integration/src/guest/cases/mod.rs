@@ -12,6 +12,7 @@ pub mod bench;
 pub mod bridge;
 pub mod plugin;
 pub mod smoke;
+pub mod vhost_vdpa;
 
 /// The cases of this run, in run order: the benchmark alone when the
 /// manifest asks for it, else every test case.
@@ -27,6 +28,7 @@ pub fn all() -> Vec<Case> {
     let mut all = smoke::cases();
     all.extend(bridge::cases());
     all.extend(plugin::cases());
+    all.extend(vhost_vdpa::cases());
     all
 }
 
