@@ -33,6 +33,7 @@
 //! yields an error, never a panic or a hang.
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod driver;
 pub mod emu;
 pub mod error;

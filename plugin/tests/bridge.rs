@@ -1,0 +1,456 @@
+//! The plugin against the emulated virtio-blk device, with a VMM-side
+//! harness: guest memory, driver-side split rings in it (what the guest's
+//! virtio driver would write), `virtio_queue::Queue` values as CH's
+//! transport hands them over, kick eventfds and irqfd-like notifiers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vdpa_bridge::emu::{EmuConfig, EmulatedFunction};
+use vdpa_bridge::types::{features, status};
+use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
+use vdpa_bridge::VdpaOps;
+use vdpa_plugin::harness::{Guest, Mem, TestInterrupt};
+use vdpa_plugin::{BridgeDevice, DeviceOptions, Error, InterruptType, KickPolicy};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+type Dev = BridgeDevice<VpVdpa<EmulatedFunction>, Mem>;
+
+const MIB: u64 = 1 << 20;
+const RAM: u64 = 16 * MIB;
+const RING_SIZE: u16 = 64;
+
+/// Tests run one at a time: some count fds and threads.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn guest() -> Guest {
+    Guest::new(RAM, RING_SIZE).unwrap()
+}
+
+fn device(cfg: EmuConfig, opts: DeviceOptions, g: &Guest) -> (Arc<EmulatedFunction>, Dev) {
+    let f = Arc::new(EmulatedFunction::new(cfg));
+    let vp = VpVdpa::open(f.clone(), OpenOptions::default()).unwrap();
+    let dev = BridgeDevice::new(vp, g.mem.clone(), opts).unwrap();
+    (f, dev)
+}
+
+fn ack_default(dev: &mut Dev) {
+    let want = features::bit(features::VERSION_1) | features::bit(features::ACCESS_PLATFORM);
+    dev.ack_features(dev.features() & want).unwrap();
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+#[test]
+fn activation_wires_kicks_and_interrupts_directly_and_blk_io_round_trips() {
+    let _serial = serial();
+    let mut g = guest();
+    let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    assert_eq!(dev.device_type(), 2);
+    assert_eq!(dev.dma().mappings(), vec![(0, 0, RAM)]);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let w = dev.wiring().unwrap().clone();
+    assert_eq!(w.direct_kicks, vec![0]);
+    assert!(w.relayed_kicks.is_empty());
+    assert!(w.direct_irqs.contains(&InterruptType::Queue(0)));
+    assert!(!w.needs_relay(), "{w:?}");
+
+    let mut data = pattern(1, 4096);
+    assert_eq!(g.blk(0, 1, 16, &mut data, &irq.queues[0]).unwrap(), 0);
+    assert_eq!(emu.disk_read(16 * 512, 4096), data);
+    let mut back = vec![0u8; 4096];
+    assert_eq!(g.blk(0, 0, 16, &mut back, &irq.queues[0]).unwrap(), 0);
+    assert_eq!(back, data);
+    assert_eq!(irq.triggered(), 0);
+}
+
+#[test]
+fn relay_policy_relays_kicks_and_io_still_works() {
+    let _serial = serial();
+    let mut g = guest();
+    let opts = DeviceOptions {
+        kick: KickPolicy::Relay,
+        ..DeviceOptions::default()
+    };
+    let (emu, mut dev) = device(EmuConfig::default(), opts, &g);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    assert_eq!(dev.wiring().unwrap().relayed_kicks, vec![0]);
+    let mut data = pattern(2, 512);
+    assert_eq!(g.blk(0, 1, 3, &mut data, &irq.queues[0]).unwrap(), 0);
+    assert_eq!(emu.disk_read(3 * 512, 512), data);
+}
+
+#[test]
+fn notification_data_kicks_carry_the_avail_index() {
+    let _serial = serial();
+    let mut g = guest();
+    let cfg = EmuConfig {
+        extra_features: features::bit(features::NOTIFICATION_DATA),
+        ..EmuConfig::default()
+    };
+    let (emu, mut dev) = device(cfg, DeviceOptions::default(), &g);
+    let want = features::bit(features::VERSION_1)
+        | features::bit(features::ACCESS_PLATFORM)
+        | features::bit(features::NOTIFICATION_DATA);
+    dev.ack_features(dev.features() & want).unwrap();
+    assert_ne!(
+        dev.acked_features() & features::bit(features::NOTIFICATION_DATA),
+        0
+    );
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    assert_eq!(
+        dev.wiring().unwrap().relayed_kicks,
+        vec![0],
+        "in-kernel kicks cannot carry data"
+    );
+    let mut data = pattern(3, 512);
+    for i in 1..=3u32 {
+        assert_eq!(g.blk(0, 1, 1, &mut data, &irq.queues[0]).unwrap(), 0);
+        // vqn 0 in the low half, the avail index after the post above.
+        assert_eq!(emu.last_notify_data(0), Some(i << 16));
+    }
+}
+
+#[test]
+fn shared_vectors_fan_out_to_every_queue_of_the_group() {
+    let _serial = serial();
+    let mut g = guest();
+    let cfg = EmuConfig {
+        num_queues: 4,
+        msix_vectors: Some(2),
+        ..EmuConfig::default()
+    };
+    let (emu, mut dev) = device(cfg, DeviceOptions::default(), &g);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(4, true).unwrap();
+    let max = dev.queue_max_sizes()[0];
+    let queues = g.queues(4, max).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let w = dev.wiring().unwrap().clone();
+    for q in 0..4 {
+        assert!(w.relayed_irqs.contains(&InterruptType::Queue(q)), "{w:?}");
+    }
+    assert_eq!(w.direct_kicks, vec![0, 1, 2, 3]);
+    for q in 0..4u16 {
+        let mut data = pattern(q as u8, 512);
+        // Wait on this queue's own guest eventfd: the relay must raise it.
+        assert_eq!(
+            g.blk(
+                q,
+                1,
+                100 + u64::from(q),
+                &mut data,
+                &irq.queues[usize::from(q)]
+            )
+            .unwrap(),
+            0
+        );
+        assert_eq!(emu.disk_read((100 + u64::from(q)) * 512, 512), data);
+    }
+}
+
+#[test]
+fn interrupts_without_eventfds_use_trigger() {
+    let _serial = serial();
+    let mut g = guest();
+    let (_emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(1, false).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    assert!(dev
+        .wiring()
+        .unwrap()
+        .relayed_irqs
+        .contains(&InterruptType::Queue(0)));
+    // Nothing to wait on: poll the used ring through a never-signalled fd.
+    let idle = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut data = pattern(4, 512);
+    assert_eq!(g.blk(0, 1, 0, &mut data, &idle).unwrap(), 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while irq.triggered() == 0 {
+        assert!(std::time::Instant::now() < deadline, "trigger never called");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn reset_and_reactivate_many_times_without_leaking() {
+    let _serial = serial();
+    let mut g = guest();
+    let opts = DeviceOptions {
+        kick: KickPolicy::Relay,
+        ..DeviceOptions::default()
+    };
+    let (emu, mut dev) = device(EmuConfig::default(), opts, &g);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let mut baseline = None;
+    for i in 0..50u32 {
+        ack_default(&mut dev);
+        let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+        dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+        let mut data = pattern(i as u8, 512);
+        assert_eq!(
+            g.blk(0, 1, u64::from(i), &mut data, &irq.queues[0])
+                .unwrap(),
+            0
+        );
+        assert_eq!(emu.disk_read(u64::from(i) * 512, 512), data);
+        dev.reset().unwrap();
+        assert!(!dev.is_active());
+        assert_eq!(dev.acked_features(), 0);
+        assert_eq!(dev.with_backend(|b| b.status()).unwrap(), 0);
+        let now = (open_fds(), threads());
+        match baseline {
+            None => baseline = Some(now),
+            Some(b) => assert_eq!(now, b, "fds/threads grew at cycle {i}"),
+        }
+    }
+    assert_eq!(dev.dma().mappings().len(), 1);
+}
+
+#[test]
+fn failed_activation_rolls_back_and_a_later_one_succeeds() {
+    let _serial = serial();
+    let mut g = guest();
+    let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let max = dev.queue_max_sizes()[0];
+
+    // Rejected before touching the device: a size above the device's
+    // maximum (the VMM's queue allowed it).
+    ack_default(&mut dev);
+    let mut queues = g.queues(1, 1024).unwrap();
+    queues[0].1.set_size(512);
+    assert_eq!(queues[0].1.size(), 512);
+    assert!(matches!(
+        dev.activate(g.mem.clone(), irq.clone(), queues),
+        Err(Error::BadQueue { index: 0, .. })
+    ));
+
+    // A device that fails to start after everything is wired (calls,
+    // kicks, the relay thread): all of it is undone.
+    {
+        let threads_before = threads();
+        let fds_before = open_fds();
+        let (bad_emu, mut bad) = device(
+            EmuConfig {
+                fail_driver_ok: true,
+                ..EmuConfig::default()
+            },
+            DeviceOptions {
+                kick: KickPolicy::Relay,
+                ..DeviceOptions::default()
+            },
+            &g,
+        );
+        ack_default(&mut bad);
+        let threads_with_device = threads();
+        let queues = g.queues(1, max).unwrap();
+        let e = bad
+            .activate(g.mem.clone(), irq.clone(), queues)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Backend {
+                    op: "DRIVER_OK",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(!bad.is_active());
+        assert_eq!(bad_emu.device_status(), 0, "device left un-reset");
+        assert_eq!(threads(), threads_with_device, "relay thread left running");
+        drop(bad);
+        drop(bad_emu);
+        assert_eq!(
+            open_fds(),
+            fds_before,
+            "eventfds leaked by the failed activation"
+        );
+        assert_eq!(threads(), threads_before, "emulated device thread left");
+    }
+
+    // A queue the device does not have.
+    let mut queues = g.queues(1, max).unwrap();
+    queues[0].0 = 7;
+    assert!(matches!(
+        dev.activate(g.mem.clone(), irq.clone(), queues),
+        Err(Error::BadQueue { index: 7, .. })
+    ));
+
+    let queues = g.queues(1, max).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let mut data = pattern(9, 512);
+    assert_eq!(g.blk(0, 1, 5, &mut data, &irq.queues[0]).unwrap(), 0);
+    assert_eq!(emu.disk_read(5 * 512, 512), data);
+    assert!(matches!(
+        dev.activate(g.mem.clone(), irq.clone(), g.queues(1, max).unwrap()),
+        Err(Error::AlreadyActive)
+    ));
+}
+
+#[test]
+fn features_offered_are_the_intersection_and_acks_are_checked() {
+    let _serial = serial();
+    let g = guest();
+    let cfg = EmuConfig {
+        extra_features: features::bit(features::RING_PACKED),
+        ..EmuConfig::default()
+    };
+    let (_emu, mut dev) = device(cfg.clone(), DeviceOptions::default(), &g);
+    let raw = dev.with_backend(|b| b.raw_device_features());
+    assert_ne!(raw & features::bit(features::RING_PACKED), 0);
+    assert_eq!(
+        dev.features() & features::bit(features::RING_PACKED),
+        0,
+        "VMM cannot do packed"
+    );
+    assert_ne!(dev.features() & features::bit(features::ACCESS_PLATFORM), 0);
+    assert!(matches!(
+        dev.ack_features(features::bit(features::RING_PACKED)),
+        Err(Error::FeaturesNotOffered { .. })
+    ));
+    assert_eq!(dev.acked_features(), 0);
+    let (_emu, dev) = device(
+        cfg,
+        DeviceOptions {
+            packed_ring: true,
+            ..DeviceOptions::default()
+        },
+        &g,
+    );
+    assert_ne!(dev.features() & features::bit(features::RING_PACKED), 0);
+}
+
+#[test]
+fn config_reads_come_from_the_device_and_out_of_range_is_an_error() {
+    let _serial = serial();
+    let g = guest();
+    let cfg = EmuConfig::default();
+    let sectors = cfg.disk_size / 512;
+    let (_emu, mut dev) = device(cfg, DeviceOptions::default(), &g);
+    let mut cap = [0u8; 8];
+    dev.read_config(0, &mut cap).unwrap();
+    assert_eq!(u64::from_le_bytes(cap), sectors);
+    let size = dev.config_size() as u64;
+    let mut b = [0u8; 4];
+    assert!(matches!(
+        dev.read_config(size - 2, &mut b),
+        Err(Error::ConfigOutOfRange { .. })
+    ));
+    assert!(matches!(
+        dev.read_config(u64::MAX, &mut b),
+        Err(Error::ConfigOutOfRange { .. })
+    ));
+    assert!(dev.write_config(size, &[0]).is_err());
+}
+
+#[test]
+fn dma_maps_only_guest_memory_follows_hotplug_and_vimmu_requests() {
+    let _serial = serial();
+    let g = guest();
+    let (_emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    assert_eq!(dev.dma().mappings(), vec![(0, 0, RAM)]);
+    // Hotplug: the VMM adds a region to its map, then tells the device.
+    let hot = vm_memory::GuestRegionMmap::new(
+        vm_memory::MmapRegion::new(2 * MIB as usize).unwrap(),
+        GuestAddress(64 * MIB),
+    )
+    .unwrap();
+    let newmap = g.mem.memory().insert_region(Arc::new(hot)).unwrap();
+    g.mem.lock().unwrap().replace(newmap);
+    dev.add_memory_region().unwrap();
+    assert_eq!(
+        dev.dma().mappings(),
+        vec![(0, 0, RAM), (64 * MIB, 64 * MIB, 2 * MIB)]
+    );
+    // Overlaps and non-memory are refused.
+    assert!(matches!(
+        dev.dma().map(0x1000, 0x1000, 0x1000),
+        Err(Error::Dma { .. })
+    ));
+    assert!(matches!(
+        dev.dma().map(1 << 40, 32 * MIB, 0x1000),
+        Err(Error::NotGuestMemory { .. })
+    ));
+    assert!(matches!(
+        dev.dma().map(1 << 40, 0, 0),
+        Err(Error::Dma { .. })
+    ));
+    assert!(matches!(
+        dev.dma().map(u64::MAX - 0xfff, 0, 0x2000),
+        Err(Error::Dma { .. })
+    ));
+
+    // With a vIOMMU nothing is mapped up front; the VMM maps guest IOVAs.
+    let (_emu, dev) = device(
+        EmuConfig::default(),
+        DeviceOptions {
+            iommu: true,
+            ..DeviceOptions::default()
+        },
+        &g,
+    );
+    assert!(dev.dma().mappings().is_empty());
+    dev.dma().map(0x4000_0000, 0x20_0000, 0x2000).unwrap();
+    // A range straddling the end of guest RAM is refused as a whole.
+    assert!(dev.dma().map(0x5000_0000, RAM - 0x1000, 0x2000).is_err());
+    assert!(matches!(
+        dev.dma().unmap(0x4000_0000, 0x1000),
+        Err(Error::Dma { .. })
+    ));
+    dev.dma().unmap(0x4000_0000, 0x2000).unwrap();
+    assert!(dev.dma().mappings().is_empty());
+}
+
+#[test]
+fn notification_area_is_withheld_when_the_bar_is_not_mappable() {
+    let _serial = serial();
+    let g = guest();
+    let (_emu, dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    assert_eq!(dev.notification_area(0), None);
+    assert_eq!(dev.notification_area(99), None);
+}
+
+#[test]
+fn dropping_the_device_resets_it_and_removes_dma_mappings() {
+    let _serial = serial();
+    let mut g = guest();
+    let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq, queues).unwrap();
+    drop(dev);
+    assert_eq!(emu.dma_mapping_count(), 0);
+    let _ = status::DRIVER_OK;
+}

@@ -1,0 +1,192 @@
+//! [`AnyDevice`]: every way of claiming a device, behind one type.
+//!
+//! The CLI and Cloud Hypervisor's adapter open devices by path; this enum
+//! dispatches statically (no trait objects on the control path) to the
+//! VFIO-claimed PCI function, the emulated device or (later) a kernel vDPA
+//! device.
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::emu::{EmuConfig, EmulatedFunction};
+use crate::info::{self, DeviceInfo};
+use crate::ops::{BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, VdpaOps};
+use crate::pci::PciFunction;
+use crate::types::{Iova, IovaRange, QueueIndex, VringAddrs};
+use crate::vfio::VfioFunction;
+use crate::vp_vdpa::{OpenOptions, VpVdpa};
+use crate::Result;
+
+/// A device opened by any backend.
+pub enum AnyDevice {
+    /// A PCI function claimed through VFIO, driven by our transport.
+    Vfio(VpVdpa<VfioFunction>),
+    /// The in-process emulated device, driven by the same transport.
+    Emulated(VpVdpa<EmulatedFunction>),
+}
+
+impl std::fmt::Debug for AnyDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// The name the CLI and tests use for the emulated device.
+pub const EMULATED: &str = "emulated";
+
+impl AnyDevice {
+    /// Open `path`: `emulated`, or a PCI address / sysfs path of a function
+    /// bound to vfio-pci.
+    pub fn open(path: &str, opts: OpenOptions) -> Result<AnyDevice> {
+        if path == EMULATED {
+            return Self::emulated(EmuConfig::default(), opts);
+        }
+        let f = VfioFunction::open(path)?;
+        Ok(AnyDevice::Vfio(VpVdpa::open(Arc::new(f), opts)?))
+    }
+
+    /// Open an emulated device built from `cfg`.
+    pub fn emulated(cfg: EmuConfig, opts: OpenOptions) -> Result<AnyDevice> {
+        let f = EmulatedFunction::new(cfg);
+        Ok(AnyDevice::Emulated(VpVdpa::open(Arc::new(f), opts)?))
+    }
+
+    /// Backend name: `vfio` or `emulated`.
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            AnyDevice::Vfio(_) => "vfio",
+            AnyDevice::Emulated(_) => EMULATED,
+        }
+    }
+
+    /// A description for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            AnyDevice::Vfio(d) => d.transport().function().describe(),
+            AnyDevice::Emulated(d) => d.transport().function().describe(),
+        }
+    }
+
+    /// Everything `info` reports.
+    pub fn info(&mut self, name: &str) -> Result<DeviceInfo> {
+        let backend = self.backend_name();
+        match self {
+            AnyDevice::Vfio(d) => info::gather_pci(d, name, backend),
+            AnyDevice::Emulated(d) => info::gather_pci(d, name, backend),
+        }
+    }
+}
+
+macro_rules! each {
+    ($self:ident, $d:ident => $e:expr) => {
+        match $self {
+            AnyDevice::Vfio($d) => $e,
+            AnyDevice::Emulated($d) => $e,
+        }
+    };
+}
+
+impl VdpaOps for AnyDevice {
+    fn device_id(&self) -> u32 {
+        each!(self, d => d.device_id())
+    }
+    fn vendor_id(&self) -> u32 {
+        each!(self, d => d.vendor_id())
+    }
+    fn device_features(&self) -> u64 {
+        each!(self, d => d.device_features())
+    }
+    fn raw_device_features(&self) -> u64 {
+        each!(self, d => d.raw_device_features())
+    }
+    fn set_driver_features(&mut self, features: u64) -> Result<()> {
+        each!(self, d => d.set_driver_features(features))
+    }
+    fn driver_features(&self) -> u64 {
+        each!(self, d => d.driver_features())
+    }
+    fn backend_caps(&self) -> BackendCaps {
+        each!(self, d => d.backend_caps())
+    }
+    fn status(&mut self) -> Result<u8> {
+        each!(self, d => d.status())
+    }
+    fn set_status(&mut self, status: u8) -> Result<()> {
+        each!(self, d => d.set_status(status))
+    }
+    fn reset(&mut self) -> Result<()> {
+        each!(self, d => d.reset())
+    }
+    fn num_queues(&self) -> u16 {
+        each!(self, d => d.num_queues())
+    }
+    fn vring_max_size(&mut self, q: QueueIndex) -> Result<u16> {
+        each!(self, d => d.vring_max_size(q))
+    }
+    fn set_vring_num(&mut self, q: QueueIndex, num: u16) -> Result<()> {
+        each!(self, d => d.set_vring_num(q, num))
+    }
+    fn set_vring_addr(&mut self, q: QueueIndex, addrs: VringAddrs) -> Result<()> {
+        each!(self, d => d.set_vring_addr(q, addrs))
+    }
+    fn set_vring_base(&mut self, q: QueueIndex, base: u16) -> Result<()> {
+        each!(self, d => d.set_vring_base(q, base))
+    }
+    fn vring_base(&mut self, q: QueueIndex) -> Result<u16> {
+        each!(self, d => d.vring_base(q))
+    }
+    fn set_vring_enable(&mut self, q: QueueIndex, enable: bool) -> Result<()> {
+        each!(self, d => d.set_vring_enable(q, enable))
+    }
+    fn vring_enabled(&mut self, q: QueueIndex) -> Result<bool> {
+        each!(self, d => d.vring_enabled(q))
+    }
+    fn set_vring_kick(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<()> {
+        each!(self, d => d.set_vring_kick(q, fd))
+    }
+    fn set_vring_call(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<()> {
+        each!(self, d => d.set_vring_call(q, fd))
+    }
+    fn set_config_call(&mut self, fd: Option<&EventFd>) -> Result<()> {
+        each!(self, d => d.set_config_call(fd))
+    }
+    fn irq_plan(&self) -> IrqPlan {
+        each!(self, d => d.irq_plan())
+    }
+    fn kick(&self, q: QueueIndex) -> Result<()> {
+        each!(self, d => d.kick(q))
+    }
+    fn doorbell(&self, q: QueueIndex) -> Result<Doorbell> {
+        each!(self, d => d.doorbell(q))
+    }
+    fn notification_area(&self, q: QueueIndex) -> Result<NotifyArea> {
+        each!(self, d => d.notification_area(q))
+    }
+    fn config_size(&self) -> usize {
+        each!(self, d => d.config_size())
+    }
+    fn get_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
+        each!(self, d => d.get_config(offset, buf))
+    }
+    fn set_config(&mut self, offset: u32, buf: &[u8]) -> Result<()> {
+        each!(self, d => d.set_config(offset, buf))
+    }
+    fn config_generation(&mut self) -> Result<u32> {
+        each!(self, d => d.config_generation())
+    }
+}
+
+impl DmaMapper for AnyDevice {
+    fn iova_range(&self) -> IovaRange {
+        each!(self, d => d.iova_range())
+    }
+    unsafe fn dma_map(&self, iova: Iova, size: u64, host_addr: usize) -> Result<()> {
+        // SAFETY: the caller upholds `DmaMapper::dma_map`'s contract, which
+        // is the same for every variant.
+        each!(self, d => unsafe { d.dma_map(iova, size, host_addr) })
+    }
+    fn dma_unmap(&self, iova: Iova, size: u64) -> Result<()> {
+        each!(self, d => d.dma_unmap(iova, size))
+    }
+}
