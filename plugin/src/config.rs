@@ -5,7 +5,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::KickPolicy;
+use vdpa_bridge::backend::AnyDevice;
+use vdpa_bridge::vp_vdpa::OpenOptions;
+
+use crate::device::{DeviceOptions, KickPolicy};
 use crate::error::Error;
 
 /// A bridged device's configuration.
@@ -65,6 +68,31 @@ impl VdpaDeviceConfig {
     /// Classify `path`.
     pub fn device_path(&self) -> Result<DevicePath, Error> {
         classify_path(&self.path)
+    }
+
+    /// Open the backend `path` names: VFIO for a PCI function, vhost-vdpa
+    /// for a `/dev/vhost-vdpa-N` node, with the feature mask applied.
+    pub fn open(&self) -> Result<AnyDevice, Error> {
+        let opts = OpenOptions {
+            features_mask: self.features_mask,
+            ..OpenOptions::default()
+        };
+        let target = match self.device_path()? {
+            DevicePath::Pci(bdf) => bdf,
+            DevicePath::VhostVdpa(node) => node,
+        };
+        AnyDevice::open(&target, opts).map_err(|source| Error::Backend { op: "open", source })
+    }
+
+    /// The plugin options this configuration asks for (`packed_ring` is
+    /// the VMM's to say).
+    pub fn device_options(&self, packed_ring: bool) -> DeviceOptions {
+        DeviceOptions {
+            packed_ring,
+            iommu: self.iommu,
+            num_queues: self.num_queues,
+            kick: self.kick,
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! VFIO-claimed PCI function, the emulated device or (later) a kernel vDPA
 //! device.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -15,6 +16,7 @@ use crate::ops::{BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, VdpaOps}
 use crate::pci::PciFunction;
 use crate::types::{Iova, IovaRange, QueueIndex, VringAddrs};
 use crate::vfio::VfioFunction;
+use crate::vhost_vdpa::{is_vhost_vdpa_path, VhostVdpaDevice};
 use crate::vp_vdpa::{OpenOptions, VpVdpa};
 use crate::Result;
 
@@ -24,6 +26,8 @@ pub enum AnyDevice {
     Vfio(VpVdpa<VfioFunction>),
     /// The in-process emulated device, driven by the same transport.
     Emulated(VpVdpa<EmulatedFunction>),
+    /// A kernel vDPA device through its `/dev/vhost-vdpa-N` node.
+    VhostVdpa(VhostVdpaDevice),
 }
 
 impl std::fmt::Debug for AnyDevice {
@@ -36,11 +40,17 @@ impl std::fmt::Debug for AnyDevice {
 pub const EMULATED: &str = "emulated";
 
 impl AnyDevice {
-    /// Open `path`: `emulated`, or a PCI address / sysfs path of a function
-    /// bound to vfio-pci.
+    /// Open `path`: `emulated`, a `/dev/vhost-vdpa-N` node, or a PCI
+    /// address / sysfs path of a function bound to vfio-pci.
     pub fn open(path: &str, opts: OpenOptions) -> Result<AnyDevice> {
         if path == EMULATED {
             return Self::emulated(EmuConfig::default(), opts);
+        }
+        if is_vhost_vdpa_path(Path::new(path)) {
+            return Ok(AnyDevice::VhostVdpa(VhostVdpaDevice::open(
+                Path::new(path),
+                opts.features_mask,
+            )?));
         }
         let f = VfioFunction::open(path)?;
         Ok(AnyDevice::Vfio(VpVdpa::open(Arc::new(f), opts)?))
@@ -57,6 +67,7 @@ impl AnyDevice {
         match self {
             AnyDevice::Vfio(_) => "vfio",
             AnyDevice::Emulated(_) => EMULATED,
+            AnyDevice::VhostVdpa(_) => "vhost-vdpa",
         }
     }
 
@@ -65,6 +76,7 @@ impl AnyDevice {
         match self {
             AnyDevice::Vfio(d) => d.transport().function().describe(),
             AnyDevice::Emulated(d) => d.transport().function().describe(),
+            AnyDevice::VhostVdpa(d) => format!("vhost-vdpa {}", d.path().display()),
         }
     }
 
@@ -74,6 +86,7 @@ impl AnyDevice {
         match self {
             AnyDevice::Vfio(d) => info::gather_pci(d, name, backend),
             AnyDevice::Emulated(d) => info::gather_pci(d, name, backend),
+            AnyDevice::VhostVdpa(d) => info::gather(d, name, backend),
         }
     }
 }
@@ -83,6 +96,7 @@ macro_rules! each {
         match $self {
             AnyDevice::Vfio($d) => $e,
             AnyDevice::Emulated($d) => $e,
+            AnyDevice::VhostVdpa($d) => $e,
         }
     };
 }

@@ -29,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// List virtio-pci functions (sysfs).
+    /// List virtio-pci functions (sysfs) and vhost-vdpa nodes.
     List {
         /// JSON output.
         #[arg(short, long)]
@@ -43,7 +43,8 @@ enum Cmd {
     /// Show what the bridge sees of a device. Without a device, the
     /// built-in emulated virtio-blk device.
     Info {
-        /// PCI address or sysfs path of a function bound to vfio-pci.
+        /// PCI address or sysfs path of a function bound to vfio-pci, or a
+        /// /dev/vhost-vdpa-N node.
         device: Option<String>,
         /// JSON output.
         #[arg(short, long)]
@@ -301,9 +302,25 @@ fn run(cli: Cli) -> Result<bool> {
             let list = sysfs::SysfsPci::default()
                 .list_virtio()
                 .context("cannot read sysfs")?;
+            let vdpa = vdpa_bridge::vhost_vdpa::list(
+                std::path::Path::new("/sys/bus/vdpa/devices"),
+                std::path::Path::new("/dev"),
+            );
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else if list.is_empty() {
+                let v = serde_json::json!({ "pci": list, "vhost_vdpa": vdpa });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(true);
+            }
+            for n in &vdpa {
+                println!(
+                    "{:<20} vDPA device {:<10} type {:<8} {}",
+                    n.node,
+                    n.vdpa_device,
+                    n.device_type.unwrap_or("?"),
+                    n.probe_error.as_deref().unwrap_or("")
+                );
+            }
+            if list.is_empty() {
                 println!("no virtio-pci functions");
             } else {
                 println!(

@@ -24,6 +24,25 @@ ioctl_iow_nr!(VHOST_SET_VRING_KICK, VHOST, 0x20, VringFile);
 ioctl_iow_nr!(VHOST_SET_VRING_CALL, VHOST, 0x21, VringFile);
 ioctl_iow_nr!(VHOST_VDPA_SET_CONFIG_CALL, VHOST, 0x77, i32);
 ioctl_io_nr!(VHOST_VDPA_RESUME, VHOST, 0x7e);
+vmm_sys_util::ioctl_ior_nr!(VHOST_VDPA_GET_DEVICE_ID, VHOST, 0x70, u32);
+
+/// The virtio device id behind a vhost-vdpa node, without taking it over
+/// (open, one ioctl, close). A node in use answers EBUSY.
+pub(super) fn probe_device_id(node: &std::path::Path) -> std::io::Result<u32> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(node)?;
+    let mut id: u32 = 0;
+    // SAFETY: `f` is an open vhost-vdpa fd; the kernel writes one u32
+    // into `id`, which lives across the call; the result is checked.
+    let r =
+        unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&f, VHOST_VDPA_GET_DEVICE_ID(), &mut id) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(id)
+}
 
 /// Which per-vring eventfd.
 #[derive(Clone, Copy)]

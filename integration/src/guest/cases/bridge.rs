@@ -57,6 +57,12 @@ pub fn cases() -> Vec<Case> {
     add(Variant::Blk0, "reset_cycles_no_leak", reset_cycles_no_leak);
     add(Variant::Legacy, "legacy_refused", legacy_refused);
     add(Variant::Legacy, "cli_legacy_refused", cli_legacy_refused);
+    add(Variant::Legacy, "cli_bind_moves_it_to_vfio_pci", cli_bind);
+    out.push(Case {
+        name: "bridge_cli_list_json".to_string(),
+        needs: None,
+        run: cli_list,
+    });
     out
 }
 
@@ -541,5 +547,50 @@ fn cli_legacy_refused(ctx: &Ctx) -> CaseResult {
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "exit status 0 for a legacy device");
     ensure!(err.to_lowercase().contains("legacy"), "stderr: {err}");
+    Ok(Outcome::Pass)
+}
+
+fn cli_list(ctx: &Ctx) -> CaseResult {
+    let out = std::process::Command::new(cli()?)
+        .args(["list", "--json"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let pci = v["pci"].as_array().context("no pci list")?;
+    for dev in &ctx.manifest.devices {
+        let e = pci
+            .iter()
+            .find(|e| e["address"] == dev.bdf.as_str())
+            .with_context(|| format!("{} not listed", dev.bdf))?;
+        ensure!(e["driver"] == "vfio-pci", "{}: {e}", dev.bdf);
+        ensure!(e["modern"] == !dev.legacy, "{}: {e}", dev.bdf);
+        ensure!(e["iommu_group"].is_u64(), "{}: {e}", dev.bdf);
+        ensure!(e["device"] == dev.pci_device_id(), "{}: {e}", dev.bdf);
+    }
+    Ok(Outcome::Pass)
+}
+
+/// Take the device off vfio-pci (no driver then: the guest has no
+/// virtio-pci module), and let `vdpa-bridge bind` put it back.
+fn cli_bind(ctx: &Ctx) -> CaseResult {
+    let dev = ctx.dev()?;
+    let sys = dev.sysfs();
+    std::fs::write(sys.join("driver/unbind"), &dev.bdf)?;
+    std::fs::write(sys.join("driver_override"), "\n")?;
+    ensure!(!sys.join("driver").exists(), "still bound after unbind");
+    let out = std::process::Command::new(cli()?)
+        .args(["bind", &dev.bdf])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bind: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drv = std::fs::read_link(sys.join("driver"))?;
+    ensure!(drv.ends_with("vfio-pci"), "bound to {}", drv.display());
     Ok(Outcome::Pass)
 }

@@ -22,11 +22,23 @@ const IMAGE: &str = "vduse";
 
 /// The suite.
 pub fn cases() -> Vec<Case> {
-    vec![Case {
-        name: "vhost_vdpa_vduse_blk_io_and_reset_cycles".to_string(),
-        needs: None,
-        run: vduse_blk,
-    }]
+    vec![
+        Case {
+            name: "vhost_vdpa_vduse_blk_io_and_reset_cycles".to_string(),
+            needs: None,
+            run: vduse_blk,
+        },
+        Case {
+            name: "vhost_vdpa_vduse_through_plugin".to_string(),
+            needs: None,
+            run: vduse_plugin,
+        },
+        Case {
+            name: "cli_lists_and_reads_vhost_vdpa_node".to_string(),
+            needs: None,
+            run: vduse_cli,
+        },
+    ]
 }
 
 /// The export and the vDPA device; torn down (device deleted, daemon
@@ -155,5 +167,115 @@ fn vduse_blk(ctx: &Ctx) -> CaseResult {
         drv.release(&mut d)?;
     }
     ensure!(d.status()? == 0, "device not reset");
+    Ok(Outcome::Pass)
+}
+
+/// The plugin on the VDUSE node, selected from `path=` like a VMM would:
+/// activation, blk I/O through guest memory, reset/re-activate cycles.
+fn vduse_plugin(ctx: &Ctx) -> CaseResult {
+    use vdpa_bridge::driver::blk::{T_IN, T_OUT};
+    use vdpa_plugin::harness::{Guest, TestInterrupt};
+    use vdpa_plugin::{BridgeDevice, VdpaDeviceConfig};
+
+    let image = ctx
+        .manifest
+        .vduse_image
+        .clone()
+        .context("the host prepared no VDUSE image")?;
+    let (_export, node) = setup(&image)?;
+    let cfg: VdpaDeviceConfig = format!("path={}", node.display()).parse()?;
+    let backend = cfg.open()?;
+    ensure!(
+        backend.backend_name() == "vhost-vdpa",
+        "{}",
+        backend.backend_name()
+    );
+    let mut g = Guest::new(32 << 20, 64)?;
+    let mut d = BridgeDevice::new(backend, g.mem.clone(), cfg.device_options(false))?;
+    let want = vdpa_bridge::types::features::bit(vdpa_bridge::types::features::VERSION_1)
+        | vdpa_bridge::types::features::bit(vdpa_bridge::types::features::ACCESS_PLATFORM);
+    for i in 0..10u64 {
+        d.ack_features(d.features() & want)?;
+        let irq = TestInterrupt::new(1, true)?;
+        let queues = g.queues(1, d.queue_max_sizes()[0])?;
+        d.activate(g.mem.clone(), irq.clone(), queues)
+            .with_context(|| format!("activation {i}"))?;
+        let w = d.wiring().context("not active")?.clone();
+        ensure!(
+            !w.needs_relay(),
+            "cycle {i}: relay used on vhost-vdpa: {w:?}"
+        );
+        let lba = 3000 + i;
+        let mut buf = vec![0u8; 512];
+        ensure!(
+            g.blk(0, T_IN, lba, &mut buf, &irq.queues[0])? == 0,
+            "cycle {i}: read"
+        );
+        ensure!(
+            buf == pattern::sector(IMAGE, lba),
+            "cycle {i}: wrong data at {lba}"
+        );
+        let sector = 200 + 8 * i;
+        let mut data = pattern::written(IMAGE, sector * 512, 4096);
+        crate::guest::declare_write_to(IMAGE, sector * 512, 4096);
+        ensure!(
+            g.blk(0, T_OUT, sector, &mut data, &irq.queues[0])? == 0,
+            "cycle {i}: write"
+        );
+        let mut back = vec![0u8; 4096];
+        ensure!(
+            g.blk(0, T_IN, sector, &mut back, &irq.queues[0])? == 0,
+            "cycle {i}: read back"
+        );
+        ensure!(back == data, "cycle {i}: read back differs");
+        d.reset()?;
+    }
+    Ok(Outcome::Pass)
+}
+
+/// `vdpa-bridge list` shows the node with its type; `info` reads it.
+fn vduse_cli(ctx: &Ctx) -> CaseResult {
+    let image = ctx
+        .manifest
+        .vduse_image
+        .clone()
+        .context("the host prepared no VDUSE image")?;
+    let sectors = std::fs::metadata(&image)?.len() / 512;
+    let (_export, node) = setup(&image)?;
+    let cli = std::env::current_exe()?.with_file_name("vdpa-bridge");
+    let out = Command::new(&cli).args(["list", "--json"]).output()?;
+    ensure!(
+        out.status.success(),
+        "list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let nodes = v["vhost_vdpa"].as_array().context("no vhost_vdpa list")?;
+    let me = nodes
+        .iter()
+        .find(|n| n["node"] == node.display().to_string())
+        .with_context(|| format!("{} not listed: {v}", node.display()))?;
+    ensure!(
+        me["vdpa_device"] == NAME && me["device_type"] == "block",
+        "{me}"
+    );
+    let out = Command::new(&cli)
+        .args(["info", "--json", &node.display().to_string()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "info: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        v["backend"] == "vhost-vdpa" && v["device_type"] == "block",
+        "{v}"
+    );
+    ensure!(
+        v["config"]["capacity_sectors"] == sectors,
+        "{}",
+        v["config"]
+    );
     Ok(Outcome::Pass)
 }
