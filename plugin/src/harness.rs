@@ -82,6 +82,8 @@ pub struct Guest {
     /// The guest's kick eventfds (what the VMM signals on a notify write).
     pub kicks: Vec<EventFd>,
     ring_size: u16,
+    /// Receive buffer address per head id, per queue (net).
+    rx: Vec<Vec<u64>>,
 }
 
 /// Guest-physical layout: rings from 1 MiB, 64 KiB apart; buffers from
@@ -104,6 +106,7 @@ impl Guest {
             rings: Vec::new(),
             kicks: Vec::new(),
             ring_size,
+            rx: Vec::new(),
         })
     }
 
@@ -243,5 +246,112 @@ impl Guest {
             &mut wait,
             load,
         )
+    }
+}
+
+/// Receive buffer size of the net helpers.
+const RX_BUF: u64 = 2048;
+/// `virtio_net_hdr` with VERSION_1.
+const NET_HDR: usize = 12;
+
+impl Guest {
+    /// Post receive buffers (2 KiB each, from the queue's buffer area) on
+    /// receive queue `q` and kick it.
+    pub fn net_fill_rx(&mut self, q: u16) -> Result<usize> {
+        let mem = self.mem.memory();
+        let qi = usize::from(q);
+        if self.rx.len() <= qi {
+            self.rx.resize(qi + 1, Vec::new());
+        }
+        let ring = &mut self.rings[qi];
+        self.rx[qi].resize(usize::from(ring.size()), 0);
+        let slots = (BUF_STRIDE / RX_BUF) as usize;
+        let mut posted = 0;
+        for slot in 0..slots.min(usize::from(ring.size())) {
+            if ring.free_descriptors() == 0 {
+                break;
+            }
+            let addr = Self::buffer(q) + slot as u64 * RX_BUF;
+            if self.rx[qi].contains(&addr) {
+                continue;
+            }
+            let head = ring.post(
+                &mem,
+                &[Buf {
+                    addr,
+                    len: RX_BUF as u32,
+                    write: true,
+                }],
+            )?;
+            self.rx[qi][usize::from(head)] = addr;
+            posted += 1;
+        }
+        self.kick(q)?;
+        Ok(posted)
+    }
+
+    /// Send `frame` on transmit queue `q`; waits on `irq` until consumed.
+    pub fn net_send(&mut self, q: u16, frame: &[u8], irq: &EventFd) -> Result<()> {
+        let mem = self.mem.memory();
+        let base = Self::buffer(q);
+        let werr = |addr| DriverError::Memory { addr };
+        mem.write_slice(&[0u8; NET_HDR], GuestAddress(base))
+            .map_err(|_| werr(base))?;
+        let at = base + NET_HDR as u64;
+        mem.write_slice(frame, GuestAddress(at))
+            .map_err(|_| werr(at))?;
+        let len = (NET_HDR + frame.len()) as u32;
+        self.rings[usize::from(q)].post(
+            &mem,
+            &[Buf {
+                addr: base,
+                len,
+                write: false,
+            }],
+        )?;
+        self.kick(q)?;
+        let timeout = Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
+        while self.rings[usize::from(q)].pop_used(&mem)?.is_none() {
+            if Instant::now() > deadline {
+                return Err(DriverError::Timeout { queue: q, timeout });
+            }
+            wait_eventfd(irq, Duration::from_millis(20))?;
+        }
+        Ok(())
+    }
+
+    /// A frame from receive queue `q` within `timeout` (the buffer is
+    /// re-posted), or `None`.
+    pub fn net_recv(
+        &mut self,
+        q: u16,
+        irq: &EventFd,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mem = self.mem.memory();
+            let qi = usize::from(q);
+            if let Some((head, len)) = self.rings[qi].pop_used(&mem)? {
+                let addr = self
+                    .rx
+                    .get_mut(qi)
+                    .and_then(|r| r.get_mut(usize::from(head)))
+                    .map(std::mem::take)
+                    .unwrap_or(0);
+                let len = u64::from(len).min(RX_BUF) as usize;
+                let mut buf = vec![0u8; len];
+                mem.read_slice(&mut buf, GuestAddress(addr))
+                    .map_err(|_| DriverError::Memory { addr })?;
+                drop(mem);
+                self.net_fill_rx(q)?;
+                return Ok(Some(buf.get(NET_HDR..).unwrap_or_default().to_vec()));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            wait_eventfd(irq, Duration::from_millis(20))?;
+        }
     }
 }

@@ -40,7 +40,51 @@ pub fn cases() -> Vec<Case> {
     );
     add(Variant::BlkPpv, "notification_area_offered", ppv_area);
     add(Variant::Blk0, "notification_area_withheld", default_area);
+    add(Variant::NetUser, "arp_through_guest_rings", net_arp);
     out
+}
+
+/// virtio-net through the plugin: the guest's rx/tx rings in guest
+/// memory, kicks and interrupts through eventfds, an ARP exchange with
+/// QEMU's user-mode network.
+fn net_arp(ctx: &Ctx) -> CaseResult {
+    use vdpa_bridge::driver::net;
+    let dev = ctx.dev()?;
+    let mac: Vec<u8> = dev
+        .qemu_device
+        .split(',')
+        .find_map(|p| p.strip_prefix("mac="))
+        .context("no mac")?
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()?;
+    let mac: [u8; 6] = mac.try_into().map_err(|_| anyhow::anyhow!("bad mac"))?;
+    let mut g = Guest::new(GUEST_RAM, 128)?;
+    let (_f, mut d) = open(dev, &g, DeviceOptions::default())?;
+    let want = features::bit(features::VERSION_1)
+        | features::bit(features::ACCESS_PLATFORM)
+        | features::bit(net::F_MAC);
+    d.ack_features(d.features() & want)?;
+    // The guest enables rx and tx only (no control queue).
+    let irq = TestInterrupt::new(2, true)?;
+    let queues = g.queues(2, d.queue_max_sizes()[0])?;
+    d.activate(g.mem.clone(), irq.clone(), queues)?;
+    g.net_fill_rx(0)?;
+    let peer = [10, 0, 2, 2];
+    let req = net::arp_request(mac, [10, 0, 2, 15], peer);
+    for _ in 0..10 {
+        g.net_send(1, &req, &irq.queues[1])?;
+        let end = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        while std::time::Instant::now() < end {
+            if let Some(f) = g.net_recv(0, &irq.queues[0], std::time::Duration::from_millis(100))? {
+                if net::parse_arp_reply(&f, peer).is_some() {
+                    d.reset()?;
+                    return Ok(Outcome::Pass);
+                }
+            }
+        }
+    }
+    anyhow::bail!("no ARP reply from 10.0.2.2 through the plugin")
 }
 
 fn open(dev: &Device, g: &Guest, opts: DeviceOptions) -> anyhow::Result<(Arc<VfioFunction>, Dev)> {
