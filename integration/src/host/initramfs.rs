@@ -51,7 +51,8 @@ mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
 if [ -n "$rw" ]; then
-	mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 labrw "/host$rw" || say "cannot mount the read-write lab share"
+	mkdir -p "/host$rw" 2>/dev/null
+	mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 labrw "/host$rw" || say "cannot mount the read-write target share"
 fi
 say "modules loaded, host root mounted at $(cut -d' ' -f1 /proc/uptime) s; running $guest"
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin chroot /host "$guest" --manifest "$manifest"

@@ -105,6 +105,7 @@ fn qemu_args(
     cmdline: &str,
     specs: &[&DeviceSpec],
     lab_dir: &Path,
+    target_dir: &Path,
 ) -> Vec<String> {
     let mut a: Vec<String> = [
         "-machine",
@@ -131,12 +132,13 @@ fn qemu_args(
         &format!(
             "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot,bus=pcie.0,addr={HOSTROOT_SLOT:#04x}"
         ),
-        // The lab directory read-write, for images the guest itself serves
-        // (VDUSE) and the host checks afterwards.
+        // The target directory read-write: images the guest itself serves
+        // (VDUSE) land in the host's file, and a checkout under /tmp (which
+        // the guest covers with a tmpfs) still reaches the guest.
         "-fsdev",
         &format!(
             "local,id=labrw,path={},security_model=none",
-            devices::qemu_escape(&lab_dir.to_string_lossy())
+            devices::qemu_escape(&target_dir.to_string_lossy())
         ),
         "-device",
         &format!("virtio-9p-pci,fsdev=labrw,mount_tag=labrw,bus=pcie.0,addr={LABRW_SLOT:#04x}"),
@@ -204,9 +206,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
     for p in [&lab_dir, &opts.guest_bin] {
         let s = p.to_string_lossy();
         ensure!(
-            !p.starts_with("/tmp") && !s.contains(char::is_whitespace),
-            "{s}: the guest cannot see it (host /tmp is hidden there) or the \
-             kernel cmdline cannot carry it; use another cargo target dir"
+            !s.contains(char::is_whitespace),
+            "{s}: the kernel cmdline cannot carry it; use another cargo target dir"
         );
     }
     ensure!(
@@ -289,9 +290,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         "console=ttyS0 intel_iommu=on iommu=pt panic=-1 quiet lab.guest={} lab.manifest={} lab.rw={}",
         opts.guest_bin.display(),
         manifest_path.display(),
-        lab_dir.display()
+        opts.target_dir.display()
     );
-    let args = qemu_args(&kernel, &initrd, &cmdline, &specs, &lab_dir);
+    let args = qemu_args(
+        &kernel,
+        &initrd,
+        &cmdline,
+        &specs,
+        &lab_dir,
+        &opts.target_dir,
+    );
     let mut cmd = match &netns {
         // `ip netns exec` execs, so the spawned pid is QEMU's own.
         Some(ns) => {
