@@ -502,7 +502,8 @@ pub(crate) mod fake {
             }
             if let Some(g) = group {
                 let gdir = self.base.join("kernel/iommu_groups").join(g.to_string());
-                fs::create_dir_all(&gdir).unwrap();
+                fs::create_dir_all(gdir.join("devices")).unwrap();
+                symlink(&real, gdir.join("devices").join(bdf)).unwrap();
                 symlink(&gdir, real.join("iommu_group")).unwrap();
             }
             symlink(&real, self.devices().join(bdf)).unwrap();

@@ -88,6 +88,20 @@ pub enum VfioError {
         /// The bound driver (`None`: no driver).
         driver: Option<String>,
     },
+    /// The device's IOMMU group holds other devices too. Each bridged
+    /// device gets a VFIO container of its own, and a group can only be in
+    /// one container, so the device must be alone in its group.
+    #[error(
+        "device {bdf} shares IOMMU group {group} with {others:?}; a bridged device must be alone in its group"
+    )]
+    GroupShared {
+        /// PCI address.
+        bdf: String,
+        /// Group number.
+        group: u32,
+        /// The other devices of the group.
+        others: Vec<String>,
+    },
     /// Another sysfs access failed.
     #[error("sysfs access failed")]
     Sysfs(#[source] SysfsError),
@@ -281,6 +295,16 @@ impl VfioFunction {
         let driver = sysfs::driver_of(&dev_path);
         if driver.as_deref() != Some(VFIO_PCI) {
             return Err(VfioError::WrongDriver { bdf, driver });
+        }
+        if let Ok(members) = std::fs::read_dir(dev_path.join("iommu_group/devices")) {
+            let others: Vec<String> = members
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| *n != bdf)
+                .collect();
+            if !others.is_empty() {
+                return Err(VfioError::GroupShared { bdf, group, others });
+            }
         }
 
         let container =
@@ -766,6 +790,35 @@ mod tests {
             matches!(&err, VfioError::NotFound { path } if path.ends_with("0000:00:09.0")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn open_of_a_device_sharing_its_iommu_group_is_refused() {
+        let fs = FakeSysfs::new("vfio-shared-group");
+        fs.add_device(
+            "0000:00:04.0",
+            (0x1af4, 0x1042, 2),
+            &[],
+            Some("vfio-pci"),
+            Some(7),
+        );
+        fs.add_device(
+            "0000:00:04.1",
+            (0x1af4, 0x1042, 2),
+            &[],
+            Some("vfio-pci"),
+            Some(7),
+        );
+
+        let err = VfioFunction::open_with("0000:00:04.0", &opts(&fs))
+            .err()
+            .unwrap();
+
+        assert!(
+            matches!(&err, VfioError::GroupShared { group: 7, others, .. } if others == &["0000:00:04.1"]),
+            "{err}"
+        );
+        assert!(err.to_string().contains("alone in its group"));
     }
 
     #[test]
