@@ -151,6 +151,27 @@ pub struct Manifest {
     /// device; the lab directory is shared read-write so writes land in it.
     #[serde(default)]
     pub vduse_image: Option<PathBuf>,
+    /// A patched Cloud Hypervisor to run inside the VM, or why not.
+    #[serde(default)]
+    pub ch: Option<ChRun>,
+    /// Why the Cloud Hypervisor cases cannot run (printed as their skip).
+    #[serde(default)]
+    pub ch_skip: Option<String>,
+}
+
+/// What the Cloud Hypervisor end-to-end cases need.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChRun {
+    /// The `cloud-hypervisor` binary (`CLOUD_HYPERVISOR`).
+    pub binary: PathBuf,
+    /// `ch-remote` (`CH_REMOTE`), for the hot-plug case.
+    pub remote: Option<PathBuf>,
+    /// Kernel for the innermost guest.
+    pub kernel: PathBuf,
+    /// Its initramfs (see `host::initramfs::L3_INIT`).
+    pub initramfs: PathBuf,
+    /// Feature bit the run masks off (`features_mask=`).
+    pub masked_bit: u32,
 }
 
 impl Manifest {
@@ -219,6 +240,8 @@ mod tests {
             }],
             bench: true,
             vduse_image: None,
+            ch: None,
+            ch_skip: Some("no CLOUD_HYPERVISOR".into()),
         };
         let path = std::env::temp_dir().join(format!("lab-manifest-{}.json", std::process::id()));
 

@@ -92,6 +92,7 @@ impl VdpaDeviceConfig {
             iommu: self.iommu,
             num_queues: self.num_queues,
             kick: self.kick,
+            notification_data: false,
         }
     }
 }

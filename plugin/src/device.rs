@@ -40,6 +40,9 @@ pub struct DeviceOptions {
     pub num_queues: Option<u16>,
     /// Kick path.
     pub kick: KickPolicy,
+    /// The VMM's transport passes VIRTIO_F_NOTIFICATION_DATA kicks on (the
+    /// relay then reads the avail index); otherwise the bit is not offered.
+    pub notification_data: bool,
 }
 
 impl Default for DeviceOptions {
@@ -49,9 +52,20 @@ impl Default for DeviceOptions {
             iommu: false,
             num_queues: None,
             kick: KickPolicy::Auto,
+            notification_data: false,
         }
     }
 }
+
+/// Transport features that live in the VMM's virtio-pci transport, not in
+/// the device: a guest that negotiated them would drive registers the
+/// VMM's transport does not have (Linux refuses a device offering
+/// VIRTIO_F_RING_RESET on a 56-byte common config, seen with QEMU's
+/// virtio-blk under Cloud Hypervisor). Never offered.
+pub const TRANSPORT_ONLY_FEATURES: u64 = features::bit(features::SR_IOV)
+    | features::bit(features::NOTIF_CONFIG_DATA)
+    | features::bit(features::RING_RESET)
+    | features::bit(41); // VIRTIO_F_ADMIN_VQ
 
 /// How an activated device's data path is wired (for tests, logs and the
 /// CLI's report).
@@ -133,9 +147,12 @@ where
             }
             queue_max_sizes.push(max);
         }
-        let mut offered = backend.device_features();
+        let mut offered = backend.device_features() & !TRANSPORT_ONLY_FEATURES;
         if !opts.packed_ring {
             offered &= !features::bit(features::RING_PACKED);
+        }
+        if !opts.notification_data {
+            offered &= !features::bit(features::NOTIFICATION_DATA);
         }
         let config_size = backend.config_size();
         let name = format!("vdpa-relay-{device_type}");
@@ -169,7 +186,8 @@ where
     }
 
     /// Features offered to the guest: the backend's (already masked by the
-    /// provisioning mask it was opened with) minus what the VMM cannot do.
+    /// provisioning mask it was opened with) minus what the VMM cannot do
+    /// and minus [`TRANSPORT_ONLY_FEATURES`].
     pub fn features(&self) -> u64 {
         self.offered
     }

@@ -33,7 +33,7 @@ mod interrupt;
 mod relay;
 
 pub use config::{DevicePath, VdpaDeviceConfig};
-pub use device::{BridgeDevice, DeviceOptions, KickPolicy, Wiring};
+pub use device::{BridgeDevice, DeviceOptions, KickPolicy, Wiring, TRANSPORT_ONLY_FEATURES};
 pub use dma::DmaHandle;
 pub use error::{Error, Result};
 pub use interrupt::{InterruptType, VirtioInterrupt};

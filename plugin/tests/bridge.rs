@@ -112,7 +112,18 @@ fn notification_data_kicks_carry_the_avail_index() {
         extra_features: features::bit(features::NOTIFICATION_DATA),
         ..EmuConfig::default()
     };
-    let (emu, mut dev) = device(cfg, DeviceOptions::default(), &g);
+    let plain = device(cfg.clone(), DeviceOptions::default(), &g).1;
+    assert_eq!(
+        plain.features() & features::bit(features::NOTIFICATION_DATA),
+        0,
+        "offered although the VMM did not say it passes notification data on"
+    );
+    drop(plain);
+    let opts = DeviceOptions {
+        notification_data: true,
+        ..DeviceOptions::default()
+    };
+    let (emu, mut dev) = device(cfg, opts, &g);
     let want = features::bit(features::VERSION_1)
         | features::bit(features::ACCESS_PLATFORM)
         | features::bit(features::NOTIFICATION_DATA);
@@ -323,7 +334,7 @@ fn features_offered_are_the_intersection_and_acks_are_checked() {
     let _serial = serial();
     let g = guest();
     let cfg = EmuConfig {
-        extra_features: features::bit(features::RING_PACKED),
+        extra_features: features::bit(features::RING_PACKED) | features::bit(features::RING_RESET),
         ..EmuConfig::default()
     };
     let (_emu, mut dev) = device(cfg.clone(), DeviceOptions::default(), &g);
@@ -335,6 +346,12 @@ fn features_offered_are_the_intersection_and_acks_are_checked() {
         "VMM cannot do packed"
     );
     assert_ne!(dev.features() & features::bit(features::ACCESS_PLATFORM), 0);
+    assert_ne!(raw & features::bit(features::RING_RESET), 0);
+    assert_eq!(
+        dev.features() & features::bit(features::RING_RESET),
+        0,
+        "transport-only feature offered"
+    );
     assert!(matches!(
         dev.ack_features(features::bit(features::RING_PACKED)),
         Err(Error::FeaturesNotOffered { .. })

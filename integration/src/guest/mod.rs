@@ -204,6 +204,8 @@ mod tests {
             }],
             bench: false,
             vduse_image: None,
+            ch: None,
+            ch_skip: None,
         }
     }
 

@@ -68,6 +68,49 @@ const BUSYBOX: &str = "/bin/busybox";
 /// A module cannot be read or decompressed, busybox is missing, or
 /// `cpio`/`gzip` fail.
 pub fn build(kernel: &Kernel, modules: &Resolution, work: &Path, out: &Path) -> anyhow::Result<()> {
+    build_with(kernel, modules, work, out, INIT, &[])
+}
+
+/// The `/init` of the innermost guest of the Cloud Hypervisor cases (L3,
+/// booted by Cloud Hypervisor inside the lab VM): load the virtio modules,
+/// check sector 0 of `/dev/vda` against `/expect0.bin`, write
+/// `/write8.bin` to sector 8, print the device's negotiated features, and
+/// power off. Every result is one `L3-...` line on the serial console.
+pub const L3_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /modules.order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+echo "L3-UP $(cut -d' ' -f1 /proc/uptime)"
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+if [ -b /dev/vda ]; then
+	dd if=/dev/vda of=/tmp/s0 bs=512 count=1 2>/dev/null
+	if cmp -s /tmp/s0 /expect0.bin; then echo "L3-READ-OK"; else echo "L3-READ-BAD $(od -An -tx1 /tmp/s0 | head -1)"; fi
+	dd if=/write8.bin of=/dev/vda bs=512 seek=8 count=1 conv=fsync 2>/dev/null && sync
+	dd if=/dev/vda of=/tmp/s8 bs=512 skip=8 count=1 iflag=direct 2>/dev/null
+	if cmp -s /tmp/s8 /write8.bin; then echo "L3-WRITE-OK"; else echo "L3-WRITE-BAD"; fi
+	for d in /sys/bus/virtio/devices/*; do echo "L3-FEATURES $(cat $d/device) $(cat $d/features)"; done
+else
+	echo "L3-NO-DISK"
+fi
+echo "L3-DONE"
+poweroff -f
+"#;
+
+/// Build an initramfs with `init` as `/init` and `files` (name, bytes) at
+/// the root.
+pub fn build_with(
+    kernel: &Kernel,
+    modules: &Resolution,
+    work: &Path,
+    out: &Path,
+    init_script: &str,
+    files: &[(&str, Vec<u8>)],
+) -> anyhow::Result<()> {
     if work.exists() {
         std::fs::remove_dir_all(work).with_context(|| format!("clear {}", work.display()))?;
     }
@@ -77,7 +120,10 @@ pub fn build(kernel: &Kernel, modules: &Resolution, work: &Path, out: &Path) -> 
     std::fs::copy(BUSYBOX, work.join("bin/busybox"))
         .with_context(|| format!("copy {BUSYBOX} (install busybox-static)"))?;
     let init = work.join("init");
-    std::fs::write(&init, INIT)?;
+    std::fs::write(&init, init_script)?;
+    for (name, bytes) in files {
+        std::fs::write(work.join(name), bytes)?;
+    }
     let exec = std::fs::Permissions::from_mode(0o755);
     std::fs::set_permissions(&init, exec)?;
     let mut order = String::new();

@@ -83,6 +83,52 @@ impl Summary {
     }
 }
 
+/// Feature bit the Cloud Hypervisor case masks off (VIRTIO_BLK_F_FLUSH,
+/// which QEMU's virtio-blk offers).
+pub const CH_MASKED_BIT: u32 = 9;
+
+/// `CLOUD_HYPERVISOR` (and `CH_REMOTE`) and the innermost guest's boot
+/// files, or `None` when the variable is unset.
+fn cloud_hypervisor(
+    kernel: &kernel::Kernel,
+    lab_dir: &Path,
+) -> anyhow::Result<Option<crate::manifest::ChRun>> {
+    let Some(binary) = std::env::var_os("CLOUD_HYPERVISOR").map(std::path::PathBuf::from) else {
+        return Ok(None);
+    };
+    ensure!(
+        binary.is_file(),
+        "CLOUD_HYPERVISOR={} is not a file",
+        binary.display()
+    );
+    let remote = std::env::var_os("CH_REMOTE").map(std::path::PathBuf::from);
+    let modules = kernel.resolve(&["virtio_pci", "virtio_blk", "virtio_net"])?;
+    let initramfs = lab_dir.join("l3.cpio.gz");
+    let image = devices::DEVICES
+        .iter()
+        .find(|d| d.variant == crate::manifest::Variant::Blk0)
+        .map(|d| d.variant.name())
+        .unwrap_or("blk0");
+    initramfs::build_with(
+        kernel,
+        &modules,
+        &lab_dir.join("l3.d"),
+        &initramfs,
+        initramfs::L3_INIT,
+        &[
+            ("expect0.bin", pattern::sector(image, 0).to_vec()),
+            ("write8.bin", pattern::written(image, 8 * 512, 512)),
+        ],
+    )?;
+    Ok(Some(crate::manifest::ChRun {
+        binary,
+        remote,
+        kernel: kernel.vmlinuz.clone(),
+        initramfs,
+        masked_bit: CH_MASKED_BIT,
+    }))
+}
+
 /// Name (pattern seed) of the image the guest exports through VDUSE.
 pub const VDUSE_IMAGE: &str = "vduse";
 /// Its size in MiB.
@@ -276,7 +322,24 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         pattern::region(VDUSE_IMAGE, 0, VDUSE_MIB << 20),
     )
     .with_context(|| format!("write {}", vduse_image.display()))?;
+    let (ch, ch_skip) = match cloud_hypervisor(&kernel, &lab_dir) {
+        Ok(Some(run)) => (Some(run), None),
+        Ok(None) => (
+            None,
+            Some(
+                "CLOUD_HYPERVISOR is not set: set it (and CH_REMOTE) to a Cloud Hypervisor \
+                 built with patches/ to run the end-to-end cases"
+                    .to_string(),
+            ),
+        ),
+        Err(e) => (
+            None,
+            Some(format!("cannot prepare the Cloud Hypervisor run: {e:#}")),
+        ),
+    };
     let manifest = Manifest {
+        ch,
+        ch_skip,
         version: MANIFEST_VERSION,
         devices: specs.iter().map(|s| s.manifest_entry(&lab_dir)).collect(),
         skipped,

@@ -10,6 +10,7 @@ use crate::manifest::Manifest;
 
 pub mod bench;
 pub mod bridge;
+pub mod ch;
 pub mod plugin;
 pub mod smoke;
 pub mod vhost_vdpa;
@@ -29,6 +30,7 @@ pub fn all() -> Vec<Case> {
     all.extend(bridge::cases());
     all.extend(plugin::cases());
     all.extend(vhost_vdpa::cases());
+    all.extend(ch::cases());
     all
 }
 
