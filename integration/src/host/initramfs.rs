@@ -85,18 +85,54 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in $(cat /modules.order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
 echo "L3-UP $(cut -d' ' -f1 /proc/uptime)"
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-if [ -b /dev/vda ]; then
-	dd if=/dev/vda of=/tmp/s0 bs=512 count=1 2>/dev/null
-	if cmp -s /tmp/s0 /expect0.bin; then echo "L3-READ-OK"; else echo "L3-READ-BAD $(od -An -tx1 /tmp/s0 | head -1)"; fi
-	dd if=/write8.bin of=/dev/vda bs=512 seek=8 count=1 conv=fsync 2>/dev/null && sync
-	dd if=/dev/vda of=/tmp/s8 bs=512 skip=8 count=1 iflag=direct 2>/dev/null
-	if cmp -s /tmp/s8 /write8.bin; then echo "L3-WRITE-OK"; else echo "L3-WRITE-BAD"; fi
-	for d in /sys/bus/virtio/devices/*; do echo "L3-FEATURES $(cat $d/device) $(cat $d/features)"; done
-else
-	echo "L3-NO-DISK"
-fi
+mode=blk
+for w in $(cat /proc/cmdline); do case "$w" in l3=*) mode=${w#l3=} ;; esac; done
+cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
+wait_for() { i=0; while [ ! -e "$1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; }
+case "$mode" in
+blk)
+	wait_for /dev/vda
+	if [ -b /dev/vda ]; then
+		dd if=/dev/vda of=/tmp/s0 bs=512 count=1 2>/dev/null
+		if cmp -s /tmp/s0 /expect0.bin; then echo "L3-READ-OK"; else echo "L3-READ-BAD $(od -An -tx1 /tmp/s0 | head -1)"; fi
+		dd if=/write8.bin of=/dev/vda bs=512 seek=8 count=1 conv=fsync 2>/dev/null && sync
+		dd if=/dev/vda of=/tmp/s8 bs=512 skip=8 count=1 iflag=direct 2>/dev/null
+		if cmp -s /tmp/s8 /write8.bin; then echo "L3-WRITE-OK"; else echo "L3-WRITE-BAD"; fi
+	else
+		echo "L3-NO-DISK"
+	fi
+	;;
+perf)
+	wait_for /dev/vda
+	t0=$(cs); dd if=/dev/vda of=/dev/null bs=1M count=16 iflag=direct 2>/dev/null; t1=$(cs)
+	echo "L3-PERF-SEQ 16MiB $(( (t1 - t0) * 10 )) ms"
+	t0=$(cs); n=0
+	while [ $n -lt 400 ]; do dd if=/dev/vda of=/dev/null bs=4096 count=1 skip=$(( (n * 2654435761) % 4000 )) iflag=direct 2>/dev/null; n=$((n+1)); done
+	t1=$(cs)
+	echo "L3-PERF-RAND4K 400 $(( (t1 - t0) * 10 )) ms"
+	;;
+hotplug)
+	echo "L3-READY"
+	i=0; while [ ! -b /dev/vda ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+	if [ -b /dev/vda ]; then
+		echo "L3-PLUGGED"
+		dd if=/dev/vda of=/tmp/s0 bs=512 count=1 2>/dev/null
+		if cmp -s /tmp/s0 /expect0.bin; then echo "L3-READ-OK"; else echo "L3-READ-BAD"; fi
+		i=0; while [ -b /dev/vda ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+		[ -b /dev/vda ] && echo "L3-STILL-PLUGGED" || echo "L3-UNPLUGGED"
+	else
+		echo "L3-NO-DISK"
+	fi
+	;;
+net)
+	wait_for /sys/class/net/eth0
+	ip link set eth0 up
+	if udhcpc -i eth0 -n -q -t 5 -s /bin/true 2>&1 | grep -q "lease of"; then echo "L3-DHCP-OK"; else echo "L3-DHCP-BAD"; fi
+	ip addr add 10.0.2.15/24 dev eth0
+	if ping -c 3 -W 2 10.0.2.2 >/dev/null 2>&1; then echo "L3-PING-OK"; else echo "L3-PING-BAD"; fi
+	;;
+esac
+for d in /sys/bus/virtio/devices/*; do echo "L3-FEATURES $(cat $d/device) $(cat $d/features)"; done
 echo "L3-DONE"
 poweroff -f
 "#;

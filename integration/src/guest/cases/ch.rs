@@ -1,63 +1,105 @@
 //! Cloud Hypervisor end to end (needs `CLOUD_HYPERVISOR`, a build with
-//! `patches/`): inside the lab VM (nested KVM), Cloud Hypervisor boots a
-//! small guest whose disk is QEMU's virtio-blk-pci claimed through
-//! `--vdpa path=<PCI address>`. The inner guest checks sector 0 against the
-//! host's pattern, writes sector 8 (declared; the host checks the image
-//! afterwards) and prints its negotiated features, which must lack the
-//! bit masked with `features_mask=`.
+//! `patches/`, and `CH_REMOTE` for hot-plug): inside the lab VM (nested
+//! KVM, TCG outside), Cloud Hypervisor with its default seccomp filters and
+//! `--landlock` boots a small guest (`host::initramfs::L3_INIT`) whose
+//! device is one of QEMU's virtio-pci devices claimed through
+//! `--vdpa path=<PCI address>`:
+//!
+//! * blk: the inner guest checks sector 0 against the host's pattern,
+//!   writes sector 8 (declared; the host checks the image afterwards) and
+//!   its negotiated features lack the bit masked with `features_mask=`;
+//! * net: DHCP lease from QEMU's user-mode network, ping 10.0.2.2;
+//! * hot-plug and unplug of the blk device through `ch-remote`;
+//! * throughput: sequential and 4 KiB random reads in the inner guest,
+//!   Cloud Hypervisor's own VFIO passthrough vs the bridge, same device.
 
 use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
-use crate::manifest::Variant;
+use crate::manifest::{ChRun, Variant};
 
 /// The suite.
 pub fn cases() -> Vec<Case> {
-    vec![Case {
-        name: "ch_blk0_inner_guest_io_and_masked_feature".to_string(),
-        needs: Some(Variant::Blk0),
-        run: ch_blk,
-    }]
+    let mut out = Vec::new();
+    let mut add = |name: &str, v: Variant, run: fn(&Ctx) -> CaseResult| {
+        out.push(Case {
+            name: name.to_string(),
+            needs: Some(v),
+            run,
+        })
+    };
+    add(
+        "ch_blk0_inner_guest_io_and_masked_feature",
+        Variant::Blk0,
+        ch_blk,
+    );
+    add(
+        "ch_net_user_inner_guest_dhcp_and_ping",
+        Variant::NetUser,
+        ch_net,
+    );
+    add(
+        "ch_blk0_hotplug_and_unplug_through_the_api",
+        Variant::Blk0,
+        ch_hotplug,
+    );
+    add(
+        "ch_blk0_throughput_passthrough_vs_bridge",
+        Variant::Blk0,
+        ch_perf,
+    );
+    out
 }
 
-fn ch_blk(ctx: &Ctx) -> CaseResult {
-    let Some(ch) = &ctx.manifest.ch else {
-        return Ok(Outcome::Skip(
-            ctx.manifest
-                .ch_skip
-                .clone()
-                .unwrap_or_else(|| "no Cloud Hypervisor configured".into()),
-        ));
-    };
-    let dev = ctx.dev()?;
-    ensure!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "no /dev/kvm (nested KVM) in the lab VM"
-    );
-    // All features but the masked one.
-    let mask = !(1u64 << ch.masked_bit);
-    // Boot files on the guest's tmpfs: Landlock rules (`--landlock`) do
-    // not hold on the 9p share, whose inodes are not stable.
-    let dir = std::path::Path::new("/tmp/ch-l3");
-    std::fs::create_dir_all(dir)?;
-    let kernel = dir.join("vmlinuz");
-    let initramfs = dir.join("initramfs.cpio.gz");
-    std::fs::copy(&ch.kernel, &kernel).context("copy the inner kernel")?;
-    std::fs::copy(&ch.initramfs, &initramfs).context("copy the inner initramfs")?;
-    ctx.declare_write(8 * 512, 512)?;
-    let mut child = Command::new(&ch.binary)
-        .args([
+/// A running Cloud Hypervisor whose console lines arrive on a channel;
+/// killed by pid on drop.
+struct Ch {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Drop for Ch {
+    fn drop(&mut self) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end && !matches!(self.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            // SAFETY: kill(2) of the child we spawned, by its pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Ch {
+    fn start(ch: &ChRun, mode: &str, extra: &[String], landlock: bool) -> anyhow::Result<Ch> {
+        ensure!(
+            std::path::Path::new("/dev/kvm").exists(),
+            "no /dev/kvm (nested KVM) in the lab VM"
+        );
+        // Boot files on the guest's tmpfs: Landlock rules do not hold on
+        // the 9p share, whose inodes are not stable.
+        let dir = PathBuf::from("/tmp/ch-l3");
+        std::fs::create_dir_all(&dir)?;
+        let kernel = dir.join("vmlinuz");
+        let initramfs = dir.join("initramfs.cpio.gz");
+        std::fs::copy(&ch.kernel, &kernel).context("copy the inner kernel")?;
+        std::fs::copy(&ch.initramfs, &initramfs).context("copy the inner initramfs")?;
+        let mut args: Vec<String> = [
             "--kernel",
             &kernel.display().to_string(),
             "--initramfs",
             &initramfs.display().to_string(),
             "--cmdline",
-            "console=ttyS0 quiet panic=-1",
+            &format!("console=ttyS0 quiet panic=-1 l3={mode}"),
             "--serial",
             "tty",
             "--console",
@@ -66,83 +108,279 @@ fn ch_blk(ctx: &Ctx) -> CaseResult {
             "boot=1",
             "--memory",
             "size=512M,shared=on",
-            "--landlock",
-            "--vdpa",
-            &format!("path={},num_queues=1,features_mask={mask:#x}", dev.bdf),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("start {}", ch.binary.display()))?;
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel::<String>();
-    let out = child.stdout.take().context("no stdout")?;
-    let err = child.stderr.take().context("no stderr")?;
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    std::thread::spawn(move || {
-        for l in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx2.send(format!("ch-stderr: {l}"));
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let mut lines = Vec::new();
-    let mut done = false;
-    while Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) => {
-                let fin = l.contains("L3-DONE");
-                println!("  | {l}");
-                lines.push(l);
-                if fin {
-                    done = true;
-                    break;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    // Give the inner guest a moment to power off, then stop CH by its pid.
-    let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end && !matches!(child.try_wait(), Ok(Some(_))) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if !matches!(child.try_wait(), Ok(Some(_))) {
-        // SAFETY: kill(2) of the child we spawned, by its pid.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        let _ = child.wait();
-    }
-    let has = |s: &str| lines.iter().any(|l| l.contains(s));
-    if !done {
-        bail!(
-            "the inner guest did not finish; last lines: {:?}",
-            lines.iter().rev().take(12).collect::<Vec<_>>()
-        );
-    }
-    ensure!(has("L3-READ-OK"), "inner guest read wrong data: {lines:?}");
-    ensure!(has("L3-WRITE-OK"), "inner guest write failed: {lines:?}");
-    // The block device (virtio id 2); Cloud Hypervisor adds others (rng).
-    let bits = lines
+        ]
         .iter()
-        .filter_map(|l| l.split("L3-FEATURES ").nth(1))
-        .find_map(|f| f.strip_prefix("0x0002 "))
-        .context("no features line of a block device")?
-        .trim();
+        .map(|s| s.to_string())
+        .collect();
+        if landlock {
+            args.push("--landlock".into());
+        }
+        args.extend(extra.iter().cloned());
+        let mut child = Command::new(&ch.binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {}", ch.binary.display()))?;
+        let (tx, rx) = mpsc::channel::<String>();
+        let out = child.stdout.take().context("no stdout")?;
+        let err = child.stderr.take().context("no stderr")?;
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("ch-stderr: {l}"));
+            }
+        });
+        Ok(Ch {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Wait for a console line containing `what`.
+    fn wait(&mut self, what: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) => {
+                    println!("  | {l}");
+                    let hit = l.contains(what);
+                    self.seen.push(l);
+                    if hit {
+                        return Ok(());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(st)) = self.child.try_wait() {
+                        bail!(
+                            "Cloud Hypervisor exited ({st}) before {what}: {}",
+                            self.tail()
+                        );
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        bail!("no {what} within {timeout:?}: {}", self.tail())
+    }
+
+    fn tail(&self) -> String {
+        let n = self.seen.len().saturating_sub(12);
+        self.seen[n..].join(" / ")
+    }
+
+    fn has(&self, what: &str) -> bool {
+        self.seen.iter().any(|l| l.contains(what))
+    }
+
+    /// Feature bits of the inner guest's virtio device of type `id`.
+    fn features(&self, id: &str) -> anyhow::Result<String> {
+        self.seen
+            .iter()
+            .filter_map(|l| l.split("L3-FEATURES ").nth(1))
+            .find_map(|f| f.strip_prefix(&format!("{id} ")))
+            .map(|s| s.trim().to_string())
+            .with_context(|| format!("no features line of a device {id}"))
+    }
+
+    fn number(&self, tag: &str) -> anyhow::Result<u64> {
+        self.seen
+            .iter()
+            .find_map(|l| l.split(tag).nth(1))
+            .and_then(|r| r.split_whitespace().rev().nth(1))
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no {tag} line"))
+    }
+}
+
+fn ch_or_skip<'a>(ctx: &Ctx<'a>) -> Result<&'a ChRun, Outcome> {
+    ctx.manifest.ch.as_ref().ok_or_else(|| {
+        Outcome::Skip(
+            ctx.manifest
+                .ch_skip
+                .clone()
+                .unwrap_or_else(|| "no Cloud Hypervisor configured".into()),
+        )
+    })
+}
+
+const TIMEOUT: Duration = Duration::from_secs(150);
+
+fn ch_blk(ctx: &Ctx) -> CaseResult {
+    let ch = match ch_or_skip(ctx) {
+        Ok(c) => c,
+        Err(skip) => return Ok(skip),
+    };
+    let dev = ctx.dev()?;
+    let mask = !(1u64 << ch.masked_bit);
+    ctx.declare_write(8 * 512, 512)?;
+    let mut run = Ch::start(
+        ch,
+        "blk",
+        &[
+            "--vdpa".into(),
+            format!("path={},num_queues=1,features_mask={mask:#x}", dev.bdf),
+        ],
+        true,
+    )?;
+    run.wait("L3-DONE", TIMEOUT)?;
+    ensure!(
+        run.has("L3-READ-OK"),
+        "inner guest read wrong data: {}",
+        run.tail()
+    );
+    ensure!(
+        run.has("L3-WRITE-OK"),
+        "inner guest write failed: {}",
+        run.tail()
+    );
+    let bits = run.features("0x0002")?;
     let bit = |n: u32| bits.as_bytes().get(n as usize).copied() == Some(b'1');
     ensure!(
         !bit(ch.masked_bit),
         "masked bit {} negotiated: {bits}",
         ch.masked_bit
     );
-    ensure!(bit(32), "VERSION_1 not negotiated: {bits}");
-    Ok(Outcome::PassWith(format!("inner guest features {bits}")))
+    ensure!(
+        bit(32) && bit(33),
+        "VERSION_1/ACCESS_PLATFORM not negotiated: {bits}"
+    );
+    Ok(Outcome::PassWith(format!(
+        "inner guest blk features {bits}"
+    )))
+}
+
+fn ch_net(ctx: &Ctx) -> CaseResult {
+    let ch = match ch_or_skip(ctx) {
+        Ok(c) => c,
+        Err(skip) => return Ok(skip),
+    };
+    let dev = ctx.dev()?;
+    let mut run = Ch::start(
+        ch,
+        "net",
+        &["--vdpa".into(), format!("path={},num_queues=3", dev.bdf)],
+        true,
+    )?;
+    run.wait("L3-DONE", TIMEOUT)?;
+    ensure!(run.has("L3-DHCP-OK"), "no DHCP lease: {}", run.tail());
+    ensure!(
+        run.has("L3-PING-OK"),
+        "no ping reply from 10.0.2.2: {}",
+        run.tail()
+    );
+    Ok(Outcome::Pass)
+}
+
+fn ch_hotplug(ctx: &Ctx) -> CaseResult {
+    let ch = match ch_or_skip(ctx) {
+        Ok(c) => c,
+        Err(skip) => return Ok(skip),
+    };
+    let Some(remote) = &ch.remote else {
+        return Ok(Outcome::Skip("CH_REMOTE is not set".into()));
+    };
+    let dev = ctx.dev()?;
+    let sock = "/tmp/ch-l3/api.sock";
+    let _ = std::fs::remove_file(sock);
+    let mut run = Ch::start(
+        ch,
+        "hotplug",
+        &[
+            "--api-socket".into(),
+            format!("path={sock}"),
+            // Landlock rules for what the hot-plugged bridged device will
+            // open, given up front as Cloud Hypervisor asks for any
+            // hot-plugged device.
+            "--landlock-rules".into(),
+            "path=/dev/vfio,access=rw".into(),
+            format!("path=/sys/bus/pci/devices/{},access=r", dev.bdf),
+            "path=/sys/kernel/iommu_groups,access=r".into(),
+        ],
+        true,
+    )?;
+    run.wait("L3-READY", TIMEOUT)?;
+    let api = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(remote)
+            .arg("--api-socket")
+            .arg(sock)
+            .args(args)
+            .output()
+            .context("run ch-remote")?;
+        ensure!(
+            out.status.success(),
+            "ch-remote {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    api(&[
+        "add-vdpa",
+        &format!("path={},num_queues=1,id=hotvdpa", dev.bdf),
+    ])?;
+    run.wait("L3-PLUGGED", Duration::from_secs(90))?;
+    run.wait("L3-READ", Duration::from_secs(60))?;
+    ensure!(
+        run.has("L3-READ-OK"),
+        "hot-plugged disk read wrong data: {}",
+        run.tail()
+    );
+    api(&["remove-device", "hotvdpa"])?;
+    run.wait("L3-DONE", Duration::from_secs(90))?;
+    ensure!(
+        run.has("L3-UNPLUGGED"),
+        "disk still present after remove-device: {}",
+        run.tail()
+    );
+    Ok(Outcome::Pass)
+}
+
+fn ch_perf(ctx: &Ctx) -> CaseResult {
+    let ch = match ch_or_skip(ctx) {
+        Ok(c) => c,
+        Err(skip) => return Ok(skip),
+    };
+    let dev = ctx.dev()?;
+    let mut results = Vec::new();
+    for (label, extra) in [
+        (
+            "passthrough",
+            vec![
+                "--device".to_string(),
+                format!("path=/sys/bus/pci/devices/{}", dev.bdf),
+            ],
+        ),
+        (
+            "bridge",
+            vec![
+                "--vdpa".to_string(),
+                format!("path={},num_queues=1", dev.bdf),
+            ],
+        ),
+    ] {
+        // Without Landlock: Cloud Hypervisor's own VFIO passthrough does not
+        // get its group node allowed under it (seen: EACCES on /dev/vfio/N).
+        let mut run = Ch::start(ch, "perf", &extra, false)?;
+        run.wait("L3-DONE", TIMEOUT)
+            .with_context(|| label.to_string())?;
+        let seq = run.number("L3-PERF-SEQ")?;
+        let rand = run.number("L3-PERF-RAND4K")?;
+        results.push((label, seq.max(1), rand.max(1)));
+        drop(run);
+    }
+    let (_, seq_a, rand_a) = results[0];
+    let (_, seq_b, rand_b) = results[1];
+    Ok(Outcome::PassWith(format!(
+        "16 MiB sequential read: passthrough {seq_a} ms, bridge {seq_b} ms, b/a throughput {:.2}; \
+         400 x 4 KiB random reads: passthrough {rand_a} ms, bridge {rand_b} ms, b/a {:.2}",
+        seq_a as f64 / seq_b as f64,
+        rand_a as f64 / rand_b as f64
+    )))
 }
