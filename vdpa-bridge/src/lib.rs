@@ -47,6 +47,7 @@ pub mod types;
 pub mod vfio;
 pub mod vhost_vdpa;
 pub mod virtio_pci;
+pub mod vmm;
 pub mod vp_vdpa;
 
 pub use error::{Error, Result};

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use vdpa_bridge::backend::{AnyDevice, EMULATED};
-use vdpa_bridge::driver::{net, Driver, DriverOptions, KickMode};
+use vdpa_bridge::driver::net;
 use vdpa_bridge::info::{ConfigInfo, DeviceInfo};
 use vdpa_bridge::sysfs;
 use vdpa_bridge::types::{features, DeviceType};
@@ -53,9 +53,9 @@ enum Cmd {
         #[arg(long, value_parser = parse_u64)]
         features_mask: Option<u64>,
     },
-    /// Bring the device up and do real I/O (blk: reads, writes only with
-    /// --allow-write; net: ARP for --arp-target). Without a device, the
-    /// emulated device.
+    /// Bring the device up through the plugin, as a VMM would, and do real
+    /// I/O through guest rings (blk: reads, writes only with --allow-write;
+    /// net: ARP for --arp-target). Without a device, the emulated device.
     Selftest {
         /// PCI address or sysfs path.
         device: Option<String>,
@@ -68,9 +68,10 @@ enum Cmd {
         /// Our IPv4 address in the ARP request.
         #[arg(long, default_value = "10.0.2.15")]
         arp_source: std::net::Ipv4Addr,
-        /// Kick through the in-kernel eventfd path instead of the doorbell.
+        /// Relay kicks through the plugin's relay thread instead of handing
+        /// them to the kernel.
         #[arg(long)]
-        kick_eventfd: bool,
+        relay_kicks: bool,
         /// JSON output.
         #[arg(short, long)]
         json: bool,
@@ -165,6 +166,8 @@ struct SelftestReport {
     device_type: &'static str,
     negotiated_features: String,
     queues: usize,
+    /// How the plugin wired kicks and interrupts.
+    wiring: String,
     checks: Vec<Check>,
     passed: usize,
     failed: usize,
@@ -174,26 +177,43 @@ fn selftest(
     device: &Option<String>,
     allow_write: bool,
     arp: (std::net::Ipv4Addr, std::net::Ipv4Addr),
-    kick_eventfd: bool,
+    relay_kicks: bool,
 ) -> Result<SelftestReport> {
-    let (name, mut dev) = open(device, None)?;
+    use vdpa_bridge::driver::blk::{T_GET_ID, T_IN, T_OUT};
+    use vdpa_bridge::vmm::harness::{Guest, TestInterrupt};
+    use vdpa_bridge::vmm::{BridgeDevice, DeviceOptions, KickPolicy};
+
+    let (name, dev) = open(device, None)?;
     let emulated = matches!(dev, AnyDevice::Emulated(_));
+    let backend = dev.backend_name();
     let t = DeviceType::from_id(dev.device_id());
-    let extra = match t {
-        DeviceType::Net => features::bit(net::F_MAC),
-        _ => 0,
-    };
-    let opts = DriverOptions {
-        kick: if kick_eventfd {
-            KickMode::EventFd
+    // Exactly what a VMM does: guest memory (shared, 32 MiB), the device
+    // through the plugin's BridgeDevice, guest rings, kick eventfds in and
+    // irqfd-like eventfds out.
+    let mut g = Guest::new(32 << 20, 128)?;
+    let opts = DeviceOptions {
+        kick: if relay_kicks {
+            KickPolicy::Relay
         } else {
-            KickMode::Doorbell
+            KickPolicy::Auto
         },
-        extra_features: extra,
-        queues: (t == DeviceType::Net).then_some(2),
-        ..DriverOptions::default()
+        ..DeviceOptions::default()
     };
-    let mut drv = Driver::bring_up(&mut dev, opts).context("bring-up to DRIVER_OK failed")?;
+    let mut d = BridgeDevice::new(dev, g.mem.clone(), opts).context("open through the plugin")?;
+    let mut want = features::bit(features::VERSION_1) | features::bit(features::ACCESS_PLATFORM);
+    if t == DeviceType::Net {
+        want |= features::bit(net::F_MAC);
+    }
+    d.ack_features(d.features() & want)?;
+    let nq = match t {
+        DeviceType::Net => 2,
+        _ => d.queue_max_sizes().len() as u16,
+    };
+    let irq = TestInterrupt::new(usize::from(nq), true)?;
+    let queues = g.queues(nq, d.queue_max_sizes()[0])?;
+    d.activate(g.mem.clone(), irq.clone(), queues)
+        .context("activation (DRIVER_OK) failed")?;
+    let wiring = d.wiring().map(|w| format!("{w:?}")).unwrap_or_default();
     let mut checks = Vec::new();
     let mut check = |name: &str, r: Result<String>| {
         let (ok, detail) = match r {
@@ -208,36 +228,48 @@ fn selftest(
     };
     match t {
         DeviceType::Block => {
-            let nq = drv.queues.len() as u16;
             for q in 0..nq {
+                let fd = &irq.queues[usize::from(q)];
                 let start = Instant::now();
-                let r = drv
-                    .blk_read(q, 0, 4096)
-                    .map(|d| {
-                        format!(
+                let mut buf = vec![0u8; 4096];
+                let r = g
+                    .blk(q, T_IN, 0, &mut buf, fd)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|st| match st {
+                        0 => Ok(format!(
                             "4 KiB at sector 0 in {:?}, first bytes {:02x?}",
                             start.elapsed(),
-                            &d[..8]
-                        )
-                    })
-                    .map_err(anyhow::Error::from);
+                            &buf[..8]
+                        )),
+                        s => Err(anyhow::anyhow!("status {s}")),
+                    });
                 check(&format!("blk read queue {q}"), r);
             }
-            match drv.blk_get_id(0) {
-                Ok(id) => check("blk get id", Ok(id)),
-                Err(vdpa_bridge::driver::DriverError::BlkStatus(2)) => {
-                    check("blk get id", Ok("unsupported by the device".into()))
+            let mut id = vec![0u8; 20];
+            let r = g.blk(0, T_GET_ID, 0, &mut id, &irq.queues[0]);
+            match r {
+                Ok(0) => {
+                    let end = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+                    check(
+                        "blk get id",
+                        Ok(String::from_utf8_lossy(&id[..end]).into_owned()),
+                    )
                 }
+                Ok(2) => check("blk get id", Ok("unsupported by the device".into())),
+                Ok(s) => check("blk get id", Err(anyhow::anyhow!("status {s}"))),
                 Err(e) => check("blk get id", Err(e.into())),
             }
             if allow_write || emulated {
+                let fd = &irq.queues[0];
                 let r = (|| -> Result<String> {
                     let sector = 8;
-                    let orig = drv.blk_read(0, sector, 512)?;
-                    let pattern: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
-                    drv.blk_write(0, sector, &pattern)?;
-                    let back = drv.blk_read(0, sector, 512)?;
-                    drv.blk_write(0, sector, &orig)?;
+                    let mut orig = vec![0u8; 512];
+                    ensure_ok(g.blk(0, T_IN, sector, &mut orig, fd)?)?;
+                    let mut pattern: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
+                    ensure_ok(g.blk(0, T_OUT, sector, &mut pattern, fd)?)?;
+                    let mut back = vec![0u8; 512];
+                    ensure_ok(g.blk(0, T_IN, sector, &mut back, fd)?)?;
+                    ensure_ok(g.blk(0, T_OUT, sector, &mut orig, fd)?)?;
                     if back != pattern {
                         bail!("read back differs from what was written");
                     }
@@ -253,22 +285,16 @@ fn selftest(
         }
         DeviceType::Net => {
             let r = (|| -> Result<String> {
-                drv.net_fill_rx(0)?;
-                let mac = {
-                    let mut m = [0u8; 6];
-                    dev.get_config(0, &mut m)?;
-                    m
-                };
+                let mut mac = [0u8; 6];
+                d.read_config(0, &mut mac)?;
+                g.net_fill_rx(0)?;
                 let req = net::arp_request(mac, arp.1.octets(), arp.0.octets());
-                let deadline = Instant::now() + Duration::from_secs(5);
-                drv.net_send(0, &req)?;
-                while Instant::now() < deadline {
-                    if let Some((_, f)) = drv.net_recv(1, Duration::from_millis(500))? {
+                for _ in 0..10 {
+                    g.net_send(1, &req, &irq.queues[1])?;
+                    if let Some(f) = g.net_recv(0, &irq.queues[0], Duration::from_millis(500))? {
                         if let Some(peer) = net::parse_arp_reply(&f, arp.0.octets()) {
                             return Ok(format!("{} is at {:02x?}", arp.0, peer));
                         }
-                    } else {
-                        drv.net_send(0, &req)?;
                     }
                 }
                 bail!("no ARP reply from {} within 5 s", arp.0)
@@ -280,20 +306,27 @@ fn selftest(
             Err(anyhow::anyhow!("no self test for {} devices", other.name())),
         ),
     }
-    let negotiated = drv.features;
-    let queues = drv.queues.len();
-    drv.release(&mut dev).context("release")?;
+    let negotiated = d.acked_features();
+    d.reset().context("reset")?;
     let failed = checks.iter().filter(|c| !c.ok).count();
     Ok(SelftestReport {
         device: name,
-        backend: dev.backend_name(),
+        backend,
         device_type: t.name(),
         negotiated_features: format!("{negotiated:#x}"),
-        queues,
+        queues: usize::from(nq),
+        wiring,
         passed: checks.len() - failed,
         failed,
         checks,
     })
+}
+
+fn ensure_ok(status: u8) -> Result<()> {
+    match status {
+        0 => Ok(()),
+        s => bail!("blk request failed with status {s}"),
+    }
 }
 
 fn run(cli: Cli) -> Result<bool> {
@@ -369,10 +402,10 @@ fn run(cli: Cli) -> Result<bool> {
             allow_write,
             arp_target,
             arp_source,
-            kick_eventfd,
+            relay_kicks,
             json,
         } => {
-            let r = selftest(&device, allow_write, (arp_target, arp_source), kick_eventfd)?;
+            let r = selftest(&device, allow_write, (arp_target, arp_source), relay_kicks)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -380,6 +413,7 @@ fn run(cli: Cli) -> Result<bool> {
                     "{} ({}, {}): features {:#}, {} queues",
                     r.device, r.backend, r.device_type, r.negotiated_features, r.queues
                 );
+                println!("  wiring: {}", r.wiring);
                 for c in &r.checks {
                     println!(
                         "  {} {}: {}",

@@ -1,8 +1,8 @@
 //! A VMM-side harness: what the VMM and the guest's virtio driver do
-//! around a [`BridgeDevice`](crate::BridgeDevice), in userspace.
+//! around a [`BridgeDevice`](super::BridgeDevice), in userspace.
 //!
 //! It owns guest memory, lays out split rings in it as a guest driver
-//! would (`vdpa_bridge::driver::ring`), hands CH-shaped queues
+//! would (`crate::driver::ring`), hands CH-shaped queues
 //! (`virtio_queue::Queue`, kick `EventFd`s) to `activate`, and provides an
 //! interrupt source with one eventfd per queue (the irqfds). The plugin's
 //! tests, the lab suite and the benchmark use it.
@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vdpa_bridge::driver::blk::{self, ReadLoad, ReadStats};
-use vdpa_bridge::driver::ring::{Buf, SplitRing};
-use vdpa_bridge::driver::{wait_eventfd, DriverError};
+use crate::driver::blk::{self, ReadLoad, ReadStats};
+use crate::driver::ring::{Buf, SplitRing};
+use crate::driver::{wait_eventfd, DriverError};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::interrupt::{InterruptType, VirtioInterrupt};
+use super::interrupt::{InterruptType, VirtioInterrupt};
 
 /// Guest memory type of the harness.
 pub type Mem = GuestMemoryMmap<()>;
@@ -100,7 +100,7 @@ impl Guest {
     /// Guest RAM of `size` bytes at GPA 0 (at least 16 MiB is sensible).
     pub fn new(size: u64, ring_size: u16) -> Result<Guest> {
         // Shared memory, as VMMs give vDPA guests (see `shared_memory`).
-        let m = vdpa_bridge::driver::shared_memory(&[(0, size)])?;
+        let m = crate::driver::shared_memory(&[(0, size)])?;
         Ok(Guest {
             mem: GuestMemoryAtomic::new(m),
             rings: Vec::new(),

@@ -1,0 +1,39 @@
+//! The VMM side of the bridge: [`BridgeDevice`], what a VMM's device
+//! manager holds for a claimed device, with the shape of Cloud
+//! Hypervisor v53.0's `VirtioDevice` (`device_type`, `queue_max_sizes`,
+//! `features`, `ack_features`, `read_config`, `write_config`, `activate`,
+//! `reset`) and the rust-vmm types CH passes (`virtio_queue::Queue`,
+//! `GuestMemoryAtomic`, `EventFd`).
+//!
+//! The `vdpa-plugin` crate re-exports this module with the VMM-facing
+//! configuration; it lives here so the `vdpa-bridge` CLI's `selftest` can
+//! drive devices through exactly what a VMM uses.
+//!
+//! ## Data path
+//!
+//! On activation every guest kick eventfd is handed to the backend, which
+//! (with VFIO) makes the kernel write the doorbell itself; every device
+//! MSI-X vector that serves exactly one guest interrupt is routed to the
+//! guest's irqfd. No userspace thread sits on either path. A relay thread
+//! exists only for what cannot be direct (see the `relay` module): kicks
+//! with VIRTIO_F_NOTIFICATION_DATA, backends without in-kernel kicks,
+//! shared vectors, interrupts with no eventfd.
+//!
+//! ## DMA
+//!
+//! Without a vIOMMU, guest RAM is mapped with IOVA = GPA (each region as
+//! it appears); with one, or when the VMM maps guest memory itself (Cloud
+//! Hypervisor's `ExternalDmaMapping`), the VMM maps and unmaps through
+//! [`DmaHandle`].
+
+mod device;
+mod dma;
+mod error;
+pub mod harness;
+mod interrupt;
+mod relay;
+
+pub use device::{BridgeDevice, DeviceOptions, KickPolicy, Wiring, TRANSPORT_ONLY_FEATURES};
+pub use dma::DmaHandle;
+pub use error::{Error, Result};
+pub use interrupt::{InterruptType, VirtioInterrupt};
