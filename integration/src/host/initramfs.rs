@@ -124,6 +124,21 @@ hotplug)
 		echo "L3-NO-DISK"
 	fi
 	;;
+hotplugnet)
+	echo "L3-READY"
+	i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+	if [ -e /sys/class/net/eth0 ]; then
+		echo "L3-PLUGGED"
+		ip link set eth0 up
+		ip addr add 10.0.2.15/24 dev eth0
+		if ping -c 3 -W 2 10.0.2.2 >/dev/null 2>&1; then echo "L3-PING-OK"; else echo "L3-PING-BAD"; fi
+		echo "L3-IO-DONE"
+		i=0; while [ -e /sys/class/net/eth0 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+		[ -e /sys/class/net/eth0 ] && echo "L3-STILL-PLUGGED" || echo "L3-UNPLUGGED"
+	else
+		echo "L3-NO-NIC"
+	fi
+	;;
 net)
 	wait_for /sys/class/net/eth0
 	ip link set eth0 up

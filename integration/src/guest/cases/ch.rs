@@ -50,6 +50,11 @@ pub fn cases() -> Vec<Case> {
         ch_hotplug,
     );
     add(
+        "ch_net_user_hotplug_and_unplug_through_the_api",
+        Variant::NetUser,
+        ch_hotplug_net,
+    );
+    add(
         "ch_blk0_throughput_passthrough_vs_bridge",
         Variant::Blk0,
         ch_perf,
@@ -282,6 +287,16 @@ fn ch_net(ctx: &Ctx) -> CaseResult {
 }
 
 fn ch_hotplug(ctx: &Ctx) -> CaseResult {
+    hotplug(ctx, "hotplug", 1, "L3-READ", "L3-READ-OK")
+}
+
+fn ch_hotplug_net(ctx: &Ctx) -> CaseResult {
+    hotplug(ctx, "hotplugnet", 3, "L3-IO-DONE", "L3-PING-OK")
+}
+
+/// Start the inner guest with no device, hot-plug the bridged device
+/// through the API, check I/O in the guest, unplug it, check it is gone.
+fn hotplug(ctx: &Ctx, mode: &str, queues: u16, io_done: &str, io_ok: &str) -> CaseResult {
     let ch = match ch_or_skip(ctx) {
         Ok(c) => c,
         Err(skip) => return Ok(skip),
@@ -294,7 +309,7 @@ fn ch_hotplug(ctx: &Ctx) -> CaseResult {
     let _ = std::fs::remove_file(sock);
     let mut run = Ch::start(
         ch,
-        "hotplug",
+        mode,
         &[
             "--api-socket".into(),
             format!("path={sock}"),
@@ -325,20 +340,20 @@ fn ch_hotplug(ctx: &Ctx) -> CaseResult {
     };
     api(&[
         "add-vdpa",
-        &format!("path={},num_queues=1,id=hotvdpa", dev.bdf),
+        &format!("path={},num_queues={queues},id=hotvdpa", dev.bdf),
     ])?;
     run.wait("L3-PLUGGED", Duration::from_secs(90))?;
-    run.wait("L3-READ", Duration::from_secs(60))?;
+    run.wait(io_done, Duration::from_secs(60))?;
     ensure!(
-        run.has("L3-READ-OK"),
-        "hot-plugged disk read wrong data: {}",
+        run.has(io_ok),
+        "no I/O on the hot-plugged device: {}",
         run.tail()
     );
     api(&["remove-device", "hotvdpa"])?;
     run.wait("L3-DONE", Duration::from_secs(90))?;
     ensure!(
         run.has("L3-UNPLUGGED"),
-        "disk still present after remove-device: {}",
+        "device still present after remove-device: {}",
         run.tail()
     );
     Ok(Outcome::Pass)
