@@ -15,6 +15,8 @@
 pub mod config;
 
 pub use config::{DevicePath, VdpaDeviceConfig};
+/// Every backend behind one type (what [`VdpaDeviceConfig::open`] returns).
+pub use vdpa_bridge::backend::AnyDevice;
 pub use vdpa_bridge::vmm::{
     harness, BridgeDevice, DeviceOptions, DmaHandle, Error, InterruptType, KickPolicy, Result,
     VirtioInterrupt, Wiring, TRANSPORT_ONLY_FEATURES,
