@@ -18,6 +18,6 @@ pub use config::{DevicePath, VdpaDeviceConfig};
 /// Every backend behind one type (what [`VdpaDeviceConfig::open`] returns).
 pub use vdpa_bridge::backend::AnyDevice;
 pub use vdpa_bridge::vmm::{
-    harness, BridgeDevice, DeviceOptions, DmaHandle, Error, InterruptType, KickPolicy, Result,
-    VirtioInterrupt, Wiring, TRANSPORT_ONLY_FEATURES,
+    harness, BridgeDevice, DeviceOptions, DmaHandle, Error, GuestNotifyMapping, InterruptType,
+    KickPolicy, NoNotifyMapping, Result, VirtioInterrupt, Wiring, TRANSPORT_ONLY_FEATURES,
 };

@@ -11,7 +11,7 @@ use vdpa_bridge::types::{features, status};
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_bridge::VdpaOps;
 use vdpa_plugin::harness::{Guest, Mem, TestInterrupt};
-use vdpa_plugin::{BridgeDevice, DeviceOptions, Error, InterruptType, KickPolicy};
+use vdpa_plugin::{BridgeDevice, DeviceOptions, Error, InterruptType, KickPolicy, NoNotifyMapping};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -470,4 +470,104 @@ fn dropping_the_device_resets_it_and_removes_dma_mappings() {
     drop(dev);
     assert_eq!(emu.dma_mapping_count(), 0);
     let _ = status::DRIVER_OK;
+}
+
+/// A raw function with QEMU's virtio-pci layout (notify page at BAR4
+/// 0x3000, multiplier 4) whose every `queue_notify_off` reads 0.
+fn raw_function(mapped: bool, queues: u16) -> Arc<vdpa_bridge::fake::RawFunction> {
+    use vdpa_bridge::fake::{ConfigBuilder, RawFunction};
+    let f = RawFunction::new(&ConfigBuilder::qemu_like(0x1042).build());
+    let f = if mapped {
+        f.with_mapped_bar(4, 0x4000)
+    } else {
+        f.with_bar(4, vdpa_bridge::pci::BarKind::Memory, 0x4000)
+    };
+    f.poke(4, 4, &1u32.to_le_bytes()); // device_feature: VERSION_1
+    f.poke(4, 0x12, &queues.to_le_bytes()); // num_queues
+    f.poke(4, 0x18, &256u16.to_le_bytes()); // queue_size
+    Arc::new(f)
+}
+
+type RawDev = BridgeDevice<VpVdpa<vdpa_bridge::fake::RawFunction>, Mem>;
+
+fn raw_device(f: &Arc<vdpa_bridge::fake::RawFunction>, opts: DeviceOptions, g: &Guest) -> RawDev {
+    let vp = VpVdpa::open(f.clone(), OpenOptions::default()).unwrap();
+    // The VMM maps DMA itself: the raw function has no IOMMU.
+    let opts = DeviceOptions {
+        iommu: true,
+        ..opts
+    };
+    BridgeDevice::new(vp, g.mem.clone(), opts).unwrap()
+}
+
+#[test]
+fn doorbell_page_maps_over_a_guest_notify_area_of_the_same_layout() {
+    let _serial = serial();
+    let g = guest();
+    let f = raw_function(true, 1);
+    let dev = raw_device(&f, DeviceOptions::default(), &g);
+    let m = dev.guest_notify_mapping(4, 0x1000).unwrap();
+    use vdpa_bridge::PciFunction as _;
+    assert_eq!(m.host_addr, f.bar_mappings(4)[0].host_addr + 0x3000);
+    assert_eq!(m.len, 0x1000);
+    // An area smaller than a page cannot take it.
+    assert_eq!(
+        dev.guest_notify_mapping(4, 0x800),
+        Err(NoNotifyMapping::TooLarge {
+            need: 4,
+            have: 0x800
+        })
+    );
+}
+
+#[test]
+fn doorbell_page_is_not_mapped_when_queue_offsets_differ() {
+    let _serial = serial();
+    let g = guest();
+    // Every queue_notify_off is 0: queue 1's doorbell is at 0, the guest
+    // would write it at 4.
+    let f = raw_function(true, 3);
+    let dev = raw_device(&f, DeviceOptions::default(), &g);
+    assert_eq!(
+        dev.guest_notify_mapping(4, 0x1000),
+        Err(NoNotifyMapping::Layout {
+            queue: 1,
+            device: 0,
+            guest: 4
+        })
+    );
+    // Exposing only queue 0 makes the layouts agree.
+    let one = DeviceOptions {
+        num_queues: Some(1),
+        ..DeviceOptions::default()
+    };
+    drop(dev);
+    let dev = raw_device(&f, one, &g);
+    assert!(dev.guest_notify_mapping(4, 0x1000).is_ok());
+}
+
+#[test]
+fn doorbell_page_is_not_mapped_for_relayed_kicks_or_unmappable_bars() {
+    let _serial = serial();
+    let g = guest();
+    let relay = DeviceOptions {
+        kick: KickPolicy::Relay,
+        ..DeviceOptions::default()
+    };
+    let dev = raw_device(&raw_function(true, 1), relay, &g);
+    assert_eq!(
+        dev.guest_notify_mapping(4, 0x1000),
+        Err(NoNotifyMapping::Relayed)
+    );
+    let dev = raw_device(&raw_function(false, 1), DeviceOptions::default(), &g);
+    assert_eq!(
+        dev.guest_notify_mapping(4, 0x1000),
+        Err(NoNotifyMapping::Backend)
+    );
+    // The emulated device traps its BAR: nothing to map either.
+    let (_emu, dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    assert_eq!(
+        dev.guest_notify_mapping(4, 0x1000),
+        Err(NoNotifyMapping::Backend)
+    );
 }

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::emu::{EmuConfig, EmulatedFunction};
 use crate::info::{self, DeviceInfo};
-use crate::ops::{BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, VdpaOps};
+use crate::ops::{BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, NotifyPages, VdpaOps};
 use crate::pci::PciFunction;
 use crate::types::{Iova, IovaRange, QueueIndex, VringAddrs};
 use crate::vfio::VfioFunction;
@@ -176,6 +176,9 @@ impl VdpaOps for AnyDevice {
     }
     fn notification_area(&self, q: QueueIndex) -> Result<NotifyArea> {
         each!(self, d => d.notification_area(q))
+    }
+    fn notification_pages(&self) -> Option<NotifyPages> {
+        each!(self, d => d.notification_pages())
     }
     fn config_size(&self) -> usize {
         each!(self, d => d.config_size())

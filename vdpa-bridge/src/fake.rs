@@ -9,12 +9,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::pci::{BarInfo, BarKind, BarMapping, IoWidth, PciError, PciFunction, PciResult};
 use crate::types::{Iova, IovaRange};
+use vm_memory::{MmapRegion, VolatileMemory as _};
 
 /// A PCI function made of bytes: config space and BARs read back what was
 /// written, nothing more. Writes are logged for assertions.
 pub struct RawFunction {
     config: Mutex<Vec<u8>>,
     bars: [Option<(BarInfo, Mutex<Vec<u8>>)>; 6],
+    /// BARs backed by anonymous host memory and reported as mapped.
+    mapped: [Option<MmapRegion>; 6],
     /// `(bar, offset, bytes)` of every BAR write, in order.
     pub writes: Mutex<Vec<(u8, u64, Vec<u8>)>>,
 }
@@ -29,6 +32,7 @@ impl RawFunction {
         RawFunction {
             config: Mutex::new(c),
             bars: Default::default(),
+            mapped: Default::default(),
             writes: Mutex::new(Vec::new()),
         }
     }
@@ -41,8 +45,38 @@ impl RawFunction {
         self
     }
 
+    /// Give the function a memory BAR `index` of `size` bytes backed by
+    /// page-aligned anonymous memory that [`PciFunction::bar_mappings`]
+    /// reports, as VFIO reports an mmap-able BAR. Accesses through the
+    /// mapping are not logged in [`RawFunction::writes`].
+    ///
+    /// # Panics
+    ///
+    /// When the memory cannot be allocated (test setup).
+    pub fn with_mapped_bar(mut self, index: u8, size: u64) -> Self {
+        let i = usize::from(index);
+        if i < 6 {
+            let region = MmapRegion::new(size as usize).expect("anonymous BAR memory");
+            self.mapped[i] = Some(region);
+            self = self.with_bar(index, BarKind::Memory, size);
+        }
+        self
+    }
+
+    /// Read `buf.len()` bytes at `offset` of BAR `index`, through its
+    /// mapping when it has one.
+    pub fn peek(&self, index: u8, offset: u64, buf: &mut [u8]) -> PciResult<()> {
+        self.bar_read(index, offset, buf)
+    }
+
     /// Poke bytes into BAR `index`.
     pub fn poke(&self, index: u8, offset: usize, bytes: &[u8]) {
+        if let Some(Some(m)) = self.mapped.get(usize::from(index)) {
+            if let Ok(s) = m.get_slice(offset, bytes.len()) {
+                s.copy_from(bytes);
+            }
+            return;
+        }
         if let Some(Some((_, b))) = self.bars.get(usize::from(index)) {
             let mut b = lock(b);
             b[offset..offset + bytes.len()].copy_from_slice(bytes);
@@ -69,8 +103,8 @@ fn range(offset: u64, len: usize, size: u64) -> Option<std::ops::Range<usize>> {
     Some(offset as usize..end as usize)
 }
 
-// SAFETY: `bar_mappings` returns no mappings, so there is nothing to keep
-// valid.
+// SAFETY: `bar_mappings` reports only the `MmapRegion`s of `mapped`, which
+// live (mapped, readable and writable) as long as the function.
 unsafe impl PciFunction for RawFunction {
     fn config_read(&self, offset: u64, buf: &mut [u8]) -> PciResult<()> {
         let c = lock(&self.config);
@@ -96,12 +130,31 @@ unsafe impl PciFunction for RawFunction {
         self.bar(index).ok().map(|(i, _)| *i)
     }
 
-    fn bar_mappings(&self, _index: u8) -> Vec<BarMapping> {
-        Vec::new()
+    fn bar_mappings(&self, index: u8) -> Vec<BarMapping> {
+        match self.mapped.get(usize::from(index)) {
+            Some(Some(m)) => vec![BarMapping {
+                offset: 0,
+                len: m.size() as u64,
+                host_addr: m.as_ptr() as usize,
+            }],
+            _ => Vec::new(),
+        }
     }
 
     fn bar_read(&self, index: u8, offset: u64, buf: &mut [u8]) -> PciResult<()> {
         let (info, bytes) = self.bar(index)?;
+        if let Some(Some(m)) = self.mapped.get(usize::from(index)) {
+            let s =
+                m.get_slice(offset as usize, buf.len())
+                    .map_err(|_| PciError::BarOutOfRange {
+                        bar: index,
+                        offset,
+                        len: buf.len(),
+                        size: info.size,
+                    })?;
+            s.copy_to(buf);
+            return Ok(());
+        }
         let r = range(offset, buf.len(), info.size).ok_or(PciError::BarOutOfRange {
             bar: index,
             offset,
@@ -114,6 +167,19 @@ unsafe impl PciFunction for RawFunction {
 
     fn bar_write(&self, index: u8, offset: u64, buf: &[u8]) -> PciResult<()> {
         let (info, bytes) = self.bar(index)?;
+        if let Some(Some(m)) = self.mapped.get(usize::from(index)) {
+            let s =
+                m.get_slice(offset as usize, buf.len())
+                    .map_err(|_| PciError::BarOutOfRange {
+                        bar: index,
+                        offset,
+                        len: buf.len(),
+                        size: info.size,
+                    })?;
+            s.copy_from(buf);
+            lock(&self.writes).push((index, offset, buf.to_vec()));
+            return Ok(());
+        }
         let r = range(offset, buf.len(), info.size).ok_or(PciError::BarOutOfRange {
             bar: index,
             offset,
@@ -224,6 +290,27 @@ impl ConfigBuilder {
         let mut s = self.virtio_cap(2, bar, offset, length);
         s.bytes[pos + 16..pos + 20].copy_from_slice(&multiplier.to_le_bytes());
         s
+    }
+
+    /// Append an MSI-X capability: `vectors` entries, table at
+    /// `table_off` of BAR `table_bar`, PBA at `pba_off` of BAR `pba_bar`.
+    pub fn msix_cap(
+        mut self,
+        vectors: u16,
+        table_bar: u8,
+        table_off: u32,
+        pba_bar: u8,
+        pba_off: u32,
+    ) -> Self {
+        let pos = self.next_pos;
+        self.link(pos);
+        let b = &mut self.bytes;
+        b[pos] = 0x11;
+        b[pos + 2..pos + 4].copy_from_slice(&(vectors.saturating_sub(1) & 0x7ff).to_le_bytes());
+        b[pos + 4..pos + 8].copy_from_slice(&(table_off | u32::from(table_bar & 7)).to_le_bytes());
+        b[pos + 8..pos + 12].copy_from_slice(&(pba_off | u32::from(pba_bar & 7)).to_le_bytes());
+        self.next_pos += 12;
+        self
     }
 
     /// Overwrite a byte (for malformed layouts).

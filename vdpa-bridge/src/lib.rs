@@ -52,7 +52,8 @@ pub mod vp_vdpa;
 
 pub use error::{Error, Result};
 pub use ops::{
-    BackendCaps, DmaMapper, Doorbell, IrqGroup, IrqPlan, NotifyArea, RingDoorbell, Suspend, VdpaOps,
+    BackendCaps, DmaMapper, Doorbell, IrqGroup, IrqPlan, NotifyArea, NotifyPages, RingDoorbell,
+    Suspend, VdpaOps,
 };
 pub use pci::{PciError, PciFunction};
 pub use types::{DeviceType, Iova, IovaRange, QueueIndex, VringAddrs};

@@ -44,6 +44,23 @@ pub struct NotifyArea {
     pub page_exclusive: bool,
 }
 
+/// Every queue's doorbell in one host mapping of whole pages that hold
+/// nothing but doorbells (no other virtio structure, no MSI-X table or
+/// PBA), so a VMM can map them into its guest and the guest's kicks reach
+/// the device without a VM exit.
+///
+/// The mapping stays valid for as long as the backend that reported it
+/// lives; a VMM must remove it from its guest before dropping the backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NotifyPages {
+    /// Host address of the first page (page-aligned).
+    pub host_addr: usize,
+    /// Length in bytes (whole pages).
+    pub len: u64,
+    /// Offset of each queue's doorbell from `host_addr`, by queue index.
+    pub doorbells: Vec<u64>,
+}
+
 /// Who raises an interrupt for what, as the backend programs MSI-X.
 ///
 /// With enough vectors every queue and the config change get their own
@@ -230,6 +247,11 @@ pub trait VdpaOps: Send {
     fn doorbell(&self, q: QueueIndex) -> Result<Doorbell, Error>;
     /// Where queue `q`'s doorbell is.
     fn notification_area(&self, q: QueueIndex) -> Result<NotifyArea, Error>;
+    /// Every queue's doorbell as one mappable range of pages, when the
+    /// backend has such a host mapping and those pages hold nothing else.
+    fn notification_pages(&self) -> Option<NotifyPages> {
+        None
+    }
     /// Size of the device-specific configuration space.
     fn config_size(&self) -> usize;
     /// Read device config at `offset`, consistently (generation-checked).

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::ops::{BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, RingDoorbell, VdpaOps};
+use crate::ops::{
+    BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, NotifyPages, RingDoorbell, VdpaOps,
+};
 use crate::pci::{IoWidth, PciFunction, PciFunctionExt};
 use crate::types::{features, status, Iova, IovaRange, QueueIndex, VringAddrs};
 use crate::virtio_pci::bar::BarWindow;
@@ -73,6 +75,8 @@ pub struct VpVdpa<P: PciFunction + ?Sized> {
     notify: Vec<Option<u64>>,
     /// Whether each queue's doorbell page holds nothing else.
     page_exclusive: Vec<bool>,
+    /// All doorbells as one mappable range of pages, where possible.
+    pages: Option<NotifyPages>,
 }
 
 impl<P: PciFunction + ?Sized> std::fmt::Debug for VpVdpa<P> {
@@ -149,11 +153,13 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
             }
         }
         let page_exclusive = page_exclusivity(&transport, &notify)?;
+        let pages = doorbell_pages(&transport, &notify)?;
         transport.reset()?;
         let plan = IrqPlan::for_vectors(n, transport.function().msix_vectors());
         Ok(VpVdpa {
             notify,
             page_exclusive,
+            pages,
             transport,
             raw_features: raw,
             offered: raw & mask,
@@ -314,6 +320,44 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
     }
 }
 
+/// The ranges of one BAR that hold something other than doorbells: the
+/// common, ISR and device config structures and the MSI-X table and PBA.
+struct OtherStructures {
+    ranges: Vec<(u8, u64, u64)>,
+}
+
+impl OtherStructures {
+    fn of<P: PciFunction + ?Sized>(t: &ModernTransport<P>) -> Result<Self> {
+        let caps = *t.caps();
+        let mut ranges: Vec<(u8, u64, u64)> = [Some(caps.common), Some(caps.isr), caps.device]
+            .into_iter()
+            .flatten()
+            .map(|r| (r.bar, r.offset, r.offset.saturating_add(r.length)))
+            .collect();
+        if let Some((pos, vectors)) = caps.msix {
+            // MSI-X table and PBA: offset/BIR words at cap + 4 and + 8;
+            // 16 bytes per entry, one bit per vector (in 8-byte words).
+            let sizes = [u64::from(vectors) * 16, u64::from(vectors).div_ceil(64) * 8];
+            for (w, size) in [4u64, 8].into_iter().zip(sizes) {
+                let v = t
+                    .function()
+                    .config_read_u32(u64::from(pos) + w)
+                    .map_err(TransportError::Pci)?;
+                let off = u64::from(v & !7);
+                ranges.push(((v & 7) as u8, off, off.saturating_add(size)));
+            }
+        }
+        Ok(OtherStructures { ranges })
+    }
+
+    /// Whether `[start, end)` of `bar` overlaps any of them.
+    fn overlap(&self, bar: u8, start: u64, end: u64) -> bool {
+        self.ranges
+            .iter()
+            .any(|&(b, s, e)| b == bar && s < end && start < e)
+    }
+}
+
 /// For each queue, whether its doorbell's page holds no other queue's
 /// doorbell, no other virtio structure and no MSI-X table or PBA, so the
 /// page can be mapped into a guest (QEMU's `page-per-vq=on`).
@@ -322,41 +366,70 @@ fn page_exclusivity<P: PciFunction + ?Sized>(
     notify: &[Option<u64>],
 ) -> Result<Vec<bool>> {
     let region = t.notify_region();
-    let caps = *t.caps();
-    let page_of = |off: u64| (region.offset + off) & !(PAGE_SIZE - 1);
-    let mut msix_ranges = Vec::new();
-    if let Some((pos, _)) = caps.msix {
-        // MSI-X table and PBA: offset/BIR words at cap + 4 and + 8.
-        for w in [4u64, 8] {
-            let v = t
-                .function()
-                .config_read_u32(u64::from(pos) + w)
-                .map_err(TransportError::Pci)?;
-            msix_ranges.push(((v & 7) as u8, u64::from(v & !7)));
-        }
-    }
+    let others = OtherStructures::of(t)?;
+    let page_of = |off: u64| region.offset.saturating_add(off) & !(PAGE_SIZE - 1);
     let out = notify
         .iter()
         .enumerate()
         .map(|(i, off)| {
             let Some(off) = off else { return false };
             let page = page_of(*off);
-            let page_end = page + PAGE_SIZE;
-            let clash_struct = [Some(caps.common), Some(caps.isr), caps.device]
-                .into_iter()
-                .flatten()
-                .any(|r| r.bar == region.bar && r.offset < page_end && page < r.offset + r.length);
+            let page_end = page.saturating_add(PAGE_SIZE);
             let clash_queue = notify
                 .iter()
                 .enumerate()
                 .any(|(j, o)| j != i && o.is_some_and(|o| page_of(o) == page));
-            let clash_msix = msix_ranges
-                .iter()
-                .any(|&(bir, o)| bir == region.bar && o < page_end && o + PAGE_SIZE > page);
-            !(clash_struct || clash_queue || clash_msix)
+            !(clash_queue || others.overlap(region.bar, page, page_end))
         })
         .collect();
     Ok(out)
+}
+
+/// The pages holding every queue's doorbell, when every queue has one,
+/// nothing else lives in those pages and the function maps all of them
+/// at a page-aligned host address (QEMU's default layout: one 4 KiB page,
+/// queue `q` at `4 * q`).
+fn doorbell_pages<P: PciFunction + ?Sized>(
+    t: &ModernTransport<P>,
+    notify: &[Option<u64>],
+) -> Result<Option<NotifyPages>> {
+    let region = t.notify_region();
+    // Every doorbell's BAR offset; 4 bytes wide at most (notification data).
+    let Some(offsets) = notify
+        .iter()
+        .map(|o| o.and_then(|o| region.offset.checked_add(o)))
+        .collect::<Option<Vec<u64>>>()
+    else {
+        return Ok(None);
+    };
+    let (Some(&lo), Some(&hi)) = (offsets.iter().min(), offsets.iter().max()) else {
+        return Ok(None);
+    };
+    let start = lo & !(PAGE_SIZE - 1);
+    let Some(end) = hi
+        .checked_add(4)
+        .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
+    else {
+        return Ok(None);
+    };
+    if OtherStructures::of(t)?.overlap(region.bar, start, end) {
+        return Ok(None);
+    }
+    let host = t.function().bar_mappings(region.bar).iter().find_map(|m| {
+        let inside = start >= m.offset && m.offset.checked_add(m.len).is_some_and(|me| end <= me);
+        inside
+            .then(|| usize::try_from(start - m.offset).ok())
+            .flatten()
+            .and_then(|d| m.host_addr.checked_add(d))
+    });
+    let Some(host_addr) = host.filter(|h| (*h as u64).is_multiple_of(PAGE_SIZE)) else {
+        return Ok(None);
+    };
+    Ok(Some(NotifyPages {
+        host_addr,
+        len: end - start,
+        doorbells: offsets.iter().map(|o| o - start).collect(),
+    }))
 }
 
 struct PciDoorbell<P: PciFunction + ?Sized> {
@@ -661,6 +734,10 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         })
     }
 
+    fn notification_pages(&self) -> Option<NotifyPages> {
+        self.pages.clone()
+    }
+
     fn config_size(&self) -> usize {
         self.transport.device_config_len() as usize
     }
@@ -729,5 +806,95 @@ impl<P: PciFunction + ?Sized> Drop for VpVdpa<P> {
             log::warn!("reset on release failed: {e}");
         }
         self.teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{ConfigBuilder, RawFunction};
+
+    /// Common config offsets (virtio 1.2 §4.1.4.3).
+    const DEVICE_FEATURE: usize = 4;
+    const NUM_QUEUES: usize = 0x12;
+    const QUEUE_SIZE: usize = 0x18;
+
+    /// A function that opens: VERSION_1 offered, `queues` queues of 256,
+    /// every `queue_notify_off` 0 (the raw bytes ignore queue_select).
+    fn function(config: ConfigBuilder, mapped: bool, queues: u16) -> Arc<RawFunction> {
+        let f = RawFunction::new(&config.build());
+        let f = if mapped {
+            f.with_mapped_bar(4, 0x4000)
+        } else {
+            f.with_bar(4, crate::pci::BarKind::Memory, 0x4000)
+        };
+        f.poke(4, DEVICE_FEATURE, &1u32.to_le_bytes());
+        f.poke(4, NUM_QUEUES, &queues.to_le_bytes());
+        f.poke(4, QUEUE_SIZE, &256u16.to_le_bytes());
+        Arc::new(f)
+    }
+
+    fn open(f: &Arc<RawFunction>) -> VpVdpa<RawFunction> {
+        VpVdpa::open(Arc::clone(f), OpenOptions::default()).expect("open")
+    }
+
+    #[test]
+    fn qemu_layout_doorbells_form_one_mappable_page() {
+        let f = function(ConfigBuilder::qemu_like(0x1042), true, 3);
+        let d = open(&f);
+        let pages = d.notification_pages().expect("doorbell pages");
+        let base = f.bar_mappings(4)[0].host_addr;
+        assert_eq!(pages.host_addr, base + 0x3000);
+        assert_eq!(pages.len, 0x1000);
+        // queue_notify_off reads 0 for every queue here.
+        assert_eq!(pages.doorbells, vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn unmapped_bar_has_no_doorbell_pages() {
+        let f = function(ConfigBuilder::qemu_like(0x1042), false, 1);
+        assert_eq!(open(&f).notification_pages(), None);
+    }
+
+    #[test]
+    fn doorbell_page_shared_with_device_config_is_not_offered() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0, 0x1000)
+            .virtio_cap(3, 4, 0x1000, 0x1000)
+            .virtio_cap(4, 4, 0x2000, 0x800)
+            .notify_cap(4, 0x2800, 0x800, 4);
+        let f = function(cfg, true, 2);
+        let d = open(&f);
+        assert_eq!(d.notification_pages(), None);
+        // The doorbell itself still works through the host mapping.
+        d.kick(QueueIndex(1)).expect("kick");
+        let mut b = [0u8; 2];
+        f.peek(4, 0x2800, &mut b).expect("peek");
+        assert_eq!(u16::from_le_bytes(b), 1);
+    }
+
+    #[test]
+    fn msix_table_in_the_doorbell_page_is_not_offered() {
+        let in_page = ConfigBuilder::qemu_like(0x1042).msix_cap(4, 4, 0x3800, 4, 0x3c00);
+        let f = function(in_page, true, 1);
+        assert_eq!(open(&f).notification_pages(), None);
+        // Elsewhere (its own BAR, as QEMU puts it) it does not matter.
+        let elsewhere = ConfigBuilder::qemu_like(0x1042).msix_cap(4, 1, 0, 1, 0x800);
+        let f = function(elsewhere, true, 1);
+        assert!(open(&f).notification_pages().is_some());
+    }
+
+    #[test]
+    fn a_short_doorbell_region_still_needs_its_whole_page_free() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0, 0x1000)
+            .virtio_cap(3, 4, 0x1000, 0x1000)
+            .virtio_cap(4, 4, 0x2000, 0x1000)
+            .notify_cap(4, 0x3000, 0x800, 4)
+            .msix_cap(2, 4, 0x3800, 4, 0x3c00);
+        let f = function(cfg, true, 1);
+        // The table at 0x3800 is in the doorbells' page: refused, though
+        // the notify region itself ends at 0x3800.
+        assert_eq!(open(&f).notification_pages(), None);
     }
 }

@@ -104,12 +104,7 @@ blk)
 	;;
 perf)
 	wait_for /dev/vda
-	t0=$(cs); for i in 1 2 3 4; do dd if=/dev/vda of=/dev/null bs=1M count=16 iflag=direct 2>/dev/null; done; t1=$(cs)
-	echo "L3-PERF-SEQ 64MiB $(( (t1 - t0) * 10 )) ms"
-	t0=$(cs); n=0
-	while [ $n -lt 400 ]; do dd if=/dev/vda of=/dev/null bs=4096 count=1 skip=$(( (n * 2654435761) % 4000 )) iflag=direct 2>/dev/null; n=$((n+1)); done
-	t1=$(cs)
-	echo "L3-PERF-RAND4K 400 $(( (t1 - t0) * 10 )) ms"
+	/bin/l3-blkperf /dev/vda 5
 	;;
 hotplug)
 	echo "L3-READY"
@@ -152,15 +147,57 @@ echo "L3-DONE"
 poweroff -f
 "#;
 
-/// Build an initramfs with `init` as `/init` and `files` (name, bytes) at
-/// the root.
+/// A dynamically linked program and the shared libraries `ldd` lists for
+/// it, as initramfs entries: the program at `name`, each library at its
+/// host path (so the program's interpreter and library paths hold).
+///
+/// # Errors
+///
+/// The program is missing (build it: `cargo build --release -p
+/// vdpa-integration --bins`), `ldd` fails, or a library cannot be read.
+pub fn program_with_libraries(
+    program: &Path,
+    name: &str,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let bytes = std::fs::read(program)
+        .with_context(|| format!("read {} (cargo build --release --bins)", program.display()))?;
+    let mut out = vec![(name.to_string(), bytes)];
+    let ldd = Command::new("ldd")
+        .arg(program)
+        .output()
+        .context("run ldd")?;
+    // A static program: "not a dynamic executable", nothing to add.
+    if !ldd.status.success() {
+        return Ok(out);
+    }
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; linux-vdso has no file.
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let lib = std::fs::read(path).with_context(|| format!("read {path}"))?;
+        out.push((path.trim_start_matches('/').to_string(), lib));
+    }
+    Ok(out)
+}
+
+/// Build an initramfs with `init` as `/init` and `files` (path, bytes)
+/// under the root; ELF files are made executable.
 pub fn build_with(
     kernel: &Kernel,
     modules: &Resolution,
     work: &Path,
     out: &Path,
     init_script: &str,
-    files: &[(&str, Vec<u8>)],
+    files: &[(String, Vec<u8>)],
 ) -> anyhow::Result<()> {
     if work.exists() {
         std::fs::remove_dir_all(work).with_context(|| format!("clear {}", work.display()))?;
@@ -172,10 +209,17 @@ pub fn build_with(
         .with_context(|| format!("copy {BUSYBOX} (install busybox-static)"))?;
     let init = work.join("init");
     std::fs::write(&init, init_script)?;
-    for (name, bytes) in files {
-        std::fs::write(work.join(name), bytes)?;
-    }
     let exec = std::fs::Permissions::from_mode(0o755);
+    for (name, bytes) in files {
+        let path = work.join(name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, bytes)?;
+        if bytes.starts_with(b"\x7fELF") {
+            std::fs::set_permissions(&path, exec.clone())?;
+        }
+    }
     std::fs::set_permissions(&init, exec)?;
     let mut order = String::new();
     for m in &modules.load {

@@ -92,6 +92,7 @@ pub const CH_MASKED_BIT: u32 = 9;
 fn cloud_hypervisor(
     kernel: &kernel::Kernel,
     lab_dir: &Path,
+    perf_tool: &Path,
 ) -> anyhow::Result<Option<crate::manifest::ChRun>> {
     let Some(binary) = std::env::var_os("CLOUD_HYPERVISOR").map(std::path::PathBuf::from) else {
         return Ok(None);
@@ -109,16 +110,27 @@ fn cloud_hypervisor(
         .find(|d| d.variant == crate::manifest::Variant::Blk0)
         .map(|d| d.variant.name())
         .unwrap_or("blk0");
+    let mut files = vec![
+        (
+            "expect0.bin".to_string(),
+            pattern::sector(image, 0).to_vec(),
+        ),
+        (
+            "write8.bin".to_string(),
+            pattern::written(image, 8 * 512, 512),
+        ),
+    ];
+    files.extend(initramfs::program_with_libraries(
+        perf_tool,
+        "bin/l3-blkperf",
+    )?);
     initramfs::build_with(
         kernel,
         &modules,
         &lab_dir.join("l3.d"),
         &initramfs,
         initramfs::L3_INIT,
-        &[
-            ("expect0.bin", pattern::sector(image, 0).to_vec()),
-            ("write8.bin", pattern::written(image, 8 * 512, 512)),
-        ],
+        &files,
     )?;
     Ok(Some(crate::manifest::ChRun {
         binary,
@@ -322,7 +334,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         pattern::region(VDUSE_IMAGE, 0, VDUSE_MIB << 20),
     )
     .with_context(|| format!("write {}", vduse_image.display()))?;
-    let (ch, ch_skip) = match cloud_hypervisor(&kernel, &lab_dir) {
+    let perf_tool = opts.guest_bin.with_file_name("l3-blkperf");
+    let (ch, ch_skip) = match cloud_hypervisor(&kernel, &lab_dir, &perf_tool) {
         Ok(Some(run)) => (Some(run), None),
         Ok(None) => (
             None,

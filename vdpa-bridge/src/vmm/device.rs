@@ -88,6 +88,50 @@ impl Wiring {
     }
 }
 
+/// A host mapping of the device's doorbells that a VMM can map over its
+/// own virtio-pci notification area, so the guest's kicks reach the
+/// device without a VM exit (see [`BridgeDevice::guest_notify_mapping`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestNotifyMapping {
+    /// Host address (page-aligned) to map at the start of the VMM's
+    /// notification area.
+    pub host_addr: usize,
+    /// Bytes to map (whole pages).
+    pub len: u64,
+}
+
+/// Why the doorbells cannot be mapped into the guest (kicks are then
+/// trapped by the VMM and forwarded, which always works).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoNotifyMapping {
+    /// Kicks must go through the relay thread (`KickPolicy::Relay`).
+    #[error("kicks are relayed by policy")]
+    Relayed,
+    /// The backend has no host mapping of its doorbells that holds
+    /// nothing else (the pages also hold config structures or the MSI-X
+    /// table, the BAR is not mmap-able, or the backend is not PCI).
+    #[error("the backend has no exclusive host mapping of its doorbells")]
+    Backend,
+    /// The device's doorbell layout differs from the VMM's.
+    #[error("queue {queue}: doorbell at {device:#x} in the device's pages, the guest expects {guest:#x}")]
+    Layout {
+        /// Queue index.
+        queue: u16,
+        /// Offset in the device's doorbell pages.
+        device: u64,
+        /// Offset the guest writes to.
+        guest: u64,
+    },
+    /// The doorbells the guest uses do not fit in the VMM's area.
+    #[error("the device's doorbells need {need:#x} bytes, the guest's area has {have:#x}")]
+    TooLarge {
+        /// Bytes needed.
+        need: u64,
+        /// Size of the VMM's notification area.
+        have: u64,
+    },
+}
+
 struct Active {
     relay: Option<Relay>,
     wiring: Wiring,
@@ -509,6 +553,79 @@ where
         }
         let area = b.notification_area(QueueIndex(q)).ok()?;
         (area.page_exclusive && area.host_addr.is_some()).then_some(area)
+    }
+}
+
+/// Page unit of guest notification mappings.
+const PAGE: u64 = 4096;
+
+impl<B, M> BridgeDevice<B, M>
+where
+    B: VdpaOps + DmaMapper,
+    M: GuestMemory,
+{
+    /// The device's doorbells as pages a VMM can map over its own
+    /// virtio-pci notification area: that area is `area_len` bytes and the
+    /// guest writes queue `q`'s doorbell at `q * multiplier` in it
+    /// (Cloud Hypervisor: `notify_off_multiplier` 4, `queue_notify_off` =
+    /// queue index, one 4 KiB area). The device's doorbell pages must hold
+    /// nothing else and put every guest-visible queue's doorbell at that
+    /// same offset (QEMU's virtio-pci devices do by default).
+    ///
+    /// Kicks written there reach the device directly: the guest writes the
+    /// queue index (or, with VIRTIO_F_NOTIFICATION_DATA, the full
+    /// notification) exactly as the device expects it, so no translation
+    /// is lost. The mapping lives as long as this device; the VMM must
+    /// remove it from the guest before dropping the device.
+    ///
+    /// # Errors
+    ///
+    /// [`NoNotifyMapping`] says why not; the VMM then keeps trapping
+    /// kicks, which always works.
+    pub fn guest_notify_mapping(
+        &self,
+        multiplier: u32,
+        area_len: u64,
+    ) -> std::result::Result<GuestNotifyMapping, NoNotifyMapping> {
+        if self.opts.kick == KickPolicy::Relay {
+            return Err(NoNotifyMapping::Relayed);
+        }
+        let pages = lock(&self.backend)
+            .notification_pages()
+            .ok_or(NoNotifyMapping::Backend)?;
+        let mut need = 0;
+        for q in 0..self.queue_max_sizes.len() {
+            let queue = u16::try_from(q).unwrap_or(u16::MAX);
+            let guest = u64::from(queue) * u64::from(multiplier);
+            let device = pages
+                .doorbells
+                .get(q)
+                .copied()
+                .ok_or(NoNotifyMapping::Backend)?;
+            if device != guest {
+                return Err(NoNotifyMapping::Layout {
+                    queue,
+                    device,
+                    guest,
+                });
+            }
+            // Notification data doorbells are 4 bytes wide.
+            need = need.max(guest + 4);
+        }
+        let len = need.next_multiple_of(PAGE);
+        if len == 0 {
+            return Err(NoNotifyMapping::Backend);
+        }
+        if len > area_len || len > pages.len {
+            return Err(NoNotifyMapping::TooLarge {
+                need,
+                have: area_len.min(pages.len),
+            });
+        }
+        Ok(GuestNotifyMapping {
+            host_addr: pages.host_addr,
+            len,
+        })
     }
 }
 

@@ -167,6 +167,29 @@ impl Guest {
         data: &mut [u8],
         irq: &EventFd,
     ) -> Result<u8> {
+        // A duplicate of the kick eventfd, so the ring can be borrowed
+        // mutably while kicking (functional requests, not a load loop).
+        let kick = self
+            .kicks
+            .get(usize::from(q))
+            .ok_or(DriverError::RingFull(q))?
+            .try_clone()
+            .map_err(|source| DriverError::EventFd { op: "dup", source })?;
+        self.blk_with(q, ty, sector, data, irq, || kick.write(1))
+    }
+
+    /// [`Guest::blk`] with the doorbell rung by `kick` instead of the
+    /// queue's kick eventfd (e.g. a store to a doorbell page mapped the
+    /// way a VMM maps it into its guest).
+    pub fn blk_with(
+        &mut self,
+        q: u16,
+        ty: u32,
+        sector: u64,
+        data: &mut [u8],
+        irq: &EventFd,
+        kick: impl FnOnce() -> std::io::Result<()>,
+    ) -> Result<u8> {
         let mem = self.mem.memory();
         let base = Self::buffer(q);
         let mut hdr = [0u8; 16];
@@ -199,12 +222,19 @@ impl Guest {
             len: 1,
             write: true,
         });
-        self.rings[usize::from(q)].post(&mem, &bufs)?;
-        self.kick(q)?;
+        let ring = self
+            .rings
+            .get_mut(usize::from(q))
+            .ok_or(DriverError::RingFull(q))?;
+        ring.post(&mem, &bufs)?;
+        kick().map_err(|source| DriverError::EventFd {
+            op: "write",
+            source,
+        })?;
         let timeout = Duration::from_secs(10);
         let deadline = Instant::now() + timeout;
         loop {
-            if self.rings[usize::from(q)].pop_used(&mem)?.is_some() {
+            if ring.pop_used(&mem)?.is_some() {
                 break;
             }
             if Instant::now() > deadline {

@@ -33,7 +33,10 @@ pub mod harness;
 mod interrupt;
 mod relay;
 
-pub use device::{BridgeDevice, DeviceOptions, KickPolicy, Wiring, TRANSPORT_ONLY_FEATURES};
+pub use device::{
+    BridgeDevice, DeviceOptions, GuestNotifyMapping, KickPolicy, NoNotifyMapping, Wiring,
+    TRANSPORT_ONLY_FEATURES,
+};
 pub use dma::DmaHandle;
 pub use error::{Error, Result};
 pub use interrupt::{InterruptType, VirtioInterrupt};

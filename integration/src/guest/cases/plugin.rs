@@ -10,7 +10,7 @@ use vdpa_bridge::types::features;
 use vdpa_bridge::vfio::VfioFunction;
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_plugin::harness::{Guest, Mem, TestInterrupt};
-use vdpa_plugin::{BridgeDevice, DeviceOptions, InterruptType, KickPolicy};
+use vdpa_plugin::{BridgeDevice, DeviceOptions, InterruptType, KickPolicy, NoNotifyMapping};
 
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
 use crate::manifest::{Device, Variant};
@@ -41,6 +41,21 @@ pub fn cases() -> Vec<Case> {
     add(Variant::BlkPpv, "notification_area_offered", ppv_area);
     add(Variant::Blk0, "notification_area_withheld", default_area);
     add(Variant::NetUser, "arp_through_guest_rings", net_arp);
+    add(
+        Variant::Blk0,
+        "doorbell_page_kicks_reach_the_device",
+        doorbell_page_io,
+    );
+    add(
+        Variant::BlkPpv,
+        "doorbell_page_kicks_reach_the_device",
+        doorbell_page_io,
+    );
+    add(
+        Variant::NetMq,
+        "doorbell_page_covers_every_queue",
+        net_doorbell_page,
+    );
     out
 }
 
@@ -298,5 +313,70 @@ fn default_area(ctx: &Ctx) -> CaseResult {
             "queue {q}: a shared doorbell page offered"
         );
     }
+    Ok(Outcome::Pass)
+}
+
+/// Cloud Hypervisor's notification area: queue `q` at `4 * q`, 4 KiB.
+const CH_NOTIFY_MULTIPLIER: u32 = 4;
+const CH_NOTIFY_LEN: u64 = 0x1000;
+
+/// The doorbell page a VMM would map over its notification area, used the
+/// way a guest vCPU uses it: each queue's request is kicked by a 16-bit
+/// store of the queue index at `4 * q` in the page, never through the
+/// kick eventfd; the device completes it and raises the direct irqfd.
+fn doorbell_page_io(ctx: &Ctx) -> CaseResult {
+    let image = ctx.dev()?.variant.name();
+    let mut g = Guest::new(GUEST_RAM, 64)?;
+    let (_f, mut d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
+    let m = d
+        .guest_notify_mapping(CH_NOTIFY_MULTIPLIER, CH_NOTIFY_LEN)
+        .context("doorbell page")?;
+    ensure!(m.len == 0x1000 && m.host_addr % 4096 == 0, "{m:?}");
+    ack(&mut d)?;
+    let irq = activate(&mut d, &mut g)?;
+    let nq = d.queue_max_sizes().len() as u16;
+    for q in 0..nq {
+        let lba = 40 + u64::from(q);
+        let mut buf = vec![0u8; 512];
+        let status = g.blk_with(q, T_IN, lba, &mut buf, &irq.queues[usize::from(q)], || {
+            let at = m.host_addr + usize::from(q) * 4;
+            // SAFETY: `m` covers `[host_addr, host_addr + 4096)` of the
+            // function's BAR mapping, which lives as long as `d`; `at` is
+            // 2-aligned and inside it; device memory is only accessed by
+            // volatile stores, as a guest vCPU would.
+            unsafe { std::ptr::write_volatile(at as *mut u16, q) };
+            Ok(())
+        })?;
+        ensure!(status == 0, "queue {q}: status {status}");
+        ensure!(
+            buf == pattern::sector(image, lba),
+            "queue {q}: wrong data at {lba}"
+        );
+    }
+    d.reset()?;
+    Ok(Outcome::PassWith(format!(
+        "{nq} queue(s) kicked through the page"
+    )))
+}
+
+/// QEMU's virtio-net with four pairs and a control queue: nine doorbells,
+/// all in one page at `4 * q`.
+fn net_doorbell_page(ctx: &Ctx) -> CaseResult {
+    let g = Guest::new(GUEST_RAM, 64)?;
+    let (_f, d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
+    let nq = d.queue_max_sizes().len();
+    ensure!(nq == 9, "{nq} queues");
+    let m = d
+        .guest_notify_mapping(CH_NOTIFY_MULTIPLIER, CH_NOTIFY_LEN)
+        .context("doorbell page")?;
+    ensure!(m.len == 0x1000, "{m:?}");
+    // The guest of a VMM with page-per-queue doorbells would not match.
+    ensure!(
+        matches!(
+            d.guest_notify_mapping(4096, 0x10000),
+            Err(NoNotifyMapping::Layout { queue: 1, .. })
+        ),
+        "a page-per-queue guest layout was accepted"
+    );
     Ok(Outcome::Pass)
 }
