@@ -99,7 +99,9 @@ impl Ch {
         let initramfs = dir.join("initramfs.cpio.gz");
         std::fs::copy(&ch.kernel, &kernel).context("copy the inner kernel")?;
         std::fs::copy(&ch.initramfs, &initramfs).context("copy the inner initramfs")?;
+        // `-v`: the bridge logs how its doorbells are wired (info level).
         let mut args: Vec<String> = [
+            "-v",
             "--kernel",
             &kernel.display().to_string(),
             "--initramfs",
@@ -211,6 +213,10 @@ impl Ch {
     }
 }
 
+/// The bridge's log line when Cloud Hypervisor maps the device's doorbell
+/// page over its notification area (patch 0005).
+const DOORBELLS_MAPPED: &str = "doorbells mapped into the guest";
+
 fn ch_or_skip<'a>(ctx: &Ctx<'a>) -> Result<&'a ChRun, Outcome> {
     ctx.manifest.ch.as_ref().ok_or_else(|| {
         Outcome::Skip(
@@ -267,6 +273,11 @@ fn ch_blk(ctx: &Ctx) -> CaseResult {
         bit(32) && bit(33),
         "VERSION_1/ACCESS_PLATFORM not negotiated: {bits}"
     );
+    ensure!(
+        run.has(DOORBELLS_MAPPED),
+        "doorbells not mapped into the guest: {}",
+        run.tail()
+    );
     Ok(Outcome::PassWith(format!(
         "inner guest blk features {bits}"
     )))
@@ -289,6 +300,11 @@ fn ch_net(ctx: &Ctx) -> CaseResult {
     ensure!(
         run.has("L3-PING-OK"),
         "no ping reply from 10.0.2.2: {}",
+        run.tail()
+    );
+    ensure!(
+        run.has(DOORBELLS_MAPPED),
+        "doorbells of the three queues not mapped: {}",
         run.tail()
     );
     Ok(Outcome::Pass)
@@ -357,6 +373,11 @@ fn hotplug(ctx: &Ctx, mode: &str, queues: u16, io_done: &str, io_ok: &str) -> Ca
         "no I/O on the hot-plugged device: {}",
         run.tail()
     );
+    ensure!(
+        run.has(DOORBELLS_MAPPED),
+        "hot-plugged device's doorbells not mapped: {}",
+        run.tail()
+    );
     api(&["remove-device", "hotvdpa"])?;
     run.wait("L3-DONE", Duration::from_secs(90))?;
     ensure!(
@@ -373,12 +394,10 @@ fn ch_perf(ctx: &Ctx) -> CaseResult {
         Err(skip) => return Ok(skip),
     };
     let dev = ctx.dev()?;
-    // `-v` on both: the bridge logs how its doorbells are wired.
     let configs = [
         (
             "passthrough",
             vec![
-                "-v".to_string(),
                 "--device".to_string(),
                 format!("path=/sys/bus/pci/devices/{}", dev.bdf),
             ],
@@ -386,7 +405,6 @@ fn ch_perf(ctx: &Ctx) -> CaseResult {
         (
             "bridge",
             vec![
-                "-v".to_string(),
                 "--vdpa".to_string(),
                 format!("path={},num_queues=1", dev.bdf),
             ],
@@ -417,7 +435,7 @@ fn ch_perf(ctx: &Ctx) -> CaseResult {
                 }
             }
             if i == 1 {
-                doorbells = if run.has("doorbells mapped into the guest") {
+                doorbells = if run.has(DOORBELLS_MAPPED) {
                     "mapped into the guest"
                 } else if run.has("kicks trapped and forwarded") {
                     "trapped (VFIO ioeventfd)"
