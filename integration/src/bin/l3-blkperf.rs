@@ -3,7 +3,7 @@
 //! per 4 KiB read measured process creation, not I/O).
 //!
 //! `l3-blkperf <device> <reps>` opens the device with O_DIRECT and, `reps`
-//! times, reads all of it four times in 1 MiB requests, then does 1000
+//! times, reads all of it 16 times in 1 MiB requests, then does 2000
 //! 4 KiB reads at pseudo-random aligned offsets (one request in flight,
 //! like `fio --rw=randread --iodepth=1`), timed with the monotonic clock.
 //! Each repetition prints
@@ -18,8 +18,8 @@ use anyhow::{ensure, Context as _};
 
 const CHUNK: usize = 1 << 20;
 const SMALL: usize = 4096;
-const RANDOM_OPS: u64 = 1000;
-const SEQ_PASSES: u64 = 4;
+const RANDOM_OPS: u64 = 2000;
+const SEQ_PASSES: u64 = 16;
 
 fn main() -> ExitCode {
     match run() {

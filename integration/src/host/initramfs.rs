@@ -86,7 +86,8 @@ mount -t devtmpfs devtmpfs /dev
 for m in $(cat /modules.order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
 echo "L3-UP $(cut -d' ' -f1 /proc/uptime)"
 mode=blk
-for w in $(cat /proc/cmdline); do case "$w" in l3=*) mode=${w#l3=} ;; esac; done
+reps=6
+for w in $(cat /proc/cmdline); do case "$w" in l3=*) mode=${w#l3=} ;; l3.reps=*) reps=${w#l3.reps=} ;; esac; done
 cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
 wait_for() { i=0; while [ ! -e "$1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; }
 case "$mode" in
@@ -104,7 +105,7 @@ blk)
 	;;
 perf)
 	wait_for /dev/vda
-	/bin/l3-blkperf /dev/vda 5
+	/bin/l3-blkperf /dev/vda "$reps"
 	;;
 hotplug)
 	echo "L3-READY"

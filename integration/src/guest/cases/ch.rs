@@ -230,9 +230,9 @@ fn ch_or_skip<'a>(ctx: &Ctx<'a>) -> Result<&'a ChRun, Outcome> {
 
 const TIMEOUT: Duration = Duration::from_secs(150);
 /// Alternating rounds (boots per configuration) of the throughput case.
-const ROUNDS: usize = 3;
-/// Measurements per boot (`l3-blkperf` repetitions, as `L3_INIT` runs it).
-const PERF_REPS: usize = 5;
+const ROUNDS: usize = 4;
+/// Measurements per boot (`l3-blkperf` repetitions; the first is a warm-up).
+const PERF_REPS: usize = 6;
 
 fn ch_blk(ctx: &Ctx) -> CaseResult {
     let ch = match ch_or_skip(ctx) {
@@ -412,28 +412,39 @@ fn ch_perf(ctx: &Ctx) -> CaseResult {
     ];
     // Alternate a, b, a, b: drift hits both alike. Each boot measures
     // PERF_REPS times; the first repetition of a boot is a warm-up.
-    let mut seq: [Vec<f64>; 2] = Default::default();
-    let mut rand: [Vec<f64>; 2] = Default::default();
+    // samples[config][round] = (MiB/s, IOPS) of each repetition.
+    let mut samples: [Vec<Vec<(f64, f64)>>; 2] = Default::default();
     let mut doorbells = "unknown";
+    let mode = format!("perf l3.reps={PERF_REPS}");
     for _round in 0..ROUNDS {
         for (i, (label, extra)) in configs.iter().enumerate() {
             // Without Landlock: Cloud Hypervisor's own VFIO passthrough does
             // not get its group node allowed under it (seen: EACCES on
             // /dev/vfio/N), and both sides must run alike.
-            let mut run = Ch::start(ch, "perf", extra, false)?;
+            let mut run = Ch::start(ch, &mode, extra, false)?;
             run.wait("L3-DONE", TIMEOUT)
                 .with_context(|| label.to_string())?;
             ensure!(!run.has("L3-PERF-ERROR"), "{label}: {}", run.tail());
-            for s in run.samples("L3-PERF-SEQ ").iter().skip(1) {
-                if let [_, bytes, ns] = s[..] {
-                    seq[i].push(bytes as f64 / (1 << 20) as f64 / (ns.max(1) as f64 / 1e9));
-                }
-            }
-            for s in run.samples("L3-PERF-RAND4K ").iter().skip(1) {
-                if let [_, ops, ns] = s[..] {
-                    rand[i].push(ops as f64 / (ns.max(1) as f64 / 1e9));
-                }
-            }
+            let rate = |tag: &str, unit: f64| -> Vec<f64> {
+                run.samples(tag)
+                    .iter()
+                    .skip(1)
+                    .filter_map(|s| match s[..] {
+                        [_, n, ns] => Some(n as f64 / unit / (ns.max(1) as f64 / 1e9)),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let seq = rate("L3-PERF-SEQ ", (1 << 20) as f64);
+            let rand = rate("L3-PERF-RAND4K ", 1.0);
+            ensure!(
+                seq.len() == PERF_REPS - 1 && rand.len() == PERF_REPS - 1,
+                "{label}: {} sequential and {} random samples: {}",
+                seq.len(),
+                rand.len(),
+                run.tail()
+            );
+            samples[i].push(seq.into_iter().zip(rand).collect());
             if i == 1 {
                 doorbells = if run.has(DOORBELLS_MAPPED) {
                     "mapped into the guest"
@@ -445,27 +456,42 @@ fn ch_perf(ctx: &Ctx) -> CaseResult {
             }
         }
     }
-    let want = ROUNDS * (PERF_REPS - 1);
-    for (what, v) in [("sequential", &seq), ("random", &rand)] {
-        ensure!(
-            v[0].len() == want && v[1].len() == want,
-            "{what}: {} and {} samples, want {want}",
-            v[0].len(),
-            v[1].len()
-        );
-    }
-    let med = |v: &mut Vec<f64>| {
+    let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (seq_a, seq_b) = (med(&mut seq[0]), med(&mut seq[1]));
-    let (rand_a, rand_b) = (med(&mut rand[0]), med(&mut rand[1]));
+    let all = |i: usize, pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+        samples[i].iter().flatten().map(pick).collect()
+    };
+    // b/a of each round (medians within the pair of adjacent boots).
+    let per_round = |pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+        (0..ROUNDS)
+            .map(|r| {
+                let a = med(samples[0][r].iter().map(pick).collect());
+                let b = med(samples[1][r].iter().map(pick).collect());
+                b / a
+            })
+            .collect()
+    };
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let seq = |s: &(f64, f64)| s.0;
+    let rand = |s: &(f64, f64)| s.1;
+    let (seq_a, seq_b) = (med(all(0, seq)), med(all(1, seq)));
+    let (rand_a, rand_b) = (med(all(0, rand)), med(all(1, rand)));
+    let n = ROUNDS * (PERF_REPS - 1);
     Ok(Outcome::PassWith(format!(
-        "medians of {want} repetitions over {ROUNDS} alternating boots each, bridge doorbells \
+        "medians of {n} repetitions over {ROUNDS} alternating boots each, bridge doorbells \
          {doorbells}: sequential 1 MiB O_DIRECT reads: passthrough {seq_a:.1} MiB/s, bridge \
-         {seq_b:.1} MiB/s, b/a {:.2}; 4 KiB random reads (QD1): passthrough {rand_a:.0} IOPS, \
-         bridge {rand_b:.0} IOPS, b/a {:.2}",
+         {seq_b:.1} MiB/s, b/a {:.2} (per round {}); 4 KiB random reads (QD1): passthrough \
+         {rand_a:.0} IOPS, bridge {rand_b:.0} IOPS, b/a {:.2} (per round {})",
         seq_b / seq_a,
-        rand_b / rand_a
+        fmt(&per_round(seq)),
+        rand_b / rand_a,
+        fmt(&per_round(rand)),
     )))
 }
