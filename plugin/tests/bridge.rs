@@ -55,8 +55,30 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// Threads of the bridge and the emulated device (relay, ioeventfd
+/// workers), by name: the test harness's own threads come and go as tests
+/// start and end.
 fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|c| c.starts_with("vdpa-relay") || c.starts_with("emu-"))
+        .count()
+}
+
+/// [`threads`] once it equals `want`, or after two seconds whatever it
+/// is: a new thread names itself a moment after it starts, and a joined
+/// thread leaves `/proc/self/task` a moment after the join returns.
+fn threads_settled(want: usize) -> usize {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let n = threads();
+        if n == want || std::time::Instant::now() >= end {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -221,11 +243,14 @@ fn reset_and_reactivate_many_times_without_leaking() {
     };
     let (emu, mut dev) = device(EmuConfig::default(), opts, &g);
     let irq = TestInterrupt::new(1, true).unwrap();
+    let idle = threads_settled(1);
+    assert_eq!(idle, 1, "the emulated device's ioeventfd thread");
     let mut baseline = None;
     for i in 0..50u32 {
         ack_default(&mut dev);
         let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
         dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+        assert_eq!(threads_settled(idle + 1), idle + 1, "no relay thread");
         let mut data = pattern(i as u8, 512);
         assert_eq!(
             g.blk(0, 1, u64::from(i), &mut data, &irq.queues[0])
@@ -237,7 +262,7 @@ fn reset_and_reactivate_many_times_without_leaking() {
         assert!(!dev.is_active());
         assert_eq!(dev.acked_features(), 0);
         assert_eq!(dev.with_backend(|b| b.status()).unwrap(), 0);
-        let now = (open_fds(), threads());
+        let now = (open_fds(), threads_settled(idle));
         match baseline {
             None => baseline = Some(now),
             Some(b) => assert_eq!(now, b, "fds/threads grew at cycle {i}"),
@@ -268,7 +293,10 @@ fn failed_activation_rolls_back_and_a_later_one_succeeds() {
     // A device that fails to start after everything is wired (calls,
     // kicks, the relay thread): all of it is undone.
     {
-        let threads_before = threads();
+        // The emulated device of `dev` has its ioeventfd thread; `dev`
+        // kicks in the kernel, so it has no relay thread.
+        let threads_before = threads_settled(1);
+        assert_eq!(threads_before, 1);
         let fds_before = open_fds();
         let (bad_emu, mut bad) = device(
             EmuConfig {
@@ -282,7 +310,8 @@ fn failed_activation_rolls_back_and_a_later_one_succeeds() {
             &g,
         );
         ack_default(&mut bad);
-        let threads_with_device = threads();
+        let threads_with_device = threads_settled(threads_before + 1);
+        assert_eq!(threads_with_device, threads_before + 1);
         let queues = g.queues(1, max).unwrap();
         let e = bad
             .activate(g.mem.clone(), irq.clone(), queues)
@@ -299,7 +328,11 @@ fn failed_activation_rolls_back_and_a_later_one_succeeds() {
         );
         assert!(!bad.is_active());
         assert_eq!(bad_emu.device_status(), 0, "device left un-reset");
-        assert_eq!(threads(), threads_with_device, "relay thread left running");
+        assert_eq!(
+            threads_settled(threads_with_device),
+            threads_with_device,
+            "relay thread left running"
+        );
         drop(bad);
         drop(bad_emu);
         assert_eq!(
@@ -307,7 +340,11 @@ fn failed_activation_rolls_back_and_a_later_one_succeeds() {
             fds_before,
             "eventfds leaked by the failed activation"
         );
-        assert_eq!(threads(), threads_before, "emulated device thread left");
+        assert_eq!(
+            threads_settled(threads_before),
+            threads_before,
+            "emulated device thread left"
+        );
     }
 
     // A queue the device does not have.
