@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change, so a stale runner fails loudly.
-pub const MANIFEST_VERSION: u32 = 2;
+pub const MANIFEST_VERSION: u32 = 3;
 
 /// PCI vendor id of every virtio device.
 pub const VIRTIO_VENDOR_ID: u16 = 0x1af4;
@@ -32,17 +32,21 @@ pub enum Variant {
     NetMq,
     /// Legacy-only virtio-blk (`disable-modern=on`); the bridge must refuse it.
     Legacy,
+    /// A second virtio-blk configured like `Blk0`, so one inner guest can
+    /// compare two paths side by side.
+    Blk1,
 }
 
 impl Variant {
     /// Every variant, in PCI slot order.
-    pub const ALL: [Variant; 6] = [
+    pub const ALL: [Variant; 7] = [
         Variant::Blk0,
         Variant::BlkMq,
         Variant::BlkPpv,
+        Variant::Legacy,
+        Variant::Blk1,
         Variant::NetUser,
         Variant::NetMq,
-        Variant::Legacy,
     ];
 
     /// Stable name, as in JSON and case names.
@@ -54,6 +58,7 @@ impl Variant {
             Variant::NetUser => "net_user",
             Variant::NetMq => "net_mq",
             Variant::Legacy => "legacy",
+            Variant::Blk1 => "blk1",
         }
     }
 }
@@ -147,6 +152,9 @@ pub struct Manifest {
     /// Run the benchmark instead of the test cases.
     #[serde(default)]
     pub bench: bool,
+    /// Run only the cases whose name contains this.
+    #[serde(default)]
+    pub only: Option<String>,
     /// A pattern image (name `vduse`) the guest exports as a VDUSE block
     /// device; the lab directory is shared read-write so writes land in it.
     #[serde(default)]
@@ -239,6 +247,7 @@ mod tests {
                 reason: "no netns".into(),
             }],
             bench: true,
+            only: Some("ch_".into()),
             vduse_image: None,
             ch: None,
             ch_skip: Some("no CLOUD_HYPERVISOR".into()),

@@ -32,9 +32,14 @@ fn run() -> anyhow::Result<u64> {
             println!("lab-guest: binding {} to vfio-pci failed: {e}", v.name());
         }
     }
-    Ok(guest::run(
-        &manifest,
-        &bindings,
-        &guest::cases::cases(&manifest),
-    ))
+    let mut cases = guest::cases::cases(&manifest);
+    if let Some(only) = &manifest.only {
+        let all = cases.len();
+        cases.retain(|c| c.name.contains(only.as_str()));
+        println!(
+            "lab-guest: VDPA_LAB_CASES={only}: running {} of {all} cases",
+            cases.len()
+        );
+    }
+    Ok(guest::run(&manifest, &bindings, &cases))
 }

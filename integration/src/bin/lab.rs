@@ -6,6 +6,9 @@
 //! - `VDPA_LAB_TIMEOUT` seconds for all boots (default 300),
 //! - `VDPA_LAB_QEMU` QEMU binary (default `qemu-system-x86_64`),
 //! - `VDPA_LAB_BENCH=1` runs the benchmark (bench cases only),
+//! - `VDPA_LAB_CASES=<text>` runs only the guest cases whose name
+//!   contains `<text>` (for working on a few cases; the runner prints how
+//!   many it left out),
 //! - `VDPA_LAB_NO_SKIP=1` counts every skipped case as failed (for CI
 //!   machines that are known to have everything).
 //!
@@ -48,6 +51,7 @@ fn options() -> anyhow::Result<Options> {
         boot_timeout: secs("VDPA_LAB_BOOT_TIMEOUT", 180)?,
         overall_timeout: secs("VDPA_LAB_TIMEOUT", 300)?,
         bench: std::env::var("VDPA_LAB_BENCH").as_deref() == Ok("1"),
+        only: std::env::var("VDPA_LAB_CASES").ok().filter(|s| !s.is_empty()),
     })
 }
 

@@ -203,6 +203,7 @@ mod tests {
                 reason: "cannot create netns".into(),
             }],
             bench: false,
+            only: None,
             vduse_image: None,
             ch: None,
             ch_skip: None,

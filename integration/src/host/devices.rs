@@ -107,6 +107,15 @@ pub const DEVICES: &[DeviceSpec] = &[
         extra: "",
     },
     DeviceSpec {
+        variant: Variant::Blk1,
+        slot: 0x08,
+        num_queues: None,
+        vectors: None,
+        legacy: false,
+        backend: Backend::Image { mib: 16 },
+        extra: "",
+    },
+    DeviceSpec {
         variant: Variant::NetUser,
         slot: 0x10,
         num_queues: None,
@@ -268,6 +277,7 @@ mod tests {
 
         assert_eq!(variants.len(), Variant::ALL.len());
         assert_eq!(slots.len(), DEVICES.len());
+        assert!(!slots.contains(&HOSTROOT_SLOT) && !slots.contains(&LABRW_SLOT));
         assert!(DEVICES.iter().all(|d| (0x03..=0x1b).contains(&d.slot)));
     }
 

@@ -75,7 +75,10 @@ pub fn build(kernel: &Kernel, modules: &Resolution, work: &Path, out: &Path) -> 
 /// booted by Cloud Hypervisor inside the lab VM): load the virtio modules,
 /// check sector 0 of `/dev/vda` against `/expect0.bin`, write
 /// `/write8.bin` to sector 8, print the device's negotiated features, and
-/// power off. Every result is one `L3-...` line on the serial console.
+/// power off; other modes (`l3=` on the command line) measure read
+/// throughput of one disk (`perf`) or of the disks with serials `blk0` and
+/// `blk1` side by side (`perfpair`), or wait for a hot-plugged device.
+/// Every result is one `L3-...` line on the serial console.
 pub const L3_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -105,7 +108,22 @@ blk)
 	;;
 perf)
 	wait_for /dev/vda
-	/bin/l3-blkperf /dev/vda "$reps"
+	/bin/l3-blkperf "$reps" blk0=/dev/vda
+	;;
+perfpair)
+	# Two disks, told apart by their virtio-blk serials (blk0, blk1).
+	wait_for /dev/vda
+	wait_for /dev/vdb
+	a=; b=
+	for s in /sys/block/vd*/serial; do
+		d=${s%/serial}
+		case "$(cat "$s")" in blk0) a=/dev/${d##*/} ;; blk1) b=/dev/${d##*/} ;; esac
+	done
+	if [ -n "$a" ] && [ -n "$b" ]; then
+		/bin/l3-blkperf "$reps" "blk0=$a" "blk1=$b"
+	else
+		echo "L3-PERF-ERROR disks blk0 and blk1 not both found: $(cat /sys/block/vd*/serial 2>&1)"
+	fi
 	;;
 hotplug)
 	echo "L3-READY"

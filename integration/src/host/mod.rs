@@ -39,6 +39,8 @@ pub struct Options {
     pub overall_timeout: Duration,
     /// Run the benchmark instead of the test cases.
     pub bench: bool,
+    /// Run only the guest cases whose name contains this.
+    pub only: Option<String>,
 }
 
 /// One reported outcome, from the guest or a host-side check.
@@ -357,6 +359,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         devices: specs.iter().map(|s| s.manifest_entry(&lab_dir)).collect(),
         skipped,
         bench: opts.bench,
+        only: opts.only.clone(),
         vduse_image: Some(vduse_image.clone()),
     };
     let manifest_path = lab_dir.join("manifest.json");

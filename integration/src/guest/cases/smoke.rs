@@ -24,6 +24,7 @@ pub fn cases() -> Vec<Case> {
         Variant::Blk0,
         Variant::BlkMq,
         Variant::BlkPpv,
+        Variant::Blk1,
         Variant::NetUser,
         Variant::NetMq,
     ];
