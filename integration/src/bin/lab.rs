@@ -51,7 +51,9 @@ fn options() -> anyhow::Result<Options> {
         boot_timeout: secs("VDPA_LAB_BOOT_TIMEOUT", 180)?,
         overall_timeout: secs("VDPA_LAB_TIMEOUT", 300)?,
         bench: std::env::var("VDPA_LAB_BENCH").as_deref() == Ok("1"),
-        only: std::env::var("VDPA_LAB_CASES").ok().filter(|s| !s.is_empty()),
+        only: std::env::var("VDPA_LAB_CASES")
+            .ok()
+            .filter(|s| !s.is_empty()),
     })
 }
 
