@@ -52,6 +52,9 @@ pub struct SplitRing {
     free: Vec<u16>,
     /// Chain length per head id (0 when not in flight).
     chain_len: Vec<u16>,
+    /// Each in-flight descriptor's successor in its chain, kept here: the
+    /// copy in the table is in memory the device can write.
+    next: Vec<u16>,
     next_avail: u16,
     last_used: u16,
 }
@@ -72,6 +75,7 @@ impl SplitRing {
             used,
             free: (0..size).rev().collect(),
             chain_len: vec![0; usize::from(size)],
+            next: vec![0; usize::from(size)],
             next_avail: 0,
             last_used: 0,
         }
@@ -128,6 +132,7 @@ impl SplitRing {
                 }
                 None => 0,
             };
+            self.next[usize::from(id)] = next;
             let at = self.desc + 16 * u64::from(id);
             let mut d = [0u8; 16];
             d[0..8].copy_from_slice(&b.addr.to_le_bytes());
@@ -199,22 +204,17 @@ impl SplitRing {
                 id,
             })?;
         self.last_used = self.last_used.wrapping_add(1);
-        self.release_chain(mem, head)?;
+        self.release_chain(head);
         Ok(Some((head, len)))
     }
 
-    fn release_chain(&mut self, mem: &GuestMemoryMmap, head: u16) -> Result<()> {
+    fn release_chain(&mut self, head: u16) {
         let n = std::mem::take(&mut self.chain_len[usize::from(head)]);
         let mut id = head;
         for _ in 0..n {
             self.free.push(id);
-            let at = self.desc + 16 * u64::from(id) + 14;
-            let next: u16 = mem
-                .read_obj(GuestAddress(at))
-                .map_err(|_| DriverError::Memory { addr: at })?;
-            id = u16::from_le(next);
+            id = self.next[usize::from(id)];
         }
-        Ok(())
     }
 
     /// Check that the ring's memory is inside `mem`.
@@ -283,6 +283,32 @@ mod tests {
         complete(&m, &r, 0, 0, 512);
         assert_eq!(r.pop_used(&m).unwrap(), Some((head, 512)));
         assert_eq!(r.free_descriptors(), 8);
+    }
+
+    #[test]
+    fn device_rewriting_next_fields_cannot_corrupt_the_free_list() {
+        let m = mem();
+        let mut r = SplitRing::new(0, 4, 0x1000);
+        r.init(&m).unwrap();
+        let buf = |addr| Buf {
+            addr,
+            len: 16,
+            write: false,
+        };
+        let head = r.post(&m, &[buf(0x8000), buf(0x8100)]).unwrap();
+        // The device scribbles over the descriptors' next fields.
+        for id in 0..4u64 {
+            m.write_obj(0x7fffu16, GuestAddress(r.desc + 16 * id + 14))
+                .unwrap();
+        }
+        complete(&m, &r, 0, 0, 0);
+        assert_eq!(r.pop_used(&m).unwrap(), Some((head, 0)));
+        let mut free = r.free.clone();
+        free.sort_unstable();
+        assert_eq!(free, [0, 1, 2, 3]);
+        // Every descriptor can be posted again.
+        r.post(&m, &[buf(0x8000), buf(0x8100), buf(0x8200), buf(0x8300)])
+            .unwrap();
     }
 
     #[test]

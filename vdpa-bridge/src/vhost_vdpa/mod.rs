@@ -291,11 +291,20 @@ impl VhostVdpaDevice {
 struct PageDoorbell {
     page: Arc<NotifyPage>,
     queue: u16,
+    /// VIRTIO_F_NOTIFICATION_DATA was negotiated: each notification is a
+    /// 32-bit write carrying the driver's next position.
+    data: bool,
 }
 
 impl RingDoorbell for PageDoorbell {
-    fn ring(&self, _next: u32) -> Result<()> {
-        self.page.write16(self.queue);
+    fn ring(&self, next: u32) -> Result<()> {
+        if self.data {
+            // virtio 1.2 section 4.1.5.2: vqn in bits 0..16, next_off and
+            // next_wrap above.
+            self.page.write32(u32::from(self.queue) | (next << 16));
+        } else {
+            self.page.write16(self.queue);
+        }
         Ok(())
     }
 }
@@ -484,6 +493,11 @@ impl VdpaOps for VhostVdpaDevice {
     }
 
     fn kick(&self, q: QueueIndex) -> Result<()> {
+        if self.driver_features & features::bit(features::NOTIFICATION_DATA) != 0 {
+            return Err(Error::Unsupported(
+                "kick without data when VIRTIO_F_NOTIFICATION_DATA is negotiated; use doorbell()",
+            ));
+        }
         self.doorbell(q)?.ring(0)
     }
 
@@ -493,6 +507,7 @@ impl VdpaOps for VhostVdpaDevice {
             Some(page) => Ok(Doorbell::new(Arc::new(PageDoorbell {
                 page: page.clone(),
                 queue: q.0,
+                data: self.driver_features & features::bit(features::NOTIFICATION_DATA) != 0,
             }))),
             None => Err(Error::Unsupported(
                 "direct doorbell writes (the vDPA device exposes no notification area; use a kick eventfd)",

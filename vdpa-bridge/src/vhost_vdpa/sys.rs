@@ -160,6 +160,15 @@ impl NotifyPage {
         // written.
         unsafe { std::ptr::write_volatile(self.addr as *mut u16, v) };
     }
+
+    /// Write a 32-bit notification (queue index and notification data) to
+    /// the doorbell at the start of the page.
+    pub(super) fn write32(&self, v: u32) {
+        // SAFETY: `addr` is a live, writable, page-aligned (so 4-byte
+        // aligned) mapping of `len` (>= 4) bytes owned by `self`; a volatile
+        // store is how MMIO is written.
+        unsafe { std::ptr::write_volatile(self.addr as *mut u32, v) };
+    }
 }
 
 impl Drop for NotifyPage {

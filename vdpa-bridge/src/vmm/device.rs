@@ -42,6 +42,7 @@ pub struct DeviceOptions {
     pub kick: KickPolicy,
     /// The VMM's transport passes VIRTIO_F_NOTIFICATION_DATA kicks on (the
     /// relay then reads the avail index); otherwise the bit is not offered.
+    /// Never offered together with packed rings.
     pub notification_data: bool,
 }
 
@@ -196,6 +197,14 @@ where
             offered &= !features::bit(features::RING_PACKED);
         }
         if !opts.notification_data {
+            offered &= !features::bit(features::NOTIFICATION_DATA);
+        }
+        if offered & features::bit(features::RING_PACKED) != 0
+            && offered & features::bit(features::NOTIFICATION_DATA) != 0
+        {
+            // The relay derives notification data from a split ring's avail
+            // index; a packed ring's next_off/next_wrap live elsewhere.
+            log::warn!("not offering VIRTIO_F_NOTIFICATION_DATA together with packed rings");
             offered &= !features::bit(features::NOTIFICATION_DATA);
         }
         let config_size = backend.config_size();
@@ -416,7 +425,7 @@ where
         let mut wiring = Wiring::default();
         let mut irqs = Vec::new();
         let plan = b.irq_plan();
-        if plan.groups.is_empty() && caps.call_eventfd {
+        if plan.groups.is_empty() {
             return Err(Error::Unsupported(
                 "the device has no MSI-X vectors: interrupts cannot be delivered",
             ));
@@ -450,13 +459,17 @@ where
                 continue;
             }
             let fd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
-            // The backend signals the group's first queue's eventfd, or the
-            // config eventfd for a config-only group.
-            match active_queues.first() {
-                Some(&q) => b.set_vring_call(q, Some(&fd)),
-                None => b.set_config_call(Some(&fd)),
+            // The backend signals the group's first queue's eventfd; the
+            // config source gets the same eventfd, or the device is never
+            // told to raise config changes on the group's vector.
+            if let Some(&q) = active_queues.first() {
+                b.set_vring_call(q, Some(&fd))
+                    .map_err(backend_err("set call eventfd"))?;
             }
-            .map_err(backend_err("set call eventfd"))?;
+            if g.config {
+                b.set_config_call(Some(&fd))
+                    .map_err(backend_err("set config eventfd"))?;
+            }
             let targets = sources
                 .iter()
                 .map(|&kind| IrqTarget {
@@ -476,7 +489,16 @@ where
                     doorbell: b
                         .doorbell(QueueIndex(qi))
                         .map_err(backend_err("doorbell"))?,
-                    avail_idx_addr: notif_data.then(|| GuestAddress(q.avail_ring() + 2)),
+                    avail_idx_addr: if notif_data {
+                        // The split ring's avail idx, after its flags.
+                        let a = q.avail_ring().checked_add(2).ok_or(Error::BadQueue {
+                            index: usize::from(qi),
+                            reason: "avail ring address overflows",
+                        })?;
+                        Some(GuestAddress(a))
+                    } else {
+                        None
+                    },
                 });
                 wiring.relayed_kicks.push(qi);
             } else {
