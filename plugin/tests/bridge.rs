@@ -300,6 +300,55 @@ fn a_device_without_msix_is_refused_at_activation_and_left_reset() {
 }
 
 #[test]
+fn a_queue_whose_in_kernel_kick_is_refused_is_relayed() {
+    let _serial = serial();
+    let mut g = guest();
+    let cfg = EmuConfig {
+        num_queues: 2,
+        max_ioeventfds: Some(1),
+        ..EmuConfig::default()
+    };
+    let (emu, mut dev) = device(cfg, DeviceOptions::default(), &g);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(2, true).unwrap();
+    let queues = g.queues(2, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let w = dev.wiring().unwrap().clone();
+    assert_eq!(w.direct_kicks, [0], "{w:?}");
+    assert_eq!(w.relayed_kicks, [1], "{w:?}");
+    for q in 0..2u16 {
+        let mut data = pattern(40 + q as u8, 512);
+        let lba = 200 + u64::from(q);
+        assert_eq!(
+            g.blk(q, 1, lba, &mut data, &irq.queues[usize::from(q)])
+                .unwrap(),
+            0
+        );
+        assert_eq!(emu.disk_read(lba * 512, 512), data);
+    }
+    // With the relay forced, nothing is refused.
+    dev.reset().unwrap();
+    let strict = DeviceOptions {
+        kick: KickPolicy::Relay,
+        ..DeviceOptions::default()
+    };
+    drop(dev);
+    let (_emu, mut dev) = device(
+        EmuConfig {
+            num_queues: 2,
+            max_ioeventfds: Some(1),
+            ..EmuConfig::default()
+        },
+        strict,
+        &g,
+    );
+    ack_default(&mut dev);
+    let queues = g.queues(2, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq, queues).unwrap();
+    assert_eq!(dev.wiring().unwrap().relayed_kicks, [0, 1]);
+}
+
+#[test]
 fn interrupts_without_eventfds_use_trigger() {
     let _serial = serial();
     let mut g = guest();

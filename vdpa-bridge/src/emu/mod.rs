@@ -73,6 +73,9 @@ pub struct EmuConfig {
     /// A device that fails to start: DRIVER_OK makes it report
     /// DEVICE_NEEDS_RESET.
     pub fail_driver_ok: bool,
+    /// Refuse ioeventfd registrations beyond this many (like the kernel's
+    /// per-device limit of VFIO ioeventfds).
+    pub max_ioeventfds: Option<usize>,
 }
 
 impl Default for EmuConfig {
@@ -86,6 +89,7 @@ impl Default for EmuConfig {
             offer_version_1: true,
             legacy_only: false,
             extra_features: 0,
+            max_ioeventfds: None,
             disk_size: 8 << 20,
             iova_range: IovaRange {
                 first: 0,
@@ -187,7 +191,18 @@ struct Shared {
     state: Mutex<State>,
     removed: AtomicBool,
     stop: AtomicBool,
-    wake: EventFd,
+    /// Wakes the ioeventfd worker; `None` when no eventfd could be made
+    /// (no file descriptors left), and the worker then notices changes at
+    /// its 200 ms poll timeout.
+    wake: Option<EventFd>,
+}
+
+impl Shared {
+    fn wake_worker(&self) {
+        if let Some(w) = &self.wake {
+            let _ = w.write(1);
+        }
+    }
 }
 
 /// The emulated device. See the module documentation.
@@ -324,13 +339,8 @@ impl EmulatedFunction {
             bump_reads: 0,
             stats: EmuStats::default(),
         };
-        // An eventfd only fails without file descriptors left; the worker
-        // then simply never wakes, and ioeventfd registration reports it.
-        let wake = EventFd::new(EFD_NONBLOCK).unwrap_or_else(|_| {
-            // SAFETY: -1 is never a valid fd; the EventFd reads and writes
-            // then fail with EBADF, which callers handle.
-            unsafe { EventFd::from_raw_fd(-1) }
-        });
+        // An eventfd only fails without file descriptors left.
+        let wake = EventFd::new(EFD_NONBLOCK).ok();
         let shared = Arc::new(Shared {
             cfg,
             state: Mutex::new(state),
@@ -417,7 +427,7 @@ impl EmulatedFunction {
 impl Drop for EmulatedFunction {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        let _ = self.shared.wake.write(1);
+        self.shared.wake_worker();
         if let Some(t) = self.worker.take() {
             let _ = t.join();
         }
@@ -793,7 +803,8 @@ fn ioeventfd_worker(shared: &Shared) {
             })
             .collect();
         pfds.push(libc::pollfd {
-            fd: shared.wake.as_raw_fd(),
+            // poll(2) ignores a negative fd.
+            fd: shared.wake.as_ref().map_or(-1, AsRawFd::as_raw_fd),
             events: libc::POLLIN,
             revents: 0,
         });
@@ -804,7 +815,9 @@ fn ioeventfd_worker(shared: &Shared) {
             continue;
         }
         if pfds[regs.len()].revents != 0 {
-            let _ = shared.wake.read();
+            if let Some(w) = &shared.wake {
+                let _ = w.read();
+            }
         }
         for (i, (f, off, data)) in regs.iter().enumerate() {
             if pfds[i].revents & libc::POLLIN == 0 {
@@ -976,6 +989,14 @@ unsafe impl PciFunction for EmulatedFunction {
         st.ioeventfds
             .retain(|r| !(r.offset == offset && r.width == width && r.data == data));
         if let Some(fd) = fd {
+            if c.max_ioeventfds
+                .is_some_and(|max| st.ioeventfds.len() >= max)
+            {
+                return Err(PciError::Io {
+                    op: "register ioeventfd",
+                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                });
+            }
             // SAFETY: dup(2) of a descriptor the caller holds open; the
             // result is checked and then owned by the File.
             let dup = unsafe { libc::dup(fd) };
@@ -997,7 +1018,7 @@ unsafe impl PciFunction for EmulatedFunction {
         st.ioeventfd_gen += 1;
         let want = st.ioeventfd_gen;
         drop(st);
-        let _ = self.shared.wake.write(1);
+        self.shared.wake_worker();
         // Wait (briefly) until the worker dropped its copies of removed
         // descriptors, so unregistering is synchronous like VFIO's.
         if self.worker.is_some() {

@@ -483,29 +483,38 @@ where
 
         let mut kicks = Vec::new();
         for ((_, q, kick), &qi) in queues.iter().zip(&qidx) {
-            if relay_kicks {
-                kicks.push(KickRelay {
-                    fd: kick.try_clone().map_err(io("dup kick eventfd"))?,
-                    doorbell: b
-                        .doorbell(QueueIndex(qi))
-                        .map_err(backend_err("doorbell"))?,
-                    avail_idx_addr: if notif_data {
-                        // The split ring's avail idx, after its flags.
-                        let a = q.avail_ring().checked_add(2).ok_or(Error::BadQueue {
-                            index: usize::from(qi),
-                            reason: "avail ring address overflows",
-                        })?;
-                        Some(GuestAddress(a))
-                    } else {
-                        None
-                    },
-                });
-                wiring.relayed_kicks.push(qi);
-            } else {
-                b.set_vring_kick(QueueIndex(qi), Some(kick))
-                    .map_err(backend_err("set_vring_kick"))?;
-                wiring.direct_kicks.push(qi);
+            if !relay_kicks {
+                match b.set_vring_kick(QueueIndex(qi), Some(kick)) {
+                    Ok(()) => {
+                        wiring.direct_kicks.push(qi);
+                        continue;
+                    }
+                    // The in-kernel path can refuse one queue (VFIO's
+                    // ioeventfd limit, an unsupported doorbell width): that
+                    // queue's kicks go through the relay instead.
+                    Err(e) if self.opts.kick == KickPolicy::Auto => {
+                        log::warn!("queue {qi}: in-kernel kick refused ({e}); relaying its kicks");
+                    }
+                    Err(e) => return Err(backend_err("set_vring_kick")(e)),
+                }
             }
+            kicks.push(KickRelay {
+                fd: kick.try_clone().map_err(io("dup kick eventfd"))?,
+                doorbell: b
+                    .doorbell(QueueIndex(qi))
+                    .map_err(backend_err("doorbell"))?,
+                avail_idx_addr: if notif_data {
+                    // The split ring's avail idx, after its flags.
+                    let a = q.avail_ring().checked_add(2).ok_or(Error::BadQueue {
+                        index: usize::from(qi),
+                        reason: "avail ring address overflows",
+                    })?;
+                    Some(GuestAddress(a))
+                } else {
+                    None
+                },
+            });
+            wiring.relayed_kicks.push(qi);
         }
 
         for &qi in &qidx {

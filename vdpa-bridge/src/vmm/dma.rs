@@ -87,16 +87,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<B: DmaMapper, M: GuestMemory> DmaHandle<B, M> {
-    /// Remove every mapping (teardown).
+    /// Remove every mapping (teardown). A mapping the backend fails to
+    /// remove stays in the table, so the guest memory it points into stays
+    /// mapped in this process for as long as the device may reach it.
     pub fn unmap_all(&self) {
         let mut table = lock(&self.table);
         let backend = lock(&self.backend);
-        for (&s, m) in &table.maps {
-            if let Err(e) = backend.dma_unmap(Iova(s), m.size) {
-                log::warn!("DMA unmap of {s:#x} (+{:#x}) failed: {e}", m.size);
-            }
-        }
-        table.maps.clear();
+        table
+            .maps
+            .retain(|&s, m| match backend.dma_unmap(Iova(s), m.size) {
+                Ok(()) => false,
+                Err(e) => {
+                    log::warn!("DMA unmap of {s:#x} (+{:#x}) failed, kept: {e}", m.size);
+                    true
+                }
+            });
     }
 
     /// Current mappings as `(iova, gpa, size)`, sorted by IOVA.
@@ -164,8 +169,14 @@ where
             let r = unsafe { backend.dma_map(Iova(piova), len, host) };
             if let Err(source) = r {
                 for &(u, _, l, _) in &pieces[..i] {
-                    let _ = backend.dma_unmap(Iova(u), l);
-                    table.maps.remove(&u);
+                    // A piece the backend cannot remove stays recorded (and
+                    // its memory kept mapped), as in `unmap_all`.
+                    match backend.dma_unmap(Iova(u), l) {
+                        Ok(()) => {
+                            table.maps.remove(&u);
+                        }
+                        Err(e) => log::warn!("DMA unmap of {u:#x} (+{l:#x}) failed, kept: {e}"),
+                    }
                 }
                 return Err(Error::Backend {
                     op: "dma_map",
