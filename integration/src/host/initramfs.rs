@@ -106,6 +106,14 @@ blk)
 		echo "L3-NO-DISK"
 	fi
 	;;
+reboot)
+	# Read, then reboot: Cloud Hypervisor rebuilds the VM and its devices.
+	wait_for /dev/vda
+	dd if=/dev/vda of=/tmp/s0 bs=512 count=1 2>/dev/null
+	if cmp -s /tmp/s0 /expect0.bin; then echo "L3-READ-OK"; else echo "L3-READ-BAD"; fi
+	echo "L3-REBOOTING"
+	reboot -f
+	;;
 perf)
 	wait_for /dev/vda
 	/bin/l3-blkperf "$reps" blk0=/dev/vda

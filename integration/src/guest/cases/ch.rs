@@ -46,6 +46,11 @@ pub fn cases() -> Vec<Case> {
         ch_net,
     );
     add(
+        "ch_blk0_guest_reboot_reopens_the_bridged_device",
+        Variant::Blk0,
+        ch_reboot,
+    );
+    add(
         "ch_blk0_hotplug_and_unplug_through_the_api",
         Variant::Blk0,
         ch_hotplug,
@@ -82,11 +87,7 @@ impl Drop for Ch {
         while Instant::now() < end && !matches!(self.child.try_wait(), Ok(Some(_))) {
             std::thread::sleep(Duration::from_millis(100));
         }
-        if !matches!(self.child.try_wait(), Ok(Some(_))) {
-            // SAFETY: kill(2) of the child we spawned, by its pid.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-            let _ = self.child.wait();
-        }
+        self.kill();
     }
 }
 
@@ -155,6 +156,15 @@ impl Ch {
             lines: rx,
             seen: Vec::new(),
         })
+    }
+
+    /// Stop Cloud Hypervisor now (SIGKILL by pid) and reap it.
+    fn kill(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            // SAFETY: kill(2) of the child we spawned, by its pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
     }
 
     /// Wait for a console line containing `what`.
@@ -286,6 +296,42 @@ fn ch_blk(ctx: &Ctx) -> CaseResult {
     Ok(Outcome::PassWith(format!(
         "inner guest blk features {bits}"
     )))
+}
+
+/// The inner guest reads its disk and reboots; Cloud Hypervisor tears the
+/// VM down and builds it again, so the bridged device is dropped and the
+/// same VFIO group opened anew: the second boot must read the disk too.
+fn ch_reboot(ctx: &Ctx) -> CaseResult {
+    let ch = match ch_or_skip(ctx) {
+        Ok(c) => c,
+        Err(skip) => return Ok(skip),
+    };
+    let dev = ctx.dev()?;
+    let mut run = Ch::start(
+        ch,
+        "reboot",
+        &["--vdpa".into(), format!("path={},num_queues=1", dev.bdf)],
+        true,
+    )?;
+    for boot in 1..=2 {
+        run.wait("L3-REBOOTING", TIMEOUT)
+            .with_context(|| format!("boot {boot}"))?;
+    }
+    let count = |what: &str| run.seen.iter().filter(|l| l.contains(what)).count();
+    let (reads, mapped) = (count("L3-READ-OK"), count(DOORBELLS_MAPPED));
+    ensure!(
+        reads == 2,
+        "{reads} good reads over two boots: {}",
+        run.tail()
+    );
+    // The bridged device is built (and its doorbells mapped) once per boot.
+    ensure!(
+        mapped == 2,
+        "doorbells mapped {mapped} times over two boots: {}",
+        run.tail()
+    );
+    run.kill();
+    Ok(Outcome::Pass)
 }
 
 fn ch_net(ctx: &Ctx) -> CaseResult {
