@@ -349,6 +349,34 @@ fn a_queue_whose_in_kernel_kick_is_refused_is_relayed() {
 }
 
 #[test]
+fn a_dma_mapping_the_backend_cannot_remove_stays_recorded() {
+    let _serial = serial();
+    let g = guest();
+    let (emu, dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    let before = dev.dma().mappings();
+    assert_eq!(before.len(), 1);
+    assert_eq!(emu.dma_mapping_count(), 1);
+    emu.refuse_dma_unmap(true);
+    dev.dma().unmap_all();
+    // Still mapped in the device, so still recorded (with its memory).
+    assert_eq!(dev.dma().mappings(), before);
+    assert_eq!(emu.dma_mapping_count(), 1);
+    let (iova, _, size) = before[0];
+    assert!(matches!(
+        dev.dma().unmap(iova, size),
+        Err(Error::Backend {
+            op: "dma_unmap",
+            ..
+        })
+    ));
+    assert_eq!(dev.dma().mappings(), before);
+    emu.refuse_dma_unmap(false);
+    dev.dma().unmap_all();
+    assert!(dev.dma().mappings().is_empty());
+    assert_eq!(emu.dma_mapping_count(), 0);
+}
+
+#[test]
 fn interrupts_without_eventfds_use_trigger() {
     let _serial = serial();
     let mut g = guest();

@@ -190,6 +190,8 @@ struct Shared {
     cfg: EmuConfig,
     state: Mutex<State>,
     removed: AtomicBool,
+    /// DMA unmaps fail (EIO) while set.
+    refuse_unmap: AtomicBool,
     stop: AtomicBool,
     /// Wakes the ioeventfd worker; `None` when no eventfd could be made
     /// (no file descriptors left), and the worker then notices changes at
@@ -345,6 +347,7 @@ impl EmulatedFunction {
             cfg,
             state: Mutex::new(state),
             removed: AtomicBool::new(false),
+            refuse_unmap: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             wake,
         });
@@ -381,6 +384,12 @@ impl EmulatedFunction {
     /// From now on every access reads all-ones and writes are dropped.
     pub fn surprise_remove(&self) {
         self.shared.removed.store(true, Ordering::SeqCst);
+    }
+
+    /// While `on`, every DMA unmap fails with EIO and leaves the mapping
+    /// in place, as an IOMMU that refuses the unmap would.
+    pub fn refuse_dma_unmap(&self, on: bool) {
+        self.shared.refuse_unmap.store(on, Ordering::SeqCst);
     }
 
     /// The next `n` reads of the device config region each bump
@@ -1050,6 +1059,12 @@ unsafe impl PciFunction for EmulatedFunction {
     }
 
     fn dma_unmap(&self, iova: Iova, size: u64) -> PciResult<()> {
+        if self.shared.refuse_unmap.load(Ordering::SeqCst) {
+            return Err(PciError::Io {
+                op: "dma unmap",
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
         self.state().dma.unmap(iova.0, size)
     }
 
