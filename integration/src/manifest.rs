@@ -214,6 +214,15 @@ impl Manifest {
         self.devices.iter().find(|d| d.variant == variant)
     }
 
+    /// The device of `variant`, or why this run has none (the host's
+    /// reason, else a generic one).
+    pub fn device_or_reason(&self, variant: Variant) -> Result<&Device, &str> {
+        self.device(variant).ok_or_else(|| {
+            self.skip_reason(variant)
+                .unwrap_or("variant not created in this run")
+        })
+    }
+
     /// Why `variant` is absent, if the host said.
     pub fn skip_reason(&self, variant: Variant) -> Option<&str> {
         self.skipped

@@ -152,22 +152,20 @@ fn run() -> anyhow::Result<()> {
         .parse()
         .context("reps")?;
     let disks = args
-        .map(|a| {
+        .enumerate()
+        .map(|(i, a)| {
             let (image, path) = a
                 .split_once('=')
                 .with_context(|| format!("{a}: want <image>=<device>"))?;
             let d = Disk::open(image, path)?;
-            Ok((d, path.to_string()))
+            println!("L3-PERF-DEV {i} {image} {path}");
+            Ok(d)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     ensure!(
         !disks.is_empty(),
         "usage: l3-blkperf <reps> <image>=<device>..."
     );
-    for (i, (d, path)) in disks.iter().enumerate() {
-        println!("L3-PERF-DEV {i} {} {path}", d.image);
-    }
-    let disks: Vec<Disk> = disks.into_iter().map(|(d, _)| d).collect();
     // O_DIRECT wants the buffer aligned to the logical block size.
     let mut backing = vec![0u8; CHUNK + SMALL];
     let off = backing.as_ptr().align_offset(SMALL);

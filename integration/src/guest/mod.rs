@@ -134,11 +134,9 @@ pub fn run_one(manifest: &Manifest, bindings: &Bindings, case: &Case) -> (Verdic
     let device = match case.needs {
         None => None,
         Some(v) => {
-            let Some(dev) = manifest.device(v) else {
-                let why = manifest
-                    .skip_reason(v)
-                    .unwrap_or("variant not created in this run");
-                return (Verdict::Skip, format!("{}: {why}", v.name()));
+            let dev = match manifest.device_or_reason(v) {
+                Ok(dev) => dev,
+                Err(why) => return (Verdict::Skip, format!("{}: {why}", v.name())),
             };
             if let Some(Err(e)) = bindings.get(&v) {
                 return (Verdict::Fail, format!("binding to vfio-pci failed: {e}"));

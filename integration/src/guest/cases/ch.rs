@@ -622,12 +622,9 @@ fn ch_perf_pair(ctx: &Ctx) -> CaseResult {
         Err(skip) => return Ok(skip),
     };
     let blk0 = ctx.dev()?;
-    let Some(blk1) = ctx.manifest.device(Variant::Blk1) else {
-        let why = ctx
-            .manifest
-            .skip_reason(Variant::Blk1)
-            .unwrap_or("variant not created in this run");
-        return Ok(Outcome::Skip(format!("blk1: {why}")));
+    let blk1 = match ctx.manifest.device_or_reason(Variant::Blk1) {
+        Ok(dev) => dev,
+        Err(why) => return Ok(Outcome::Skip(format!("blk1: {why}"))),
     };
     let disks = [blk0, blk1];
     // seq_ratios[o], rand_ratios[o]: ratios of every repetition in
