@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use vdpa_bridge::backend::AnyDevice;
 use vdpa_bridge::vp_vdpa::OpenOptions;
 
-use vdpa_bridge::vmm::Error;
-use vdpa_bridge::vmm::{DeviceOptions, KickPolicy};
+use crate::Error;
+use crate::{DeviceOptions, KickPolicy};
 
 /// A bridged device's configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -1,23 +1,48 @@
 //! # vdpa-plugin: the VMM side of the bridge
 //!
-//! What Cloud Hypervisor's device manager links: [`BridgeDevice`] (the
-//! device, with the shape of CH v53.0's `VirtioDevice`), [`DmaHandle`]
-//! (guest memory mappings for CH's `ExternalDmaMapping`), the interrupt
-//! trait CH's `VirtioInterrupt` is adapted to, and
-//! [`VdpaDeviceConfig`], what `--vdpa path=...` carries, which opens the
-//! right backend (VFIO for a PCI function, vhost-vdpa for a node).
+//! What Cloud Hypervisor's device manager links: [`BridgeDevice`], what a
+//! VMM holds for a claimed device, with the shape of Cloud Hypervisor
+//! v53.0's `VirtioDevice` (`device_type`, `queue_max_sizes`, `features`,
+//! `ack_features`, `read_config`, `write_config`, `activate`, `reset`) and
+//! the rust-vmm types CH passes (`virtio_queue::Queue`,
+//! `GuestMemoryAtomic`, `EventFd`); [`DmaHandle`] (guest memory mappings
+//! for CH's `ExternalDmaMapping`); the interrupt trait CH's
+//! `VirtioInterrupt` is adapted to; and [`VdpaDeviceConfig`], what
+//! `--vdpa path=...` carries, which opens the right backend (VFIO for a PCI
+//! function, vhost-vdpa for a node).
 //!
-//! The device itself is implemented in `vdpa_bridge::vmm` (so the
-//! `vdpa-bridge selftest` command runs devices through the same code) and
-//! re-exported here; see its documentation for the data path and DMA.
+//! ## Data path
+//!
+//! On activation every guest kick eventfd is handed to the backend, which
+//! (with VFIO) makes the kernel write the doorbell itself; every device
+//! MSI-X vector that serves exactly one guest interrupt is routed to the
+//! guest's irqfd. No userspace thread sits on either path. A relay thread
+//! exists only for what cannot be direct (see the `relay` module): kicks
+//! with VIRTIO_F_NOTIFICATION_DATA, backends without in-kernel kicks,
+//! shared vectors, interrupts with no eventfd.
+//!
+//! ## DMA
+//!
+//! Without a vIOMMU, guest RAM is mapped with IOVA = GPA (each region as
+//! it appears); with one, or when the VMM maps guest memory itself (Cloud
+//! Hypervisor's `ExternalDmaMapping`), the VMM maps and unmaps through
+//! [`DmaHandle`].
 #![warn(missing_docs)]
 
 pub mod config;
+mod device;
+mod dma;
+mod error;
+mod interrupt;
+mod relay;
 
 pub use config::{DevicePath, VdpaDeviceConfig};
+pub use device::{
+    BridgeDevice, DeviceOptions, GuestNotifyMapping, KickPolicy, NoNotifyMapping, Wiring,
+    TRANSPORT_ONLY_FEATURES,
+};
+pub use dma::DmaHandle;
+pub use error::{Error, Result};
+pub use interrupt::{InterruptType, VirtioInterrupt};
 /// Every backend behind one type (what [`VdpaDeviceConfig::open`] returns).
 pub use vdpa_bridge::backend::AnyDevice;
-pub use vdpa_bridge::vmm::{
-    harness, BridgeDevice, DeviceOptions, DmaHandle, Error, GuestNotifyMapping, InterruptType,
-    KickPolicy, NoNotifyMapping, Result, VirtioInterrupt, Wiring, TRANSPORT_ONLY_FEATURES,
-};

@@ -6,12 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vdpa_bridge::emu::{EmuConfig, EmulatedFunction};
 use vdpa_bridge::types::{features, status};
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_bridge::VdpaOps;
-use vdpa_plugin::harness::{Guest, Mem, TestInterrupt};
 use vdpa_plugin::{BridgeDevice, DeviceOptions, Error, InterruptType, KickPolicy, NoNotifyMapping};
+use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
+use vdpa_testkit::harness::{Guest, Mem, TestInterrupt};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};

@@ -2,16 +2,15 @@
 //!
 //! The CLI and Cloud Hypervisor's adapter open devices by path; this enum
 //! dispatches statically (no trait objects on the control path) to the
-//! VFIO-claimed PCI function, the emulated device or (later) a kernel vDPA
-//! device.
+//! VFIO-claimed PCI function or a kernel vDPA device. Test doubles (the
+//! emulated device of `vdpa-testkit`, the `fake` module) are not variants:
+//! code that runs them is generic over [`VdpaOps`].
 
 use std::path::Path;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::emu::{EmuConfig, EmulatedFunction};
-use crate::info::{self, DeviceInfo};
 use crate::ops::{BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, NotifyPages, VdpaOps};
 use crate::pci::PciFunction;
 use crate::types::{Iova, IovaRange, QueueIndex, VringAddrs};
@@ -21,11 +20,12 @@ use crate::vp_vdpa::{OpenOptions, VpVdpa};
 use crate::Result;
 
 /// A device opened by any backend.
+// One value per device, created once and never moved on a hot path: the
+// size difference between the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyDevice {
     /// A PCI function claimed through VFIO, driven by our transport.
     Vfio(VpVdpa<VfioFunction>),
-    /// The in-process emulated device, driven by the same transport.
-    Emulated(VpVdpa<EmulatedFunction>),
     /// A kernel vDPA device through its `/dev/vhost-vdpa-N` node.
     VhostVdpa(VhostVdpaDevice),
 }
@@ -36,16 +36,10 @@ impl std::fmt::Debug for AnyDevice {
     }
 }
 
-/// The name the CLI and tests use for the emulated device.
-pub const EMULATED: &str = "emulated";
-
 impl AnyDevice {
-    /// Open `path`: `emulated`, a `/dev/vhost-vdpa-N` node, or a PCI
-    /// address / sysfs path of a function bound to vfio-pci.
+    /// Open `path`: a `/dev/vhost-vdpa-N` node, or a PCI address / sysfs
+    /// path of a function bound to vfio-pci.
     pub fn open(path: &str, opts: OpenOptions) -> Result<AnyDevice> {
-        if path == EMULATED {
-            return Self::emulated(EmuConfig::default(), opts);
-        }
         if is_vhost_vdpa_path(Path::new(path)) {
             return Ok(AnyDevice::VhostVdpa(VhostVdpaDevice::open(
                 Path::new(path),
@@ -56,17 +50,10 @@ impl AnyDevice {
         Ok(AnyDevice::Vfio(VpVdpa::open(Arc::new(f), opts)?))
     }
 
-    /// Open an emulated device built from `cfg`.
-    pub fn emulated(cfg: EmuConfig, opts: OpenOptions) -> Result<AnyDevice> {
-        let f = EmulatedFunction::new(cfg);
-        Ok(AnyDevice::Emulated(VpVdpa::open(Arc::new(f), opts)?))
-    }
-
-    /// Backend name: `vfio` or `emulated`.
+    /// Backend name: `vfio` or `vhost-vdpa`.
     pub fn backend_name(&self) -> &'static str {
         match self {
             AnyDevice::Vfio(_) => "vfio",
-            AnyDevice::Emulated(_) => EMULATED,
             AnyDevice::VhostVdpa(_) => "vhost-vdpa",
         }
     }
@@ -75,18 +62,7 @@ impl AnyDevice {
     pub fn describe(&self) -> String {
         match self {
             AnyDevice::Vfio(d) => d.transport().function().describe(),
-            AnyDevice::Emulated(d) => d.transport().function().describe(),
             AnyDevice::VhostVdpa(d) => format!("vhost-vdpa {}", d.path().display()),
-        }
-    }
-
-    /// Everything `info` reports.
-    pub fn info(&mut self, name: &str) -> Result<DeviceInfo> {
-        let backend = self.backend_name();
-        match self {
-            AnyDevice::Vfio(d) => info::gather_pci(d, name, backend),
-            AnyDevice::Emulated(d) => info::gather_pci(d, name, backend),
-            AnyDevice::VhostVdpa(d) => info::gather(d, name, backend),
         }
     }
 }
@@ -95,7 +71,6 @@ macro_rules! each {
     ($self:ident, $d:ident => $e:expr) => {
         match $self {
             AnyDevice::Vfio($d) => $e,
-            AnyDevice::Emulated($d) => $e,
             AnyDevice::VhostVdpa($d) => $e,
         }
     };

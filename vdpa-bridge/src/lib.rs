@@ -34,12 +34,9 @@
 #![warn(missing_docs)]
 
 pub mod backend;
-pub mod driver;
-pub mod emu;
 pub mod error;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
-pub mod info;
 pub mod ops;
 pub mod pci;
 pub mod sysfs;
@@ -47,7 +44,6 @@ pub mod types;
 pub mod vfio;
 pub mod vhost_vdpa;
 pub mod virtio_pci;
-pub mod vmm;
 pub mod vp_vdpa;
 
 pub use error::{Error, Result};

@@ -17,13 +17,13 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use vdpa_bridge::driver::blk::{ReadLoad, ReadStats};
-use vdpa_bridge::driver::{Driver, DriverOptions, KickMode};
 use vdpa_bridge::types::features;
 use vdpa_bridge::vfio::VfioFunction;
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
-use vdpa_plugin::harness::{Guest, TestInterrupt};
 use vdpa_plugin::{BridgeDevice, DeviceOptions, KickPolicy};
+use vdpa_testkit::driver::blk::{ReadLoad, ReadStats};
+use vdpa_testkit::driver::{Driver, DriverOptions, KickMode};
+use vdpa_testkit::harness::{Guest, TestInterrupt};
 
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
 use crate::manifest::Variant;

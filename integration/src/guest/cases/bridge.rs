@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use vdpa_bridge::driver::{net, Driver, DriverOptions, KickMode};
-use vdpa_bridge::info::ConfigInfo;
 use vdpa_bridge::types::{features, status};
 use vdpa_bridge::vfio::VfioFunction;
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_bridge::VdpaOps;
+use vdpa_bridge_cli::info::ConfigInfo;
+use vdpa_testkit::driver::{net, Driver, DriverOptions, KickMode};
 
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
 use crate::manifest::{Device, Kind, Variant};
@@ -114,7 +114,7 @@ fn expected_queues(dev: &Device) -> u16 {
 fn info_matches_qemu(ctx: &Ctx) -> CaseResult {
     let dev = ctx.dev()?;
     let (_f, mut d) = open(dev)?;
-    let info = vdpa_bridge::info::gather_pci(&mut d, &dev.bdf, "vfio")?;
+    let info = vdpa_bridge_cli::info::gather_pci(&mut d, &dev.bdf, "vfio")?;
     ensure!(
         info.vendor_id == 0x1af4,
         "subsystem vendor {:#x}",

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use anyhow::{ensure, Context as _};
-use vdpa_bridge::driver::blk::{T_IN, T_OUT};
 use vdpa_bridge::types::features;
 use vdpa_bridge::vfio::VfioFunction;
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
-use vdpa_plugin::harness::{Guest, Mem, TestInterrupt};
 use vdpa_plugin::{BridgeDevice, DeviceOptions, InterruptType, KickPolicy, NoNotifyMapping};
+use vdpa_testkit::driver::blk::{T_IN, T_OUT};
+use vdpa_testkit::harness::{Guest, Mem, TestInterrupt};
 
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
 use crate::manifest::{Device, Variant};
@@ -63,7 +63,7 @@ pub fn cases() -> Vec<Case> {
 /// memory, kicks and interrupts through eventfds, an ARP exchange with
 /// QEMU's user-mode network.
 fn net_arp(ctx: &Ctx) -> CaseResult {
-    use vdpa_bridge::driver::net;
+    use vdpa_testkit::driver::net;
     let dev = ctx.dev()?;
     let mac: Vec<u8> = dev
         .qemu_device
@@ -248,17 +248,17 @@ fn reset_cycles(ctx: &Ctx) -> CaseResult {
             g.rings[0].post(
                 &m,
                 &[
-                    vdpa_bridge::driver::ring::Buf {
+                    vdpa_testkit::driver::ring::Buf {
                         addr: hdr,
                         len: 16,
                         write: false,
                     },
-                    vdpa_bridge::driver::ring::Buf {
+                    vdpa_testkit::driver::ring::Buf {
                         addr: hdr + 512,
                         len: 512,
                         write: true,
                     },
-                    vdpa_bridge::driver::ring::Buf {
+                    vdpa_testkit::driver::ring::Buf {
                         addr: hdr + 16,
                         len: 1,
                         write: true,

@@ -8,10 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
-use vdpa_bridge::driver::{Driver, DriverOptions, KickMode};
-use vdpa_bridge::info::{decode_config, ConfigInfo};
 use vdpa_bridge::vhost_vdpa::VhostVdpaDevice;
 use vdpa_bridge::VdpaOps;
+use vdpa_bridge_cli::info::{decode_config, ConfigInfo};
+use vdpa_testkit::driver::{Driver, DriverOptions, KickMode};
 
 use super::bridge::blk_io_on;
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
@@ -173,9 +173,9 @@ fn vduse_blk(ctx: &Ctx) -> CaseResult {
 /// The plugin on the VDUSE node, selected from `path=` like a VMM would:
 /// activation, blk I/O through guest memory, reset/re-activate cycles.
 fn vduse_plugin(ctx: &Ctx) -> CaseResult {
-    use vdpa_bridge::driver::blk::{T_IN, T_OUT};
-    use vdpa_plugin::harness::{Guest, TestInterrupt};
     use vdpa_plugin::{BridgeDevice, VdpaDeviceConfig};
+    use vdpa_testkit::driver::blk::{T_IN, T_OUT};
+    use vdpa_testkit::harness::{Guest, TestInterrupt};
 
     let image = ctx
         .manifest

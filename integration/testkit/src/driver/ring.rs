@@ -11,7 +11,7 @@ use std::sync::atomic::{fence, Ordering};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::{DriverError, Result};
-use crate::types::VringAddrs;
+use vdpa_bridge::types::VringAddrs;
 
 /// Descriptor flag: the chain continues at `next`.
 pub const VRING_DESC_F_NEXT: u16 = 1;

@@ -3,7 +3,7 @@
 //!
 //! * **Kick relay**: a guest kick eventfd whose queue the backend cannot
 //!   kick in-kernel (VIRTIO_F_NOTIFICATION_DATA negotiated, or a backend
-//!   without [`BackendCaps::kick_eventfd`](crate::BackendCaps)) is
+//!   without [`BackendCaps::kick_eventfd`](vdpa_bridge::BackendCaps)) is
 //!   watched here and each signal rings the queue's [`Doorbell`], with the
 //!   avail index read from guest memory when notification data is on.
 //! * **Interrupt fan-out**: a device vector that serves several guest
@@ -21,13 +21,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::Doorbell;
+use vdpa_bridge::Doorbell;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::error::{io, Result};
-use super::interrupt::{InterruptType, VirtioInterrupt};
+use crate::error::{io, Result};
+use crate::interrupt::{InterruptType, VirtioInterrupt};
 
 const TOKEN_STOP: u64 = 0;
 const KIND_KICK: u64 = 1 << 32;

@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::ring::Buf;
 use super::{Driver, DriverError, Result};
-use crate::types::DeviceType;
+use vdpa_bridge::types::DeviceType;
 
 /// `virtio_net_hdr` size with VERSION_1 (num_buffers included).
 pub const NET_HDR: usize = 12;

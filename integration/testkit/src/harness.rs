@@ -1,5 +1,5 @@
 //! A VMM-side harness: what the VMM and the guest's virtio driver do
-//! around a [`BridgeDevice`](super::BridgeDevice), in userspace.
+//! around a [`BridgeDevice`](vdpa_plugin::BridgeDevice), in userspace.
 //!
 //! It owns guest memory, lays out split rings in it as a guest driver
 //! would (`crate::driver::ring`), hands CH-shaped queues
@@ -18,7 +18,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::interrupt::{InterruptType, VirtioInterrupt};
+use vdpa_plugin::{InterruptType, VirtioInterrupt};
 
 /// Guest memory type of the harness.
 pub type Mem = GuestMemoryMmap<()>;

@@ -3,9 +3,9 @@
 
 use serde::Serialize;
 
-use crate::ops::VdpaOps;
-use crate::types::{feature_names, features, DeviceType, QueueIndex};
-use crate::Result;
+use vdpa_bridge::ops::VdpaOps;
+use vdpa_bridge::types::{feature_names, features, DeviceType, QueueIndex};
+use vdpa_bridge::Result;
 
 /// A feature word with names.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -223,8 +223,8 @@ pub fn gather(ops: &mut dyn VdpaOps, device: &str, backend: &str) -> Result<Devi
 
 /// [`gather`] plus the PCI facts (`msix_vectors`, `notify`) of a device
 /// driven by our virtio-pci transport.
-pub fn gather_pci<P: crate::pci::PciFunction + ?Sized + 'static>(
-    d: &mut crate::vp_vdpa::VpVdpa<P>,
+pub fn gather_pci<P: vdpa_bridge::pci::PciFunction + ?Sized + 'static>(
+    d: &mut vdpa_bridge::vp_vdpa::VpVdpa<P>,
     device: &str,
     backend: &str,
 ) -> Result<DeviceInfo> {
@@ -243,5 +243,15 @@ impl Features {
     /// Whether the provisioned features include the one named `name`.
     pub fn names_contain(&self, name: &str) -> bool {
         self.provisioned.names.iter().any(|n| n == name)
+    }
+}
+
+/// [`gather`] for any real backend, with the PCI facts where there are.
+pub fn gather_any(d: &mut vdpa_bridge::backend::AnyDevice, device: &str) -> Result<DeviceInfo> {
+    use vdpa_bridge::backend::AnyDevice;
+    let backend = d.backend_name();
+    match d {
+        AnyDevice::Vfio(d) => gather_pci(d, device, backend),
+        AnyDevice::VhostVdpa(d) => gather(d, device, backend),
     }
 }

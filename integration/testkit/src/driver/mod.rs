@@ -20,9 +20,9 @@ use std::time::Duration;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::ops::{DmaMapper, Doorbell, VdpaOps};
-use crate::types::{features, status, Iova, QueueIndex};
-use crate::Error;
+use vdpa_bridge::ops::{DmaMapper, Doorbell, VdpaOps};
+use vdpa_bridge::types::{features, status, Iova, QueueIndex};
+use vdpa_bridge::Error;
 
 pub use ring::SplitRing;
 
@@ -434,7 +434,7 @@ impl Driver {
     }
 }
 
-fn leader_of(plan: &crate::ops::IrqPlan, q: QueueIndex) -> QueueIndex {
+fn leader_of(plan: &vdpa_bridge::ops::IrqPlan, q: QueueIndex) -> QueueIndex {
     plan.group_of_queue(q)
         .and_then(|g| g.queues.first().copied())
         .unwrap_or(q)

@@ -15,12 +15,12 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::{DmaMapper, Iova, IovaRange};
+use vdpa_bridge::{DmaMapper, Iova, IovaRange};
 use vm_memory::{
     Address, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryRegion,
 };
 
-use super::error::{Error, Result};
+use crate::error::{Error, Result};
 
 struct Mapping<M> {
     size: u64,

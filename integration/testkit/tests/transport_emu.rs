@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vdpa_bridge::driver::{CompletionMode, Driver, DriverOptions, KickMode};
-use vdpa_bridge::emu::{EmuConfig, EmulatedFunction};
 use vdpa_bridge::types::{features, status};
 use vdpa_bridge::virtio_pci::TransportError;
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_bridge::{Error, QueueIndex, VdpaOps};
+use vdpa_testkit::driver::{CompletionMode, Driver, DriverOptions, KickMode};
+use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
 
 /// Tests of this file run one at a time: some count the process's file
 /// descriptors, which parallel tests would disturb.
@@ -59,7 +59,7 @@ fn full_bring_up_to_driver_ok_and_blk_io() {
     let sectors = EmuConfig::default().disk_size / 512;
     assert!(matches!(
         drv.blk_read(0, sectors, 512),
-        Err(vdpa_bridge::driver::DriverError::BlkStatus(1))
+        Err(vdpa_testkit::driver::DriverError::BlkStatus(1))
     ));
     assert!(emu.stats().interrupts > 0, "completions came by MSI-X");
     drv.release(&mut d).unwrap();

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-use crate::pci::{PciError, PciResult};
-use crate::types::IovaRange;
+use vdpa_bridge::pci::{PciError, PciResult};
+use vdpa_bridge::types::IovaRange;
 
 const PAGE: u64 = 4096;
 

@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::ring::Buf;
 use super::{Driver, DriverError, Result};
-use crate::types::DeviceType;
+use vdpa_bridge::types::DeviceType;
 
 /// Read sectors.
 pub const T_IN: u32 = 0;

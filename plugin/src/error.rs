@@ -1,8 +1,8 @@
 //! Errors of the plugin.
 
-use crate::QueueIndex;
+use vdpa_bridge::QueueIndex;
 
-/// Errors of [`super::BridgeDevice`] and its helpers.
+/// Errors of [`crate::BridgeDevice`] and its helpers.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A backend operation failed.
@@ -12,7 +12,7 @@ pub enum Error {
         op: &'static str,
         /// The cause.
         #[source]
-        source: crate::Error,
+        source: vdpa_bridge::Error,
     },
     /// The driver acknowledged features the device did not offer.
     #[error("driver acked features {acked:#x} not offered ({offered:#x})")]
@@ -84,7 +84,7 @@ pub enum Error {
 /// Result of the plugin.
 pub type Result<T> = std::result::Result<T, Error>;
 
-pub(crate) fn backend(op: &'static str) -> impl FnOnce(crate::Error) -> Error {
+pub(crate) fn backend(op: &'static str) -> impl FnOnce(vdpa_bridge::Error) -> Error {
     move |source| Error::Backend { op, source }
 }
 

@@ -3,16 +3,16 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::types::{features, status};
-use crate::{DmaMapper, NotifyArea, QueueIndex, VdpaOps, VringAddrs};
+use vdpa_bridge::types::{features, status};
+use vdpa_bridge::{DmaMapper, NotifyArea, QueueIndex, VdpaOps, VringAddrs};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::dma::DmaHandle;
-use super::error::{backend, io, Error, Result};
-use super::interrupt::{InterruptType, VirtioInterrupt};
-use super::relay::{IrqRelay, IrqTarget, KickRelay, Relay, RelayPlan};
+use crate::dma::DmaHandle;
+use crate::error::{backend, io, Error, Result};
+use crate::interrupt::{InterruptType, VirtioInterrupt};
+use crate::relay::{IrqRelay, IrqTarget, KickRelay, Relay, RelayPlan};
 
 /// How guest kicks reach the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -542,7 +542,7 @@ where
         if st & (status::FAILED | status::DEVICE_NEEDS_RESET) != 0 || st & status::DRIVER_OK == 0 {
             return Err(Error::Backend {
                 op: "DRIVER_OK",
-                source: crate::Error::BadState {
+                source: vdpa_bridge::Error::BadState {
                     op: "device did not accept DRIVER_OK",
                     status: st,
                 },
@@ -672,6 +672,6 @@ impl<B: VdpaOps + DmaMapper, M: GuestMemory> Drop for BridgeDevice<B, M> {
     }
 }
 
-fn backend_err(op: &'static str) -> impl FnOnce(crate::Error) -> Error {
+fn backend_err(op: &'static str) -> impl FnOnce(vdpa_bridge::Error) -> Error {
     backend(op)
 }

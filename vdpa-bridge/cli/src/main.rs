@@ -8,13 +8,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use vdpa_bridge::backend::{AnyDevice, EMULATED};
-use vdpa_bridge::driver::net;
-use vdpa_bridge::info::{ConfigInfo, DeviceInfo};
+use vdpa_bridge::backend::AnyDevice;
 use vdpa_bridge::sysfs;
 use vdpa_bridge::types::{features, DeviceType};
-use vdpa_bridge::vp_vdpa::OpenOptions;
-use vdpa_bridge::VdpaOps;
+use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
+use vdpa_bridge::{DmaMapper, VdpaOps};
+use vdpa_bridge_cli::info::{self, ConfigInfo, DeviceInfo};
+use vdpa_testkit::driver::net;
+use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
 
 #[derive(Parser)]
 #[command(
@@ -86,7 +87,17 @@ fn parse_u64(s: &str) -> std::result::Result<u64, String> {
     .map_err(|e| e.to_string())
 }
 
-fn open(device: &Option<String>, mask: Option<u64>) -> Result<(String, AnyDevice)> {
+/// The name the CLI gives the built-in emulated device.
+const EMULATED: &str = "emulated";
+
+/// A device the CLI opened: a real backend, or the built-in emulated
+/// device of the test kit (the no-hardware default).
+enum Opened {
+    Real(AnyDevice),
+    Emulated(VpVdpa<EmulatedFunction>),
+}
+
+fn open(device: &Option<String>, mask: Option<u64>) -> Result<(String, Opened)> {
     let opts = OpenOptions {
         features_mask: mask,
         ..OpenOptions::default()
@@ -98,7 +109,12 @@ fn open(device: &Option<String>, mask: Option<u64>) -> Result<(String, AnyDevice
             EMULATED.to_owned()
         }
     };
-    let dev = AnyDevice::open(&name, opts).with_context(|| format!("cannot open {name}"))?;
+    let dev = if name == EMULATED {
+        let f = std::sync::Arc::new(EmulatedFunction::new(EmuConfig::default()));
+        Opened::Emulated(VpVdpa::open(f, opts).context("cannot open the emulated device")?)
+    } else {
+        Opened::Real(AnyDevice::open(&name, opts).with_context(|| format!("cannot open {name}"))?)
+    };
     Ok((name, dev))
 }
 
@@ -179,13 +195,29 @@ fn selftest(
     arp: (std::net::Ipv4Addr, std::net::Ipv4Addr),
     relay_kicks: bool,
 ) -> Result<SelftestReport> {
-    use vdpa_bridge::driver::blk::{T_GET_ID, T_IN, T_OUT};
-    use vdpa_bridge::vmm::harness::{Guest, TestInterrupt};
-    use vdpa_bridge::vmm::{BridgeDevice, DeviceOptions, KickPolicy};
-
     let (name, dev) = open(device, None)?;
-    let emulated = matches!(dev, AnyDevice::Emulated(_));
-    let backend = dev.backend_name();
+    match dev {
+        Opened::Real(d) => {
+            let backend = d.backend_name();
+            selftest_on(name, backend, d, allow_write, arp, relay_kicks)
+        }
+        Opened::Emulated(d) => selftest_on(name, EMULATED, d, true, arp, relay_kicks),
+    }
+}
+
+/// Bring `dev` up through the plugin and do real I/O.
+fn selftest_on<B: VdpaOps + DmaMapper + Send + 'static>(
+    name: String,
+    backend: &'static str,
+    dev: B,
+    allow_write: bool,
+    arp: (std::net::Ipv4Addr, std::net::Ipv4Addr),
+    relay_kicks: bool,
+) -> Result<SelftestReport> {
+    use vdpa_plugin::{BridgeDevice, DeviceOptions, KickPolicy};
+    use vdpa_testkit::driver::blk::{T_GET_ID, T_IN, T_OUT};
+    use vdpa_testkit::harness::{Guest, TestInterrupt};
+
     let t = DeviceType::from_id(dev.device_id());
     // Exactly what a VMM does: guest memory (shared, 32 MiB), the device
     // through the plugin's BridgeDevice, guest rings, kick eventfds in and
@@ -259,7 +291,7 @@ fn selftest(
                 Ok(s) => check("blk get id", Err(anyhow::anyhow!("status {s}"))),
                 Err(e) => check("blk get id", Err(e.into())),
             }
-            if allow_write || emulated {
+            if allow_write {
                 let fd = &irq.queues[0];
                 let r = (|| -> Result<String> {
                     let sector = 8;
@@ -388,8 +420,11 @@ fn run(cli: Cli) -> Result<bool> {
             json,
             features_mask,
         } => {
-            let (name, mut dev) = open(&device, features_mask)?;
-            let info = dev.info(&name)?;
+            let (name, dev) = open(&device, features_mask)?;
+            let info = match dev {
+                Opened::Real(mut d) => info::gather_any(&mut d, &name)?,
+                Opened::Emulated(mut d) => info::gather_pci(&mut d, &name, EMULATED)?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {

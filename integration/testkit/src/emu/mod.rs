@@ -26,9 +26,11 @@ use std::thread::JoinHandle;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::pci::{cfg, BarInfo, BarKind, BarMapping, IoWidth, PciError, PciFunction, PciResult};
-use crate::types::{features, status, Iova, IovaRange};
-use crate::virtio_pci::regs::{cfg_type as cap_type, common, NO_VECTOR};
+use vdpa_bridge::pci::{
+    cfg, BarInfo, BarKind, BarMapping, IoWidth, PciError, PciFunction, PciResult,
+};
+use vdpa_bridge::types::{features, status, Iova, IovaRange};
+use vdpa_bridge::virtio_pci::regs::{cfg_type as cap_type, common, NO_VECTOR};
 
 /// BAR 0 layout.
 const BAR_SIZE: u64 = 0x8000;

@@ -1,0 +1,10 @@
+//! The `vdpa-bridge` command's library: what `info` reports ([`info`]).
+//! The binary (`src/main.rs`) adds `list`, `bind` and `selftest`.
+//!
+//! This package sits on top of the others: it opens devices with
+//! `vdpa-bridge`, brings them up through `vdpa-plugin` exactly as a VMM
+//! does, and falls back to the emulated device of `vdpa-testkit` when no
+//! device is given.
+#![warn(missing_docs)]
+
+pub mod info;
