@@ -81,7 +81,7 @@ impl VdpaDeviceConfig {
             DevicePath::Pci(bdf) => bdf,
             DevicePath::VhostVdpa(node) => node,
         };
-        AnyDevice::open(&target, opts).map_err(|source| Error::Backend { op: "open", source })
+        AnyDevice::open(&target, opts).map_err(crate::error::backend_err("open"))
     }
 
     /// The plugin options this configuration asks for (`packed_ring` is

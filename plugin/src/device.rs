@@ -4,13 +4,15 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vdpa_bridge::types::{features, status};
-use vdpa_bridge::{DmaMapper, NotifyArea, QueueIndex, VdpaOps, VringAddrs};
+use vdpa_bridge::{
+    ConfigRange, DmaMapper, DriverFeatures, NotifyArea, QueueIndex, VdpaOps, VringAddrs,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::dma::DmaHandle;
-use crate::error::{backend, io, Error, Result};
+use crate::error::{backend_err, io, Error, Result};
 use crate::interrupt::{InterruptType, VirtioInterrupt};
 use crate::relay::{IrqRelay, IrqTarget, KickRelay, Relay, RelayPlan};
 
@@ -253,14 +255,7 @@ where
     /// Acknowledge driver features. Bits not offered are refused (nothing
     /// is acked then).
     pub fn ack_features(&mut self, value: u64) -> Result<()> {
-        let extra = value & !self.offered;
-        if extra != 0 {
-            return Err(Error::FeaturesNotOffered {
-                acked: value,
-                offered: self.offered,
-            });
-        }
-        self.acked |= value;
+        self.acked |= DriverFeatures::new(value, self.offered)?.bits();
         Ok(())
     }
 
@@ -269,32 +264,20 @@ where
         self.config_size
     }
 
-    fn config_range(&self, offset: u64, len: usize) -> Result<u32> {
-        let end = offset.checked_add(len as u64);
-        match end {
-            Some(e) if e <= self.config_size as u64 => Ok(offset as u32),
-            _ => Err(Error::ConfigOutOfRange {
-                offset,
-                len,
-                size: self.config_size,
-            }),
-        }
-    }
-
     /// Read the device's config space.
     pub fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<()> {
-        let off = self.config_range(offset, data.len())?;
+        let range = ConfigRange::new(offset, data.len(), self.config_size)?;
         lock(&self.backend)
-            .get_config(off, data)
-            .map_err(backend_err("get_config"))
+            .read_device_config(range, data)
+            .map_err(backend_err("read config"))
     }
 
     /// Write the device's config space.
     pub fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let off = self.config_range(offset, data.len())?;
+        let range = ConfigRange::new(offset, data.len(), self.config_size)?;
         lock(&self.backend)
-            .set_config(off, data)
-            .map_err(backend_err("set_config"))
+            .write_device_config(range, data)
+            .map_err(backend_err("write config"))
     }
 
     /// Whether the device is active.
@@ -540,13 +523,7 @@ where
         // A device that failed the start reports it in its status.
         let st = b.status().map_err(backend_err("status"))?;
         if st & (status::FAILED | status::DEVICE_NEEDS_RESET) != 0 || st & status::DRIVER_OK == 0 {
-            return Err(Error::Backend {
-                op: "DRIVER_OK",
-                source: vdpa_bridge::Error::BadState {
-                    op: "device did not accept DRIVER_OK",
-                    status: st,
-                },
-            });
+            return Err(Error::DriverOkRefused { status: st });
         }
         log::info!(
             "activated: {} queues, kicks direct {:?} relayed {:?}, irqs direct {} relayed {}",
@@ -670,8 +647,4 @@ impl<B: VdpaOps + DmaMapper, M: GuestMemory> Drop for BridgeDevice<B, M> {
         }
         self.dma.unmap_all();
     }
-}
-
-fn backend_err(op: &'static str) -> impl FnOnce(vdpa_bridge::Error) -> Error {
-    backend(op)
 }

@@ -20,7 +20,7 @@ use vm_memory::{
     Address, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryRegion,
 };
 
-use crate::error::{Error, Result};
+use crate::error::{backend_err, Error, Result};
 
 struct Mapping<M> {
     size: u64,
@@ -51,9 +51,7 @@ impl<M> DmaTable<M> {
             return Err(err("empty mapping"));
         }
         let last = iova.checked_add(size - 1).ok_or(err("range overflows"))?;
-        if !range.contains(iova, size) {
-            return Err(err("outside the device's IOVA range"));
-        }
+        range.check(iova, size)?;
         if let Some((&s, m)) = self.maps.range(..=last).next_back() {
             if s + (m.size - 1) >= iova {
                 return Err(err("overlaps an existing mapping"));
@@ -178,10 +176,7 @@ where
                         Err(e) => log::warn!("DMA unmap of {u:#x} (+{l:#x}) failed, kept: {e}"),
                     }
                 }
-                return Err(Error::Backend {
-                    op: "dma_map",
-                    source,
-                });
+                return Err(backend_err("dma_map")(source));
             }
             table.maps.insert(
                 piova,
@@ -222,10 +217,7 @@ where
         for (s, l) in hit {
             backend
                 .dma_unmap(Iova(s), l)
-                .map_err(|source| Error::Backend {
-                    op: "dma_unmap",
-                    source,
-                })?;
+                .map_err(backend_err("dma_unmap"))?;
             table.maps.remove(&s);
         }
         Ok(())

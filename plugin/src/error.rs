@@ -1,6 +1,9 @@
 //! Errors of the plugin.
 
-use vdpa_bridge::QueueIndex;
+use vdpa_bridge::OpsError;
+
+/// A backend's error, whichever backend (each has its own type).
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Errors of [`crate::BridgeDevice`] and its helpers.
 #[derive(Debug, thiserror::Error)]
@@ -12,15 +15,18 @@ pub enum Error {
         op: &'static str,
         /// The cause.
         #[source]
-        source: vdpa_bridge::Error,
+        source: BackendError,
     },
-    /// The driver acknowledged features the device did not offer.
-    #[error("driver acked features {acked:#x} not offered ({offered:#x})")]
-    FeaturesNotOffered {
-        /// What was acked.
-        acked: u64,
-        /// What was offered.
-        offered: u64,
+    /// A request refused before it reached the backend (features not
+    /// offered, a config access out of range, an IOVA outside the
+    /// device's range), by the same checks the backends make.
+    #[error(transparent)]
+    Invalid(#[from] OpsError),
+    /// The device did not take DRIVER_OK: it failed to start.
+    #[error("device did not accept DRIVER_OK (status {status:#x})")]
+    DriverOkRefused {
+        /// The status read back.
+        status: u8,
     },
     /// Activation was given an unusable queue.
     #[error("queue {index}: {reason}")]
@@ -33,16 +39,6 @@ pub enum Error {
     /// Activation while already active.
     #[error("device is already active")]
     AlreadyActive,
-    /// A configuration-space access outside the device's config.
-    #[error("config access at {offset:#x} (+{len}) is outside the {size}-byte config space")]
-    ConfigOutOfRange {
-        /// Offset of the access.
-        offset: u64,
-        /// Length of the access.
-        len: usize,
-        /// Config space size.
-        size: usize,
-    },
     /// A DMA mapping request the plugin refuses.
     #[error("DMA map of iova {iova:#x} (+{size:#x}): {reason}")]
     Dma {
@@ -73,9 +69,6 @@ pub enum Error {
     /// The requested operation is not supported by this device.
     #[error("{0}")]
     Unsupported(&'static str),
-    /// Queue not known to the device.
-    #[error("queue {0} does not exist")]
-    NoSuchQueue(QueueIndex),
     /// A bad option in the device configuration.
     #[error("invalid vdpa option: {0}")]
     Config(String),
@@ -84,8 +77,14 @@ pub enum Error {
 /// Result of the plugin.
 pub type Result<T> = std::result::Result<T, Error>;
 
-pub(crate) fn backend(op: &'static str) -> impl FnOnce(vdpa_bridge::Error) -> Error {
-    move |source| Error::Backend { op, source }
+pub(crate) fn backend_err<E>(op: &'static str) -> impl FnOnce(E) -> Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    move |source| Error::Backend {
+        op,
+        source: Box::new(source),
+    }
 }
 
 pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {

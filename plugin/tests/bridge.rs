@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use vdpa_bridge::types::{features, status};
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
-use vdpa_bridge::VdpaOps;
+use vdpa_bridge::{OpsError, VdpaOps};
 use vdpa_plugin::{BridgeDevice, DeviceOptions, Error, InterruptType, KickPolicy, NoNotifyMapping};
 use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
 use vdpa_testkit::harness::{Guest, Mem, TestInterrupt};
@@ -485,13 +485,7 @@ fn failed_activation_rolls_back_and_a_later_one_succeeds() {
             .activate(g.mem.clone(), irq.clone(), queues)
             .unwrap_err();
         assert!(
-            matches!(
-                e,
-                Error::Backend {
-                    op: "DRIVER_OK",
-                    ..
-                }
-            ),
+            matches!(e, Error::DriverOkRefused { status } if status & status::DEVICE_NEEDS_RESET != 0),
             "{e}"
         );
         assert!(!bad.is_active());
@@ -559,7 +553,7 @@ fn features_offered_are_the_intersection_and_acks_are_checked() {
     );
     assert!(matches!(
         dev.ack_features(features::bit(features::RING_PACKED)),
-        Err(Error::FeaturesNotOffered { .. })
+        Err(Error::Invalid(OpsError::FeaturesNotOffered { .. }))
     ));
     assert_eq!(dev.acked_features(), 0);
     let (_emu, dev) = device(
@@ -587,11 +581,11 @@ fn config_reads_come_from_the_device_and_out_of_range_is_an_error() {
     let mut b = [0u8; 4];
     assert!(matches!(
         dev.read_config(size - 2, &mut b),
-        Err(Error::ConfigOutOfRange { .. })
+        Err(Error::Invalid(OpsError::ConfigOutOfRange { .. }))
     ));
     assert!(matches!(
         dev.read_config(u64::MAX, &mut b),
-        Err(Error::ConfigOutOfRange { .. })
+        Err(Error::Invalid(OpsError::ConfigOutOfRange { .. }))
     ));
     assert!(dev.write_config(size, &[0]).is_err());
 }

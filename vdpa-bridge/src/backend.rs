@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::ops::{BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, NotifyPages, VdpaOps};
+use crate::ops::{
+    BackendCaps, ConfigRange, DmaMapper, Doorbell, DriverFeatures, IrqPlan, NotifyArea,
+    NotifyPages, VdpaOps,
+};
 use crate::pci::PciFunction;
 use crate::types::{Iova, IovaRange, QueueIndex, VringAddrs};
 use crate::vfio::VfioFunction;
@@ -77,6 +80,8 @@ macro_rules! each {
 }
 
 impl VdpaOps for AnyDevice {
+    type Error = crate::Error;
+
     fn device_id(&self) -> u32 {
         each!(self, d => d.device_id())
     }
@@ -89,8 +94,8 @@ impl VdpaOps for AnyDevice {
     fn raw_device_features(&self) -> u64 {
         each!(self, d => d.raw_device_features())
     }
-    fn set_driver_features(&mut self, features: u64) -> Result<()> {
-        each!(self, d => d.set_driver_features(features))
+    fn write_driver_features(&mut self, features: DriverFeatures) -> Result<()> {
+        each!(self, d => Ok(d.write_driver_features(features)?))
     }
     fn driver_features(&self) -> u64 {
         each!(self, d => d.driver_features())
@@ -99,58 +104,58 @@ impl VdpaOps for AnyDevice {
         each!(self, d => d.backend_caps())
     }
     fn status(&mut self) -> Result<u8> {
-        each!(self, d => d.status())
+        each!(self, d => Ok(d.status()?))
     }
     fn set_status(&mut self, status: u8) -> Result<()> {
-        each!(self, d => d.set_status(status))
+        each!(self, d => Ok(d.set_status(status)?))
     }
     fn reset(&mut self) -> Result<()> {
-        each!(self, d => d.reset())
+        each!(self, d => Ok(d.reset()?))
     }
     fn num_queues(&self) -> u16 {
         each!(self, d => d.num_queues())
     }
     fn vring_max_size(&mut self, q: QueueIndex) -> Result<u16> {
-        each!(self, d => d.vring_max_size(q))
+        each!(self, d => Ok(d.vring_max_size(q)?))
     }
     fn set_vring_num(&mut self, q: QueueIndex, num: u16) -> Result<()> {
-        each!(self, d => d.set_vring_num(q, num))
+        each!(self, d => Ok(d.set_vring_num(q, num)?))
     }
     fn set_vring_addr(&mut self, q: QueueIndex, addrs: VringAddrs) -> Result<()> {
-        each!(self, d => d.set_vring_addr(q, addrs))
+        each!(self, d => Ok(d.set_vring_addr(q, addrs)?))
     }
     fn set_vring_base(&mut self, q: QueueIndex, base: u16) -> Result<()> {
-        each!(self, d => d.set_vring_base(q, base))
+        each!(self, d => Ok(d.set_vring_base(q, base)?))
     }
     fn vring_base(&mut self, q: QueueIndex) -> Result<u16> {
-        each!(self, d => d.vring_base(q))
+        each!(self, d => Ok(d.vring_base(q)?))
     }
     fn set_vring_enable(&mut self, q: QueueIndex, enable: bool) -> Result<()> {
-        each!(self, d => d.set_vring_enable(q, enable))
+        each!(self, d => Ok(d.set_vring_enable(q, enable)?))
     }
     fn vring_enabled(&mut self, q: QueueIndex) -> Result<bool> {
-        each!(self, d => d.vring_enabled(q))
+        each!(self, d => Ok(d.vring_enabled(q)?))
     }
     fn set_vring_kick(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<()> {
-        each!(self, d => d.set_vring_kick(q, fd))
+        each!(self, d => Ok(d.set_vring_kick(q, fd)?))
     }
     fn set_vring_call(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<()> {
-        each!(self, d => d.set_vring_call(q, fd))
+        each!(self, d => Ok(d.set_vring_call(q, fd)?))
     }
     fn set_config_call(&mut self, fd: Option<&EventFd>) -> Result<()> {
-        each!(self, d => d.set_config_call(fd))
+        each!(self, d => Ok(d.set_config_call(fd)?))
     }
     fn irq_plan(&self) -> IrqPlan {
         each!(self, d => d.irq_plan())
     }
     fn kick(&self, q: QueueIndex) -> Result<()> {
-        each!(self, d => d.kick(q))
+        each!(self, d => Ok(d.kick(q)?))
     }
     fn doorbell(&self, q: QueueIndex) -> Result<Doorbell> {
-        each!(self, d => d.doorbell(q))
+        each!(self, d => Ok(d.doorbell(q)?))
     }
     fn notification_area(&self, q: QueueIndex) -> Result<NotifyArea> {
-        each!(self, d => d.notification_area(q))
+        each!(self, d => Ok(d.notification_area(q)?))
     }
     fn notification_pages(&self) -> Option<NotifyPages> {
         each!(self, d => d.notification_pages())
@@ -158,27 +163,29 @@ impl VdpaOps for AnyDevice {
     fn config_size(&self) -> usize {
         each!(self, d => d.config_size())
     }
-    fn get_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
-        each!(self, d => d.get_config(offset, buf))
+    fn read_device_config(&mut self, range: ConfigRange, buf: &mut [u8]) -> Result<()> {
+        each!(self, d => Ok(d.read_device_config(range, buf)?))
     }
-    fn set_config(&mut self, offset: u32, buf: &[u8]) -> Result<()> {
-        each!(self, d => d.set_config(offset, buf))
+    fn write_device_config(&mut self, range: ConfigRange, buf: &[u8]) -> Result<()> {
+        each!(self, d => Ok(d.write_device_config(range, buf)?))
     }
     fn config_generation(&mut self) -> Result<u32> {
-        each!(self, d => d.config_generation())
+        each!(self, d => Ok(d.config_generation()?))
     }
 }
 
 impl DmaMapper for AnyDevice {
+    type Error = crate::Error;
+
     fn iova_range(&self) -> IovaRange {
         each!(self, d => d.iova_range())
     }
     unsafe fn dma_map(&self, iova: Iova, size: u64, host_addr: usize) -> Result<()> {
         // SAFETY: the caller upholds `DmaMapper::dma_map`'s contract, which
         // is the same for every variant.
-        each!(self, d => unsafe { d.dma_map(iova, size, host_addr) })
+        each!(self, d => Ok(unsafe { d.dma_map(iova, size, host_addr) }?))
     }
     fn dma_unmap(&self, iova: Iova, size: u64) -> Result<()> {
-        each!(self, d => d.dma_unmap(iova, size))
+        each!(self, d => Ok(d.dma_unmap(iova, size)?))
     }
 }

@@ -48,11 +48,12 @@ pub mod vp_vdpa;
 
 pub use error::{Error, Result};
 pub use ops::{
-    BackendCaps, DmaMapper, Doorbell, IrqGroup, IrqPlan, NotifyArea, NotifyPages, RingDoorbell,
-    Suspend, VdpaOps,
+    BackendCaps, ConfigRange, DmaMapper, Doorbell, DriverFeatures, IrqGroup, IrqPlan, NotifyArea,
+    NotifyPages, OpsError, RingDoorbell, Suspend, VdpaOps,
 };
 pub use pci::{PciError, PciFunction};
 pub use types::{DeviceType, Iova, IovaRange, QueueIndex, VringAddrs};
 pub use vfio::VfioError;
 pub use vhost_vdpa::VhostVdpaError;
 pub use virtio_pci::TransportError;
+pub use vp_vdpa::VpVdpaError;

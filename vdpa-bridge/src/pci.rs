@@ -2,8 +2,8 @@
 //! whatever gives it the function.
 //!
 //! [`PciFunction`] is implemented by the VFIO backend ([`crate::vfio::VfioFunction`])
-//! for real devices and by the in-process emulated device
-//! ([`crate::emu::EmulatedFunction`]). The modern virtio-pci transport
+//! for real devices and by the in-process emulated device of the
+//! `vdpa-testkit` package. The modern virtio-pci transport
 //! ([`crate::virtio_pci`]) is written only against this trait, so the code
 //! path that drives QEMU's devices in the lab is the code path the unit
 //! tests drive against the emulated device.

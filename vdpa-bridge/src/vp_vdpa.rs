@@ -18,14 +18,32 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::ops::{
-    BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, NotifyPages, RingDoorbell, VdpaOps,
+    provision, BackendCaps, ConfigRange, DmaMapper, Doorbell, DriverFeatures, IrqPlan, NotifyArea,
+    NotifyPages, OpsError, RingDoorbell, VdpaOps,
 };
-use crate::pci::{IoWidth, PciFunction, PciFunctionExt};
+use crate::pci::{IoWidth, PciError, PciFunction, PciFunctionExt};
 use crate::types::{features, status, Iova, IovaRange, QueueIndex, VringAddrs};
 use crate::virtio_pci::bar::BarWindow;
 use crate::virtio_pci::regs::NO_VECTOR;
 use crate::virtio_pci::{has_version_1, ModernTransport, TransportError};
-use crate::{Error, Result};
+
+/// Errors of [`VpVdpa`]: the refusals every backend shares, and what the
+/// transport and the PCI function report.
+#[derive(Debug, thiserror::Error)]
+pub enum VpVdpaError {
+    /// A refusal every backend makes (bad queue, features, range...).
+    #[error(transparent)]
+    Ops(#[from] OpsError),
+    /// The virtio-pci transport rejected the device or an operation.
+    #[error("virtio-pci transport error")]
+    Transport(#[from] TransportError),
+    /// Access to the PCI function failed.
+    #[error("PCI function access failed")]
+    Pci(#[from] PciError),
+}
+
+/// Result of [`VpVdpa`] operations.
+pub type Result<T> = std::result::Result<T, VpVdpaError>;
 
 /// Size of the page unit used for notification-area exclusivity.
 pub const PAGE_SIZE: u64 = 4096;
@@ -89,14 +107,6 @@ impl<P: PciFunction + ?Sized> std::fmt::Debug for VpVdpa<P> {
     }
 }
 
-fn required_bits(raw: u64) -> impl Iterator<Item = u32> {
-    let mut v = vec![features::VERSION_1];
-    if raw & features::bit(features::ACCESS_PLATFORM) != 0 {
-        v.push(features::ACCESS_PLATFORM);
-    }
-    v.into_iter()
-}
-
 impl<P: PciFunction + ?Sized> VpVdpa<P> {
     /// Probe and claim `func`: parse capabilities, enable bus mastering,
     /// reset the device (bounded), read features and queue sizes.
@@ -112,15 +122,7 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
         transport.enable_bus_master()?;
         transport.reset()?;
         let raw = transport.device_features()?;
-        if !has_version_1(raw) {
-            return Err(TransportError::NoVersion1.into());
-        }
-        let mask = opts.features_mask.unwrap_or(u64::MAX);
-        for bit in required_bits(raw) {
-            if mask & features::bit(bit) == 0 {
-                return Err(Error::MaskRemovesRequired { mask, bit });
-            }
-        }
+        let offered = provision(raw, opts.features_mask)?;
         // Probe with every offered feature: some devices instantiate queues
         // only for negotiated features (QEMU's virtio-net adds its
         // multiqueue pairs when VIRTIO_NET_F_MQ is set), and consumers need
@@ -128,8 +130,8 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
         // it is. The reset below undoes the probe.
         let base = status::ACKNOWLEDGE | status::DRIVER;
         transport.set_status(base)?;
-        transport.set_driver_features(raw & mask)?;
-        if let Err(e) = transport.features_ok(base, raw & mask) {
+        transport.set_driver_features(offered)?;
+        if let Err(e) = transport.features_ok(base, offered) {
             log::debug!("feature probe refused: {e}");
         }
         let n = transport.refresh_num_queues()?;
@@ -162,7 +164,7 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
             pages,
             transport,
             raw_features: raw,
-            offered: raw & mask,
+            offered,
             driver_features: 0,
             queues,
             config_call: None,
@@ -185,7 +187,7 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
     fn queue(&mut self, q: QueueIndex) -> Result<&mut QueueState> {
         self.queues
             .get_mut(usize::from(q.0))
-            .ok_or(Error::InvalidQueue(q))
+            .ok_or(OpsError::InvalidQueue(q).into())
     }
 
     fn negotiated(&self, bit: u32) -> bool {
@@ -260,7 +262,7 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
                 })
                 .map(EventFd::try_clone)
                 .transpose()
-                .map_err(|source| crate::pci::PciError::Io {
+                .map_err(|source| PciError::Io {
                     op: "dup call eventfd",
                     source,
                 })?;
@@ -301,7 +303,7 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
         let off = self
             .notify
             .get(usize::from(q.0))
-            .ok_or(Error::InvalidQueue(q))?;
+            .ok_or(OpsError::InvalidQueue(q))?;
         let region = self.transport.notify_region();
         match off {
             Some(o) if o + self.notify_width() <= region.length => Ok(*o),
@@ -440,23 +442,21 @@ struct PciDoorbell<P: PciFunction + ?Sized> {
 }
 
 impl<P: PciFunction + ?Sized> RingDoorbell for PciDoorbell<P> {
-    fn ring(&self, next: u32) -> Result<()> {
-        if self.data {
+    fn ring(&self, next: u32) -> std::io::Result<()> {
+        let r = if self.data {
             // virtio 1.2 §4.1.5.2: vqn in bits 0..16, next_off/next_wrap above.
             let v = u32::from(self.queue) | (next << 16);
-            self.window
-                .write32(self.offset, v)
-                .map_err(TransportError::from)?;
+            self.window.write32(self.offset, v)
         } else {
-            self.window
-                .write16(self.offset, self.queue)
-                .map_err(TransportError::from)?;
-        }
-        Ok(())
+            self.window.write16(self.offset, self.queue)
+        };
+        r.map_err(std::io::Error::other)
     }
 }
 
 impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
+    type Error = VpVdpaError;
+
     fn device_id(&self) -> u32 {
         self.transport.info().virtio_id
     }
@@ -473,19 +473,15 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         self.raw_features
     }
 
-    fn set_driver_features(&mut self, f: u64) -> Result<()> {
+    fn write_driver_features(&mut self, f: DriverFeatures) -> Result<()> {
         if self.status & status::FEATURES_OK != 0 {
-            return Err(Error::BadState {
+            return Err(OpsError::BadState {
                 op: "set_driver_features",
                 status: self.status,
-            });
+            }
+            .into());
         }
-        if f & !self.offered != 0 {
-            return Err(Error::FeaturesNotOffered {
-                requested: f,
-                offered: self.offered,
-            });
-        }
+        let f = f.bits();
         self.transport.set_driver_features(f)?;
         self.driver_features = f;
         Ok(())
@@ -516,27 +512,38 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         let old = self.status;
         if s & old != old {
             // Bits can only be cleared by a reset (virtio 1.2 §2.1.2).
-            return Err(Error::BadState {
+            return Err(OpsError::BadState {
                 op: "clearing status bits without reset",
                 status: old,
-            });
+            }
+            .into());
         }
         let new = s & !old;
         if new & status::FEATURES_OK != 0 {
             if !has_version_1(self.driver_features) {
-                return Err(TransportError::NoVersion1.into());
+                return Err(OpsError::BadState {
+                    op: "FEATURES_OK without VIRTIO_F_VERSION_1",
+                    status: old,
+                }
+                .into());
             }
             let base = (old | s) & !(status::FEATURES_OK | status::DRIVER_OK);
             self.transport.set_status(base)?;
-            self.transport.features_ok(base, self.driver_features)?;
+            self.transport
+                .features_ok(base, self.driver_features)
+                .map_err(|e| match e {
+                    TransportError::FeaturesRefused(f) => OpsError::FeaturesRefused(f).into(),
+                    e => VpVdpaError::from(e),
+                })?;
             self.status = base | status::FEATURES_OK;
         }
         if new & status::DRIVER_OK != 0 {
             if self.status & status::FEATURES_OK == 0 {
-                return Err(Error::BadState {
+                return Err(OpsError::BadState {
                     op: "DRIVER_OK before FEATURES_OK",
                     status: self.status,
-                });
+                }
+                .into());
             }
             self.wire_interrupts()?;
         }
@@ -570,11 +577,12 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         let qs = self.queue(q)?;
         let max = qs.max_size;
         if num == 0 || num > max || (!packed && !num.is_power_of_two()) {
-            return Err(Error::InvalidQueueSize {
+            return Err(OpsError::InvalidQueueSize {
                 queue: q,
                 size: num,
                 max,
-            });
+            }
+            .into());
         }
         self.transport.set_queue_size(q, num)?;
         self.queue(q)?.size = num;
@@ -589,7 +597,7 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
             (16, 2, 4)
         };
         if !a.desc.is_multiple_of(d) || !a.driver.is_multiple_of(r) || !a.device.is_multiple_of(u) {
-            return Err(Error::MisalignedRing { queue: q, addrs: a });
+            return Err(OpsError::MisalignedRing { queue: q, addrs: a }.into());
         }
         self.transport.set_queue_addrs(q, a)?;
         Ok(())
@@ -600,31 +608,33 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         // virtio-pci has no register for it: only a fresh ring (0) works,
         // as in the kernel's vp_vdpa_set_vq_state_split.
         if base != 0 {
-            return Err(Error::Unsupported("a non-zero vring base on virtio-pci"));
+            return Err(OpsError::Unsupported("a non-zero vring base on virtio-pci").into());
         }
         Ok(())
     }
 
     fn vring_base(&mut self, q: QueueIndex) -> Result<u16> {
         self.queue(q)?;
-        Err(Error::Unsupported("reading the vring base on virtio-pci"))
+        Err(OpsError::Unsupported("reading the vring base on virtio-pci").into())
     }
 
     fn set_vring_enable(&mut self, q: QueueIndex, enable: bool) -> Result<()> {
         let qs = self.queue(q)?;
         if !enable {
             if qs.enabled {
-                return Err(Error::Unsupported(
+                return Err(OpsError::Unsupported(
                     "disabling an enabled virtio-pci queue without reset",
-                ));
+                )
+                .into());
             }
             return Ok(());
         }
         if qs.size == 0 {
-            return Err(Error::BadState {
+            return Err(OpsError::BadState {
                 op: "enabling a queue without a size",
                 status: self.status,
-            });
+            }
+            .into());
         }
         self.transport.enable_queue(q)?;
         self.queue(q)?.enabled = true;
@@ -640,16 +650,17 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         use std::os::fd::AsRawFd;
         self.queue(q)?;
         if self.negotiated(features::NOTIFICATION_DATA) && fd.is_some() {
-            return Err(Error::Unsupported(
+            return Err(OpsError::Unsupported(
                 "in-kernel kicks with VIRTIO_F_NOTIFICATION_DATA (no per-kick data)",
-            ));
+            )
+            .into());
         }
         if let Some((old, off)) = self.queue(q)?.kick.take() {
             self.unregister_kick(q.0, &old, off);
         }
         let Some(fd) = fd else { return Ok(()) };
         let n = self.transport.queue_notify(q, 2)?;
-        let dup = fd.try_clone().map_err(|source| crate::pci::PciError::Io {
+        let dup = fd.try_clone().map_err(|source| PciError::Io {
             op: "dup kick eventfd",
             source,
         })?;
@@ -665,13 +676,13 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
     }
 
     fn set_vring_call(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<()> {
-        let dup =
-            fd.map(EventFd::try_clone)
-                .transpose()
-                .map_err(|source| crate::pci::PciError::Io {
-                    op: "dup call eventfd",
-                    source,
-                })?;
+        let dup = fd
+            .map(EventFd::try_clone)
+            .transpose()
+            .map_err(|source| PciError::Io {
+                op: "dup call eventfd",
+                source,
+            })?;
         self.queue(q)?.call = dup;
         Ok(())
     }
@@ -680,7 +691,7 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         self.config_call =
             fd.map(EventFd::try_clone)
                 .transpose()
-                .map_err(|source| crate::pci::PciError::Io {
+                .map_err(|source| PciError::Io {
                     op: "dup config eventfd",
                     source,
                 })?;
@@ -693,21 +704,27 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
 
     fn kick(&self, q: QueueIndex) -> Result<()> {
         if usize::from(q.0) >= self.queues.len() {
-            return Err(Error::InvalidQueue(q));
+            return Err(OpsError::InvalidQueue(q).into());
         }
         if self.negotiated(features::NOTIFICATION_DATA) {
-            return Err(Error::Unsupported(
+            return Err(OpsError::Unsupported(
                 "kick without data when VIRTIO_F_NOTIFICATION_DATA is negotiated; use doorbell()",
-            ));
+            )
+            .into());
         }
-        // `queue_notify` needs `&mut` for the select; the offset is derived
-        // from the cached notify region instead via doorbell().
-        self.doorbell(q)?.ring(0)
+        // `queue_notify` needs `&mut` for the select; the offset cached at
+        // open serves instead.
+        let offset = self.doorbell_offset(q)?;
+        self.transport
+            .notify_window()
+            .write16(offset, q.0)
+            .map_err(TransportError::from)?;
+        Ok(())
     }
 
     fn doorbell(&self, q: QueueIndex) -> Result<Doorbell> {
         if usize::from(q.0) >= self.queues.len() {
-            return Err(Error::InvalidQueue(q));
+            return Err(OpsError::InvalidQueue(q).into());
         }
         let offset = self.doorbell_offset(q)?;
         Ok(Doorbell::new(Arc::new(PciDoorbell {
@@ -742,30 +759,12 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         self.transport.device_config_len() as usize
     }
 
-    fn get_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
-        self.transport
-            .read_config(u64::from(offset), buf)
-            .map_err(|e| match e {
-                TransportError::ConfigOutOfRange { len, size, .. } => Error::ConfigOutOfRange {
-                    offset,
-                    len,
-                    size: size as usize,
-                },
-                e => e.into(),
-            })
+    fn read_device_config(&mut self, range: ConfigRange, buf: &mut [u8]) -> Result<()> {
+        Ok(self.transport.read_config(range, buf)?)
     }
 
-    fn set_config(&mut self, offset: u32, buf: &[u8]) -> Result<()> {
-        self.transport
-            .write_config(u64::from(offset), buf)
-            .map_err(|e| match e {
-                TransportError::ConfigOutOfRange { len, size, .. } => Error::ConfigOutOfRange {
-                    offset,
-                    len,
-                    size: size as usize,
-                },
-                e => e.into(),
-            })
+    fn write_device_config(&mut self, range: ConfigRange, buf: &[u8]) -> Result<()> {
+        Ok(self.transport.write_config(range, buf)?)
     }
 
     fn config_generation(&mut self) -> Result<u32> {
@@ -774,20 +773,14 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
 }
 
 impl<P: PciFunction + ?Sized> DmaMapper for VpVdpa<P> {
+    type Error = VpVdpaError;
+
     fn iova_range(&self) -> IovaRange {
         self.transport.function().iova_range()
     }
 
     unsafe fn dma_map(&self, iova: Iova, size: u64, host_addr: usize) -> Result<()> {
-        let r = self.iova_range();
-        if !r.contains(iova.0, size) {
-            return Err(Error::IovaOutOfRange {
-                iova: iova.0,
-                size,
-                first: r.first,
-                last: r.last,
-            });
-        }
+        self.iova_range().check(iova.0, size)?;
         // SAFETY: the caller upholds DmaMapper::dma_map's contract, which is
         // PciFunction::dma_map's.
         unsafe { self.transport.function().dma_map(iova, size, host_addr) }?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vdpa_bridge::types::{features, status};
 use vdpa_bridge::virtio_pci::TransportError;
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
-use vdpa_bridge::{Error, QueueIndex, VdpaOps};
+use vdpa_bridge::{OpsError, QueueIndex, VdpaOps, VpVdpaError as Error};
 use vdpa_testkit::driver::{CompletionMode, Driver, DriverOptions, KickMode};
 use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
 
@@ -104,7 +104,7 @@ fn provisioning_mask_hides_features_but_not_required_ones() {
     d.set_status(status::ACKNOWLEDGE | status::DRIVER).unwrap();
     assert!(matches!(
         d.set_driver_features(keep | flush),
-        Err(Error::FeaturesNotOffered { .. })
+        Err(Error::Ops(OpsError::FeaturesNotOffered { .. }))
     ));
     let drv = Driver::bring_up(
         &mut d,
@@ -127,7 +127,7 @@ fn provisioning_mask_hides_features_but_not_required_ones() {
         )
         .unwrap_err();
         assert!(
-            matches!(e, Error::MaskRemovesRequired { bit: b, .. } if b == bit),
+            matches!(e, Error::Ops(OpsError::MaskRemovesRequired { bit: b, .. }) if b == bit),
             "{e}"
         );
     }
@@ -203,10 +203,7 @@ fn devices_without_version_1_and_legacy_only_devices_are_refused() {
         ..EmuConfig::default()
     }));
     let e = VpVdpa::open(f, OpenOptions::default()).unwrap_err();
-    assert!(
-        matches!(e, Error::Transport(TransportError::NoVersion1)),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::Ops(OpsError::NoVersion1)), "{e:?}");
     let f = Arc::new(EmulatedFunction::new(EmuConfig {
         legacy_only: true,
         ..EmuConfig::default()
@@ -237,12 +234,12 @@ fn queue_sizes_of_zero_or_too_large_are_refused() {
     for bad in [0u16, 3, 512] {
         assert!(matches!(
             d.set_vring_num(QueueIndex(0), bad),
-            Err(Error::InvalidQueueSize { .. })
+            Err(Error::Ops(OpsError::InvalidQueueSize { .. }))
         ));
     }
     assert!(matches!(
         d.set_vring_num(QueueIndex(9), 64),
-        Err(Error::InvalidQueue(_))
+        Err(Error::Ops(OpsError::InvalidQueue(_)))
     ));
 }
 

@@ -5,7 +5,6 @@ use serde::Serialize;
 
 use vdpa_bridge::ops::VdpaOps;
 use vdpa_bridge::types::{feature_names, features, DeviceType, QueueIndex};
-use vdpa_bridge::Result;
 
 /// A feature word with names.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -119,7 +118,11 @@ pub struct DeviceInfo {
 /// size. Fields are read one by one at their own width, as drivers do:
 /// devices (QEMU) answer an access that runs past the end of their config
 /// with all-ones, so a wide read across fields is not safe.
-fn field<const N: usize>(ops: &mut dyn VdpaOps, off: u32, size: usize) -> Result<Option<[u8; N]>> {
+fn field<const N: usize, B: VdpaOps + ?Sized>(
+    ops: &mut B,
+    off: u32,
+    size: usize,
+) -> Result<Option<[u8; N]>, B::Error> {
     if off as usize + N > size {
         return Ok(None);
     }
@@ -129,21 +132,21 @@ fn field<const N: usize>(ops: &mut dyn VdpaOps, off: u32, size: usize) -> Result
 }
 
 /// Read and decode a device's configuration space.
-pub fn decode_config(ops: &mut dyn VdpaOps) -> Result<ConfigInfo> {
+pub fn decode_config<B: VdpaOps + ?Sized>(ops: &mut B) -> Result<ConfigInfo, B::Error> {
     let t = DeviceType::from_id(ops.device_id());
     let f = ops.device_features();
     let has = |bit: u32| f & features::bit(bit) != 0;
     let size = ops.config_size();
     match t {
         DeviceType::Block => {
-            let capacity_sectors = field::<8>(ops, 0, size)?.map_or(0, u64::from_le_bytes);
+            let capacity_sectors = field::<8, B>(ops, 0, size)?.map_or(0, u64::from_le_bytes);
             let blk_size = if has(6) {
-                field::<4>(ops, 20, size)?.map_or(512, u32::from_le_bytes)
+                field::<4, B>(ops, 20, size)?.map_or(512, u32::from_le_bytes)
             } else {
                 512
             };
             let num_queues = if has(12) {
-                field::<2>(ops, 34, size)?.map_or(1, u16::from_le_bytes)
+                field::<2, B>(ops, 34, size)?.map_or(1, u16::from_le_bytes)
             } else {
                 1
             };
@@ -155,7 +158,7 @@ pub fn decode_config(ops: &mut dyn VdpaOps) -> Result<ConfigInfo> {
         }
         DeviceType::Net => {
             let mac = if has(5) {
-                field::<6>(ops, 0, size)?.map(|m| {
+                field::<6, B>(ops, 0, size)?.map(|m| {
                     m.iter()
                         .map(|x| format!("{x:02x}"))
                         .collect::<Vec<_>>()
@@ -165,17 +168,17 @@ pub fn decode_config(ops: &mut dyn VdpaOps) -> Result<ConfigInfo> {
                 None
             };
             let status = if has(16) {
-                field::<2>(ops, 6, size)?.map(u16::from_le_bytes)
+                field::<2, B>(ops, 6, size)?.map(u16::from_le_bytes)
             } else {
                 None
             };
             let max_queue_pairs = if has(22) {
-                field::<2>(ops, 8, size)?.map_or(1, u16::from_le_bytes)
+                field::<2, B>(ops, 8, size)?.map_or(1, u16::from_le_bytes)
             } else {
                 1
             };
             let mtu = if has(3) {
-                field::<2>(ops, 10, size)?.map(u16::from_le_bytes)
+                field::<2, B>(ops, 10, size)?.map(u16::from_le_bytes)
             } else {
                 None
             };
@@ -192,7 +195,11 @@ pub fn decode_config(ops: &mut dyn VdpaOps) -> Result<ConfigInfo> {
 
 /// Gather the generic facts; PCI-specific ones (`msix_vectors`, `notify`)
 /// are filled in by the caller that knows the transport.
-pub fn gather(ops: &mut dyn VdpaOps, device: &str, backend: &str) -> Result<DeviceInfo> {
+pub fn gather<B: VdpaOps + ?Sized>(
+    ops: &mut B,
+    device: &str,
+    backend: &str,
+) -> Result<DeviceInfo, B::Error> {
     let t = DeviceType::from_id(ops.device_id());
     let mut queues = Vec::new();
     for q in 0..ops.num_queues() {
@@ -227,7 +234,7 @@ pub fn gather_pci<P: vdpa_bridge::pci::PciFunction + ?Sized + 'static>(
     d: &mut vdpa_bridge::vp_vdpa::VpVdpa<P>,
     device: &str,
     backend: &str,
-) -> Result<DeviceInfo> {
+) -> Result<DeviceInfo, vdpa_bridge::VpVdpaError> {
     let mut i = gather(d, device, backend)?;
     let region = d.transport().notify_region();
     i.msix_vectors = Some(d.msix_vectors());
@@ -247,11 +254,14 @@ impl Features {
 }
 
 /// [`gather`] for any real backend, with the PCI facts where there are.
-pub fn gather_any(d: &mut vdpa_bridge::backend::AnyDevice, device: &str) -> Result<DeviceInfo> {
+pub fn gather_any(
+    d: &mut vdpa_bridge::backend::AnyDevice,
+    device: &str,
+) -> Result<DeviceInfo, vdpa_bridge::Error> {
     use vdpa_bridge::backend::AnyDevice;
     let backend = d.backend_name();
     match d {
-        AnyDevice::Vfio(d) => gather_pci(d, device, backend),
-        AnyDevice::VhostVdpa(d) => gather(d, device, backend),
+        AnyDevice::Vfio(d) => Ok(gather_pci(d, device, backend)?),
+        AnyDevice::VhostVdpa(d) => Ok(gather(d, device, backend)?),
     }
 }

@@ -7,7 +7,7 @@
 //! itself. Ring addresses and DMA mappings are IOVAs in the device's IOTLB.
 //!
 //! The `vhost` crate's wrappers are used where they are right; the few
-//! calls it lacks or gets wrong are issued here in [`sys`]: detaching a kick
+//! calls it lacks or gets wrong are issued here in `sys`: detaching a kick
 //! or call eventfd (fd -1), `VHOST_VDPA_RESUME`, and the notification-area
 //! mmap. (Its `set_group_asid` issues the GET ioctl; we do not use it.)
 
@@ -24,16 +24,19 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::ops::{
-    BackendCaps, DmaMapper, Doorbell, IrqPlan, NotifyArea, RingDoorbell, Suspend, VdpaOps,
+    provision, BackendCaps, ConfigRange, DmaMapper, Doorbell, DriverFeatures, IrqPlan, NotifyArea,
+    OpsError, RingDoorbell, Suspend, VdpaOps,
 };
 use crate::types::{features, status, Iova, IovaRange, QueueIndex, VringAddrs};
-use crate::{Error, Result};
 
 use sys::NotifyPage;
 
 /// Errors of the vhost-vdpa backend.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostVdpaError {
+    /// A refusal every backend makes (bad queue, features, range...).
+    #[error(transparent)]
+    Ops(#[from] OpsError),
     /// Opening the device node failed.
     #[error("cannot open {path}")]
     Open {
@@ -69,8 +72,11 @@ pub enum VhostVdpaError {
     BadDevice(String),
 }
 
-fn ioctl(op: &'static str) -> impl FnOnce(vhost::Error) -> Error {
-    move |source| Error::VhostVdpa(VhostVdpaError::Ioctl { op, source })
+/// Result of the vhost-vdpa backend.
+pub type Result<T> = std::result::Result<T, VhostVdpaError>;
+
+fn ioctl(op: &'static str) -> impl FnOnce(vhost::Error) -> VhostVdpaError {
+    move |source| VhostVdpaError::Ioctl { op, source }
 }
 
 /// vhost backend feature bits (`VHOST_BACKEND_F_*`).
@@ -184,7 +190,7 @@ impl VhostVdpaDevice {
     /// [`crate::vp_vdpa::OpenOptions`].
     pub fn open(path: &Path, features_mask: Option<u64>) -> Result<Self> {
         if !is_vhost_vdpa_path(path) {
-            return Err(VhostVdpaError::NotVhostVdpa(path.to_owned()).into());
+            return Err(VhostVdpaError::NotVhostVdpa(path.to_owned()));
         }
         let s = path.to_string_lossy();
         let mut vdpa = VhostKernVdpa::new(&s, GuestMemoryAtomic::new(GuestMemoryMmap::new()))
@@ -208,15 +214,7 @@ impl VhostVdpaDevice {
             .get_device_id()
             .map_err(ioctl("VHOST_VDPA_GET_DEVICE_ID"))?;
         let raw = vdpa.get_features().map_err(ioctl("VHOST_GET_FEATURES"))?;
-        if raw & features::bit(features::VERSION_1) == 0 {
-            return Err(crate::virtio_pci::TransportError::NoVersion1.into());
-        }
-        let mask = features_mask.unwrap_or(u64::MAX);
-        for bit in [features::VERSION_1, features::ACCESS_PLATFORM] {
-            if raw & features::bit(bit) != 0 && mask & features::bit(bit) == 0 {
-                return Err(Error::MaskRemovesRequired { mask, bit });
-            }
-        }
+        let offered = provision(raw, features_mask)?;
         let nq = vdpa
             .get_vqs_count()
             .map_err(ioctl("VHOST_VDPA_GET_VQS_COUNT"))?;
@@ -228,7 +226,9 @@ impl VhostVdpaDevice {
             .get_vring_num()
             .map_err(ioctl("VHOST_VDPA_GET_VRING_NUM"))?;
         if max_size == 0 {
-            return Err(VhostVdpaError::BadDevice("a maximum queue size of 0".into()).into());
+            return Err(VhostVdpaError::BadDevice(
+                "a maximum queue size of 0".into(),
+            ));
         }
         let config_size = vdpa
             .get_config_size()
@@ -240,8 +240,7 @@ impl VhostVdpaDevice {
             return Err(VhostVdpaError::BadDevice(format!(
                 "an empty IOVA range {:#x}..{:#x}",
                 r.first, r.last
-            ))
-            .into());
+            )));
         }
         let mut notify = Vec::with_capacity(usize::from(num_queues));
         for q in 0..num_queues {
@@ -252,7 +251,7 @@ impl VhostVdpaDevice {
             path: path.to_owned(),
             device_id,
             raw_features: raw,
-            offered: raw & mask,
+            offered,
             driver_features: 0,
             backend_features: backend,
             num_queues,
@@ -283,7 +282,7 @@ impl VhostVdpaDevice {
         if q.0 < self.num_queues {
             Ok(usize::from(q.0))
         } else {
-            Err(Error::InvalidQueue(q))
+            Err(OpsError::InvalidQueue(q).into())
         }
     }
 }
@@ -297,7 +296,7 @@ struct PageDoorbell {
 }
 
 impl RingDoorbell for PageDoorbell {
-    fn ring(&self, next: u32) -> Result<()> {
+    fn ring(&self, next: u32) -> std::io::Result<()> {
         if self.data {
             // virtio 1.2 section 4.1.5.2: vqn in bits 0..16, next_off and
             // next_wrap above.
@@ -310,6 +309,8 @@ impl RingDoorbell for PageDoorbell {
 }
 
 impl VdpaOps for VhostVdpaDevice {
+    type Error = VhostVdpaError;
+
     fn device_id(&self) -> u32 {
         self.device_id
     }
@@ -328,13 +329,8 @@ impl VdpaOps for VhostVdpaDevice {
         self.raw_features
     }
 
-    fn set_driver_features(&mut self, f: u64) -> Result<()> {
-        if f & !self.offered != 0 {
-            return Err(Error::FeaturesNotOffered {
-                requested: f,
-                offered: self.offered,
-            });
-        }
+    fn write_driver_features(&mut self, f: DriverFeatures) -> Result<()> {
+        let f = f.bits();
         self.vdpa
             .set_features(f)
             .map_err(ioctl("VHOST_SET_FEATURES"))?;
@@ -371,9 +367,7 @@ impl VdpaOps for VhostVdpaDevice {
         // The kernel refuses silently in some drivers: read back.
         let now = self.status()?;
         if s & status::FEATURES_OK != 0 && now & status::FEATURES_OK == 0 {
-            return Err(
-                crate::virtio_pci::TransportError::FeaturesRefused(self.driver_features).into(),
-            );
+            return Err(OpsError::FeaturesRefused(self.driver_features).into());
         }
         Ok(())
     }
@@ -406,11 +400,12 @@ impl VdpaOps for VhostVdpaDevice {
         let i = self.check_queue(q)?;
         let packed = self.driver_features & features::bit(features::RING_PACKED) != 0;
         if num == 0 || num > self.max_size || (!packed && !num.is_power_of_two()) {
-            return Err(Error::InvalidQueueSize {
+            return Err(OpsError::InvalidQueueSize {
                 queue: q,
                 size: num,
                 max: self.max_size,
-            });
+            }
+            .into());
         }
         self.vdpa
             .set_vring_num(i, num)
@@ -423,10 +418,11 @@ impl VdpaOps for VhostVdpaDevice {
         let i = self.check_queue(q)?;
         let size = self.sizes[i];
         if size == 0 {
-            return Err(Error::BadState {
+            return Err(OpsError::BadState {
                 op: "set_vring_addr before set_vring_num",
                 status: 0,
-            });
+            }
+            .into());
         }
         let cfg = VringConfigData {
             queue_max_size: self.max_size,
@@ -468,9 +464,10 @@ impl VdpaOps for VhostVdpaDevice {
 
     fn vring_enabled(&mut self, q: QueueIndex) -> Result<bool> {
         self.check_queue(q)?;
-        Err(Error::Unsupported(
-            "reading a vring's enable state (vhost-vdpa has no such ioctl)",
-        ))
+        Err(
+            OpsError::Unsupported("reading a vring's enable state (vhost-vdpa has no such ioctl)")
+                .into(),
+        )
     }
 
     fn set_vring_kick(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<()> {
@@ -494,11 +491,22 @@ impl VdpaOps for VhostVdpaDevice {
 
     fn kick(&self, q: QueueIndex) -> Result<()> {
         if self.driver_features & features::bit(features::NOTIFICATION_DATA) != 0 {
-            return Err(Error::Unsupported(
+            return Err(OpsError::Unsupported(
                 "kick without data when VIRTIO_F_NOTIFICATION_DATA is negotiated; use doorbell()",
-            ));
+            )
+            .into());
         }
-        self.doorbell(q)?.ring(0)
+        let i = self.check_queue(q)?;
+        match &self.notify[i] {
+            Some(page) => {
+                page.write16(q.0);
+                Ok(())
+            }
+            None => Err(OpsError::Unsupported(
+                "direct doorbell writes (the vDPA device exposes no notification area)",
+            )
+            .into()),
+        }
     }
 
     fn doorbell(&self, q: QueueIndex) -> Result<Doorbell> {
@@ -509,9 +517,7 @@ impl VdpaOps for VhostVdpaDevice {
                 queue: q.0,
                 data: self.driver_features & features::bit(features::NOTIFICATION_DATA) != 0,
             }))),
-            None => Err(Error::Unsupported(
-                "direct doorbell writes (the vDPA device exposes no notification area; use a kick eventfd)",
-            )),
+            None => Err(OpsError::Unsupported("direct doorbell writes (the vDPA device exposes no notification area; use a kick eventfd)").into()),
         }
     }
 
@@ -526,7 +532,7 @@ impl VdpaOps for VhostVdpaDevice {
                 // The kernel maps exactly this queue's doorbell page.
                 page_exclusive: true,
             }),
-            None => Err(Error::Unsupported("notification area")),
+            None => Err(OpsError::Unsupported("notification area").into()),
         }
     }
 
@@ -534,48 +540,35 @@ impl VdpaOps for VhostVdpaDevice {
         self.config_size
     }
 
-    fn get_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
-        check_config(offset, buf.len(), self.config_size)?;
+    fn read_device_config(&mut self, range: ConfigRange, buf: &mut [u8]) -> Result<()> {
         self.vdpa
-            .get_config(offset, buf)
+            .get_config(range.offset(), buf)
             .map_err(ioctl("VHOST_VDPA_GET_CONFIG"))
     }
 
-    fn set_config(&mut self, offset: u32, buf: &[u8]) -> Result<()> {
-        check_config(offset, buf.len(), self.config_size)?;
+    fn write_device_config(&mut self, range: ConfigRange, buf: &[u8]) -> Result<()> {
         self.vdpa
-            .set_config(offset, buf)
+            .set_config(range.offset(), buf)
             .map_err(ioctl("VHOST_VDPA_SET_CONFIG"))
     }
 
     fn config_generation(&mut self) -> Result<u32> {
-        Err(Error::Unsupported(
+        Err(OpsError::Unsupported(
             "config generation (vhost-vdpa reads config atomically in the kernel)",
-        ))
-    }
-}
-
-fn check_config(offset: u32, len: usize, size: usize) -> Result<()> {
-    match (offset as usize).checked_add(len) {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(Error::ConfigOutOfRange { offset, len, size }),
+        )
+        .into())
     }
 }
 
 impl DmaMapper for VhostVdpaDevice {
+    type Error = VhostVdpaError;
+
     fn iova_range(&self) -> IovaRange {
         self.iova_range
     }
 
     unsafe fn dma_map(&self, iova: Iova, size: u64, host_addr: usize) -> Result<()> {
-        if size == 0 || !self.iova_range.contains(iova.0, size) {
-            return Err(Error::IovaOutOfRange {
-                iova: iova.0,
-                size,
-                first: self.iova_range.first,
-                last: self.iova_range.last,
-            });
-        }
+        self.iova_range.check(iova.0, size)?;
         self.vdpa
             .dma_map(iova.0, size, host_addr as *const u8, false)
             .map_err(ioctl("IOTLB update"))
@@ -591,14 +584,14 @@ impl DmaMapper for VhostVdpaDevice {
 impl Suspend for VhostVdpaDevice {
     fn suspend(&mut self) -> Result<()> {
         if self.backend_features & backend_features::SUSPEND == 0 {
-            return Err(Error::Unsupported("suspend"));
+            return Err(OpsError::Unsupported("suspend").into());
         }
         self.vdpa.suspend().map_err(ioctl("VHOST_VDPA_SUSPEND"))
     }
 
     fn resume(&mut self) -> Result<()> {
         if self.backend_features & backend_features::RESUME == 0 {
-            return Err(Error::Unsupported("resume"));
+            return Err(OpsError::Unsupported("resume").into());
         }
         sys::resume(&self.vdpa)
     }
@@ -628,21 +621,8 @@ mod tests {
     #[test]
     fn a_missing_node_or_a_wrong_path_is_a_clear_error() {
         let e = VhostVdpaDevice::open(Path::new("/dev/null"), None).unwrap_err();
-        assert!(matches!(
-            e,
-            Error::VhostVdpa(VhostVdpaError::NotVhostVdpa(_))
-        ));
+        assert!(matches!(e, VhostVdpaError::NotVhostVdpa(_)));
         let e = VhostVdpaDevice::open(Path::new("/nonexistent/vhost-vdpa-9"), None).unwrap_err();
-        assert!(
-            matches!(e, Error::VhostVdpa(VhostVdpaError::Open { .. })),
-            "{e:?}"
-        );
-    }
-
-    #[test]
-    fn config_range_checks() {
-        assert!(check_config(0, 8, 8).is_ok());
-        assert!(check_config(4, 8, 8).is_err());
-        assert!(check_config(u32::MAX, 2, 8).is_err());
+        assert!(matches!(e, VhostVdpaError::Open { .. }), "{e:?}");
     }
 }

@@ -8,8 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
 use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
 
-use super::VhostVdpaError;
-use crate::{Error, Result};
+use super::{Result, VhostVdpaError};
 
 const VHOST: u32 = 0xaf;
 
@@ -51,11 +50,11 @@ pub(super) enum VringFd {
     Call,
 }
 
-fn sys(op: &'static str) -> Error {
-    Error::VhostVdpa(VhostVdpaError::Sys {
+fn sys(op: &'static str) -> VhostVdpaError {
+    VhostVdpaError::Sys {
         op,
         source: std::io::Error::last_os_error(),
-    })
+    }
 }
 
 /// Attach `fd` as queue `q`'s kick or call eventfd, or detach with `None`

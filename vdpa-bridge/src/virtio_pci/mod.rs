@@ -14,6 +14,7 @@ pub mod regs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::ops::ConfigRange;
 use crate::pci::{cfg, PciError, PciFunction, PciFunctionExt};
 use crate::types::{features, status, QueueIndex, VringAddrs};
 
@@ -54,9 +55,6 @@ pub enum TransportError {
         /// PCI device id.
         device: u16,
     },
-    /// The device does not offer VIRTIO_F_VERSION_1.
-    #[error("device does not offer VIRTIO_F_VERSION_1")]
-    NoVersion1,
     /// The capability list is unusable.
     #[error("invalid virtio capabilities")]
     Caps(#[from] CapError),
@@ -72,16 +70,6 @@ pub enum TransportError {
     /// `config_generation` kept changing.
     #[error("device config did not stabilise after {CONFIG_READ_RETRIES} reads")]
     ConfigUnstable,
-    /// A device config access past the device config structure.
-    #[error("device config access at {offset:#x} (+{len}) is past its size {size:#x}")]
-    ConfigOutOfRange {
-        /// Offset.
-        offset: u64,
-        /// Length.
-        len: usize,
-        /// Size of the device config structure.
-        size: u64,
-    },
     /// A queue index the device does not have.
     #[error("queue {0} does not exist")]
     NoSuchQueue(QueueIndex),
@@ -500,15 +488,16 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
         self.device.as_ref().map_or(0, |d| d.len())
     }
 
+    /// The device config window, for a non-empty access at `offset`.
     fn device_window(&self, offset: u64, len: usize) -> Result<&BarWindow<P>> {
-        let size = self.device_config_len();
-        let ok = offset
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= size);
-        match (&self.device, ok) {
-            (Some(d), true) => Ok(d),
-            _ => Err(TransportError::ConfigOutOfRange { offset, len, size }),
-        }
+        self.device.as_ref().ok_or_else(|| {
+            BarError::OutOfWindow {
+                offset,
+                width: len,
+                len: 0,
+            }
+            .into()
+        })
     }
 
     fn read_config_once(&self, d: &BarWindow<P>, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -532,9 +521,17 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
         Ok(())
     }
 
-    /// Read device config at `offset`, retrying until `config_generation`
+    /// Read device config at `range`, retrying until `config_generation`
     /// is the same before and after (virtio 1.2 §4.1.4.3.1).
-    pub fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    ///
+    /// `range` was checked against [`device_config_len`](Self::device_config_len)
+    /// ([`ConfigRange::new`]); every register access is bounds-checked
+    /// against the window again.
+    pub fn read_config(&self, range: ConfigRange, buf: &mut [u8]) -> Result<()> {
+        let offset = u64::from(range.offset());
+        if buf.is_empty() {
+            return Ok(());
+        }
         let d = self.device_window(offset, buf.len())?;
         for _ in 0..CONFIG_READ_RETRIES {
             let before = self.config_generation()?;
@@ -552,8 +549,12 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
         Err(TransportError::ConfigUnstable)
     }
 
-    /// Write device config at `offset`.
-    pub fn write_config(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    /// Write device config at `range`.
+    pub fn write_config(&self, range: ConfigRange, buf: &[u8]) -> Result<()> {
+        let offset = u64::from(range.offset());
+        if buf.is_empty() {
+            return Ok(());
+        }
         let d = self.device_window(offset, buf.len())?;
         let mut i = 0usize;
         while i < buf.len() {

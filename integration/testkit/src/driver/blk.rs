@@ -328,7 +328,7 @@ impl Driver {
                 // The harness never negotiates notification data for loads.
                 (None, Some(d)) => d.ring(0).map_err(|source| DriverError::Ops {
                     op: "doorbell",
-                    source,
+                    source: Box::new(source),
                 }),
                 (None, None) => Ok(()),
             }

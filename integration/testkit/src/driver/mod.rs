@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vdpa_bridge::ops::{DmaMapper, Doorbell, VdpaOps};
 use vdpa_bridge::types::{features, status, Iova, QueueIndex};
-use vdpa_bridge::Error;
+use vdpa_bridge::OpsError;
 
 pub use ring::SplitRing;
 
@@ -34,9 +34,9 @@ pub enum DriverError {
     Ops {
         /// The operation.
         op: &'static str,
-        /// The cause.
+        /// The cause (the backend's own error type).
         #[source]
-        source: Error,
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
     /// Allocating DMA memory failed.
     #[error("cannot allocate {size:#x} bytes of DMA memory")]
@@ -110,8 +110,14 @@ pub enum DriverError {
 /// Result of the harness.
 pub type Result<T> = std::result::Result<T, DriverError>;
 
-fn ops(op: &'static str) -> impl FnOnce(Error) -> DriverError {
-    move |source| DriverError::Ops { op, source }
+fn ops<E>(op: &'static str) -> impl FnOnce(E) -> DriverError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    move |source| DriverError::Ops {
+        op,
+        source: Box::new(source),
+    }
 }
 
 /// A block of memory mapped for device DMA at a fixed IOVA.
@@ -398,10 +404,9 @@ impl Driver {
             (None, Some(d)) => d
                 .ring(u32::from(dq.ring.next_avail()))
                 .map_err(ops("doorbell")),
-            (None, None) => Err(DriverError::Ops {
-                op: "kick",
-                source: Error::Unsupported("kick without an eventfd or doorbell"),
-            }),
+            (None, None) => Err(ops("kick")(OpsError::Unsupported(
+                "kick without an eventfd or doorbell",
+            ))),
         }
     }
 
