@@ -1,11 +1,12 @@
 //! What the VMM passes for a bridged device (`--vdpa path=...,...`).
 
-use std::path::Path;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use vdpa_bridge::backend::AnyDevice;
+pub use vdpa_bridge::device_path::DevicePath;
+use vdpa_bridge::types::parse_u64;
 use vdpa_bridge::vp_vdpa::OpenOptions;
 
 use crate::Error;
@@ -31,37 +32,6 @@ pub struct VdpaDeviceConfig {
     /// A vIOMMU is in front of the device.
     #[serde(default)]
     pub iommu: bool,
-}
-
-/// What `path=` names.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DevicePath {
-    /// A PCI function, by its canonical address.
-    Pci(String),
-    /// A kernel vDPA device's vhost-vdpa node.
-    VhostVdpa(String),
-}
-
-/// Normalise a PCI address: `00:04.0` gets domain `0000`; hex digits are
-/// lower-cased; anything else is refused.
-pub fn parse_pci_address(s: &str) -> Option<String> {
-    let s = s.trim().to_ascii_lowercase();
-    let full = match s.matches(':').count() {
-        1 => format!("0000:{s}"),
-        2 => s,
-        _ => return None,
-    };
-    let (dom, rest) = full.split_once(':')?;
-    let (bus, rest) = rest.split_once(':')?;
-    let (dev, func) = rest.split_once('.')?;
-    let hex = |t: &str, n: usize| t.len() == n && t.chars().all(|c| c.is_ascii_hexdigit());
-    let ok = hex(dom, 4)
-        && hex(bus, 2)
-        && hex(dev, 2)
-        && u8::from_str_radix(dev, 16).is_ok_and(|d| d < 32)
-        && func.len() == 1
-        && func.chars().all(|c| ('0'..='7').contains(&c));
-    ok.then_some(full)
 }
 
 impl VdpaDeviceConfig {
@@ -97,29 +67,14 @@ impl VdpaDeviceConfig {
     }
 }
 
-/// Classify a device path without touching the filesystem beyond the
-/// final component of a sysfs path.
+/// Classify a device path by its text (no filesystem access): the
+/// library's one parser, [`DevicePath::parse`], with the plugin's error.
+///
+/// # Errors
+///
+/// [`Error::Config`] naming the path.
 pub fn classify_path(path: &str) -> Result<DevicePath, Error> {
-    let name = Path::new(path)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or(path);
-    if name.starts_with("vhost-vdpa-") && name["vhost-vdpa-".len()..].parse::<u32>().is_ok() {
-        return Ok(DevicePath::VhostVdpa(path.to_owned()));
-    }
-    if let Some(bdf) = parse_pci_address(name) {
-        return Ok(DevicePath::Pci(bdf));
-    }
-    Err(Error::Config(format!(
-        "path={path}: neither a PCI address or sysfs device path nor a /dev/vhost-vdpa-N node"
-    )))
-}
-
-fn parse_u64(v: &str) -> Option<u64> {
-    match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse().ok(),
-    }
+    DevicePath::parse(path).map_err(|e| Error::Config(format!("path={path}: {e}")))
 }
 
 impl FromStr for VdpaDeviceConfig {
@@ -168,28 +123,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pci_addresses_are_normalised_or_refused() {
-        assert_eq!(
-            parse_pci_address("00:04.0").as_deref(),
-            Some("0000:00:04.0")
-        );
-        assert_eq!(
-            parse_pci_address("0000:AF:1f.7").as_deref(),
-            Some("0000:af:1f.7")
-        );
-        for bad in [
-            "",
-            "04.0",
-            "0000:00:20.0",
-            "0000:00:04.8",
-            "x0:00:04.0",
-            "1:2:3:4",
-        ] {
-            assert_eq!(parse_pci_address(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
     fn paths_are_classified() {
         assert_eq!(
             classify_path("/sys/bus/pci/devices/0000:00:05.0").unwrap(),
@@ -199,7 +132,8 @@ mod tests {
             classify_path("/dev/vhost-vdpa-3").unwrap(),
             DevicePath::VhostVdpa("/dev/vhost-vdpa-3".into())
         );
-        assert!(classify_path("/dev/sda").is_err());
+        let e = classify_path("/dev/sda").unwrap_err();
+        assert!(e.to_string().contains("path=/dev/sda"), "{e}");
         assert!(classify_path("/dev/vhost-vdpa-x").is_err());
     }
 

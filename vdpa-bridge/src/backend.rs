@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::device_path::DevicePath;
 use crate::ops::{
     BackendCaps, ConfigRange, DmaMapper, Doorbell, DriverFeatures, IrqPlan, NotifyArea,
     NotifyPages, VdpaOps,
@@ -18,7 +19,7 @@ use crate::ops::{
 use crate::pci::PciFunction;
 use crate::types::{Iova, IovaRange, QueueIndex, VringAddrs};
 use crate::vfio::VfioFunction;
-use crate::vhost_vdpa::{is_vhost_vdpa_path, VhostVdpaDevice};
+use crate::vhost_vdpa::VhostVdpaDevice;
 use crate::vp_vdpa::{OpenOptions, VpVdpa};
 use crate::Result;
 
@@ -40,17 +41,25 @@ impl std::fmt::Debug for AnyDevice {
 }
 
 impl AnyDevice {
-    /// Open `path`: a `/dev/vhost-vdpa-N` node, or a PCI address / sysfs
-    /// path of a function bound to vfio-pci.
+    /// Open `path`, as [`DevicePath::parse`] reads it: a `/dev/vhost-vdpa-N`
+    /// node, or a PCI address / sysfs path of a function bound to vfio-pci.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadPath`](crate::Error::BadPath) when `path` names neither;
+    /// the backend's error when opening fails.
     pub fn open(path: &str, opts: OpenOptions) -> Result<AnyDevice> {
-        if is_vhost_vdpa_path(Path::new(path)) {
-            return Ok(AnyDevice::VhostVdpa(VhostVdpaDevice::open(
-                Path::new(path),
+        match DevicePath::parse(path)? {
+            DevicePath::VhostVdpa(node) => Ok(AnyDevice::VhostVdpa(VhostVdpaDevice::open(
+                Path::new(&node),
                 opts.features_mask,
-            )?));
+            )?)),
+            // The path as given: a sysfs path is resolved through its links.
+            DevicePath::Pci(_) => {
+                let f = VfioFunction::open(path)?;
+                Ok(AnyDevice::Vfio(VpVdpa::open(Arc::new(f), opts)?))
+            }
         }
-        let f = VfioFunction::open(path)?;
-        Ok(AnyDevice::Vfio(VpVdpa::open(Arc::new(f), opts)?))
     }
 
     /// Backend name: `vfio` or `vhost-vdpa`.

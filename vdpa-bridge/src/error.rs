@@ -13,6 +13,9 @@ pub enum Error {
     /// A refusal every backend makes (bad queue, features, range...).
     #[error(transparent)]
     Ops(#[from] OpsError),
+    /// The path names no device we can open.
+    #[error(transparent)]
+    BadPath(#[from] crate::device_path::BadDevicePath),
     /// Claiming the PCI function through VFIO failed.
     #[error("VFIO backend error")]
     Vfio(#[from] crate::vfio::VfioError),

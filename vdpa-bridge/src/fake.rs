@@ -1,6 +1,8 @@
-//! Test doubles (feature `test-utils`): [`RawFunction`], a PCI function
-//! whose config space and BARs are plain bytes, for building odd capability
-//! layouts; see `emu` for a device with real virtio semantics.
+//! Test doubles (feature `test-utils`, never enabled by Cloud Hypervisor):
+//! [`RawFunction`], a PCI function whose config space and BARs are plain
+//! bytes, and [`ConfigBuilder`], for building odd capability layouts;
+//! [`sysfs::FakeSysfs`], a fake `/sys/bus/pci` tree. The `vdpa-testkit`
+//! package has a device with real virtio semantics.
 
 use std::os::fd::RawFd;
 use std::sync::Mutex;
@@ -337,5 +339,131 @@ impl ConfigBuilder {
             .virtio_cap(3, 4, 0x1000, 0x1000)
             .virtio_cap(4, 4, 0x2000, 0x1000)
             .notify_cap(4, 0x3000, 0x1000, 4)
+    }
+}
+
+pub use sysfs::{config_with_vendor_caps, FakeSysfs};
+
+/// A fake `/sys/bus/pci` in a unique temporary directory, removed on drop,
+/// for tests of code that reads sysfs.
+pub mod sysfs {
+    use std::fs;
+    use std::os::unix::fs::symlink;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A fake sysfs PCI bus tree.
+    pub struct FakeSysfs {
+        /// The directory standing for `/sys`.
+        pub base: PathBuf,
+    }
+
+    impl FakeSysfs {
+        /// An empty tree in a fresh temporary directory (`tag` names it).
+        ///
+        /// # Panics
+        ///
+        /// When the directories cannot be created (test setup).
+        pub fn new(tag: &str) -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let base = std::env::temp_dir().join(format!(
+                "vdpa-bridge-sysfs-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&base);
+            fs::create_dir_all(base.join("bus/pci/devices")).unwrap();
+            fs::create_dir_all(base.join("bus/pci/drivers")).unwrap();
+            fs::create_dir_all(base.join("devices/pci0000:00")).unwrap();
+            fs::create_dir_all(base.join("kernel/iommu_groups")).unwrap();
+            fs::write(base.join("bus/pci/drivers_probe"), "").unwrap();
+            Self { base }
+        }
+
+        /// The bus directory (`/sys/bus/pci`).
+        pub fn bus(&self) -> PathBuf {
+            self.base.join("bus/pci")
+        }
+
+        /// The devices directory (`/sys/bus/pci/devices`).
+        pub fn devices(&self) -> PathBuf {
+            self.bus().join("devices")
+        }
+
+        /// Register a driver directory with `bind`/`unbind` files.
+        pub fn add_driver(&self, name: &str) {
+            let d = self.bus().join("drivers").join(name);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("bind"), "").unwrap();
+            fs::write(d.join("unbind"), "").unwrap();
+        }
+
+        /// Add a device: real directory under `devices/pci0000:00`, linked
+        /// from `bus/pci/devices`, as sysfs does.
+        pub fn add_device(
+            &self,
+            bdf: &str,
+            ids: (u16, u16, u16),
+            config: &[u8],
+            driver: Option<&str>,
+            group: Option<u32>,
+        ) -> PathBuf {
+            let real = self.base.join("devices/pci0000:00").join(bdf);
+            fs::create_dir_all(&real).unwrap();
+            fs::write(real.join("vendor"), format!("0x{:04x}\n", ids.0)).unwrap();
+            fs::write(real.join("device"), format!("0x{:04x}\n", ids.1)).unwrap();
+            fs::write(real.join("subsystem_device"), format!("0x{:04x}\n", ids.2)).unwrap();
+            fs::write(real.join("config"), config).unwrap();
+            fs::write(real.join("driver_override"), "(null)\n").unwrap();
+            if let Some(d) = driver {
+                self.set_driver(&real, d);
+            }
+            if let Some(g) = group {
+                let gdir = self.base.join("kernel/iommu_groups").join(g.to_string());
+                fs::create_dir_all(gdir.join("devices")).unwrap();
+                symlink(&real, gdir.join("devices").join(bdf)).unwrap();
+                symlink(&gdir, real.join("iommu_group")).unwrap();
+            }
+            symlink(&real, self.devices().join(bdf)).unwrap();
+            real
+        }
+
+        /// Point `dev/driver` at driver `name`.
+        pub fn set_driver(&self, dev: &Path, name: &str) {
+            self.add_driver(name);
+            let link = dev.join("driver");
+            let _ = fs::remove_file(&link);
+            symlink(self.bus().join("drivers").join(name), link).unwrap();
+        }
+    }
+
+    impl Drop for FakeSysfs {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.base);
+        }
+    }
+
+    /// A config space with the given vendor capabilities (`cfg_type`s),
+    /// chained from 0x40.
+    pub fn config_with_vendor_caps(len: usize, cfg_types: &[u8]) -> Vec<u8> {
+        let mut c = vec![0u8; len];
+        c[0..2].copy_from_slice(&0x1af4u16.to_le_bytes());
+        if cfg_types.is_empty() {
+            return c;
+        }
+        c[6] = 0x10; // status: capability list
+        c[0x34] = 0x40;
+        for (i, t) in cfg_types.iter().enumerate() {
+            let p = 0x40 + i * 0x10;
+            c[p] = 0x09;
+            c[p + 1] = if i + 1 < cfg_types.len() {
+                (p + 0x10) as u8
+            } else {
+                0
+            };
+            c[p + 2] = 0x10;
+            c[p + 3] = *t;
+        }
+        c
     }
 }

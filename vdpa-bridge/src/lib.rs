@@ -34,6 +34,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod device_path;
 pub mod error;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
@@ -46,6 +47,7 @@ pub mod vhost_vdpa;
 pub mod virtio_pci;
 pub mod vp_vdpa;
 
+pub use device_path::DevicePath;
 pub use error::{Error, Result};
 pub use ops::{
     BackendCaps, ConfigRange, DmaMapper, Doorbell, DriverFeatures, IrqGroup, IrqPlan, NotifyArea,

@@ -218,6 +218,43 @@ pub mod cfg {
     pub const VIRTIO_VENDOR_ID: u16 = 0x1af4;
 }
 
+/// Read access to a PCI config space: a [`PciFunction`], or an image of
+/// its bytes ([`ConfigImage`]), so one capability walker
+/// ([`crate::virtio_pci::caps::capability_list`]) serves both.
+pub trait ConfigSpace {
+    /// Read `buf.len()` bytes at `offset`.
+    ///
+    /// # Errors
+    ///
+    /// An access outside the space, or a failed read.
+    fn read_config_space(&self, offset: u64, buf: &mut [u8]) -> PciResult<()>;
+}
+
+impl<P: PciFunction + ?Sized> ConfigSpace for P {
+    fn read_config_space(&self, offset: u64, buf: &mut [u8]) -> PciResult<()> {
+        self.config_read(offset, buf)
+    }
+}
+
+/// A config-space image, such as a function's sysfs `config` file (which
+/// shows only the first 64 bytes to a reader without root).
+#[derive(Clone, Copy, Debug)]
+pub struct ConfigImage<'a>(pub &'a [u8]);
+
+impl ConfigSpace for ConfigImage<'_> {
+    fn read_config_space(&self, offset: u64, buf: &mut [u8]) -> PciResult<()> {
+        let out = || PciError::ConfigOutOfRange {
+            offset,
+            len: buf.len(),
+        };
+        let start = usize::try_from(offset).map_err(|_| out())?;
+        let end = start.checked_add(buf.len()).ok_or_else(out)?;
+        let src = self.0.get(start..end).ok_or_else(out)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
 /// Helpers for typed config-space reads on any [`PciFunction`].
 pub trait PciFunctionExt: PciFunction {
     /// Read an 8-bit config register.

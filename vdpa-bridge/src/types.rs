@@ -59,6 +59,16 @@ pub struct VringAddrs {
     pub device: u64,
 }
 
+/// Parse a number as feature masks are written on command lines: hex with
+/// `0x` (or `0X`), or decimal. The one parser of `features_mask=` and
+/// `--features-mask`.
+pub fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
 /// Virtio device status bits (virtio 1.2 §2.1).
 pub mod status {
     /// Guest OS has found the device.
@@ -272,6 +282,16 @@ mod tests {
         assert!(!r.contains(0x2000, 0));
         assert!(!IovaRange::FULL.contains(u64::MAX, 2));
         assert!(IovaRange::FULL.contains(u64::MAX, 1));
+    }
+
+    #[test]
+    fn numbers_parse_as_hex_with_0x_or_decimal() {
+        assert_eq!(parse_u64("0x300000000"), Some(0x3_0000_0000));
+        assert_eq!(parse_u64("0XfF"), Some(255));
+        assert_eq!(parse_u64("4096"), Some(4096));
+        for bad in ["", "0x", "ff", "-1", "0x1_0", "18446744073709551616"] {
+            assert_eq!(parse_u64(bad), None, "{bad}");
+        }
     }
 
     #[test]

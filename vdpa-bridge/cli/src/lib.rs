@@ -1,5 +1,6 @@
-//! The `vdpa-bridge` command's library: what `info` reports ([`info`]).
-//! The binary (`src/main.rs`) adds `list`, `bind` and `selftest`.
+//! The `vdpa-bridge` command's library: what `info` reports ([`info`]),
+//! what `list` shows and how `bind` rebinds ([`sysfs`], [`vhost`]). The
+//! binary (`src/main.rs`) adds `selftest` and the output.
 //!
 //! This package sits on top of the others: it opens devices with
 //! `vdpa-bridge`, brings them up through `vdpa-plugin` exactly as a VMM
@@ -8,3 +9,5 @@
 #![warn(missing_docs)]
 
 pub mod info;
+pub mod sysfs;
+pub mod vhost;

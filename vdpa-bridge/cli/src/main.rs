@@ -9,11 +9,11 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use vdpa_bridge::backend::AnyDevice;
-use vdpa_bridge::sysfs;
 use vdpa_bridge::types::{features, DeviceType};
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_bridge::{DmaMapper, VdpaOps};
 use vdpa_bridge_cli::info::{self, ConfigInfo, DeviceInfo};
+use vdpa_bridge_cli::{sysfs, vhost};
 use vdpa_testkit::driver::net;
 use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
 
@@ -80,11 +80,8 @@ enum Cmd {
 }
 
 fn parse_u64(s: &str) -> std::result::Result<u64, String> {
-    match s.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => s.parse(),
-    }
-    .map_err(|e| e.to_string())
+    vdpa_bridge::types::parse_u64(s)
+        .ok_or_else(|| format!("`{s}` is not a number (hex with 0x, or decimal)"))
 }
 
 /// The name the CLI gives the built-in emulated device.
@@ -367,7 +364,7 @@ fn run(cli: Cli) -> Result<bool> {
             let list = sysfs::SysfsPci::default()
                 .list_virtio()
                 .context("cannot read sysfs")?;
-            let vdpa = vdpa_bridge::vhost_vdpa::list(
+            let vdpa = vhost::list(
                 std::path::Path::new("/sys/bus/vdpa/devices"),
                 std::path::Path::new("/dev"),
             );

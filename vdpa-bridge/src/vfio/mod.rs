@@ -102,9 +102,6 @@ pub enum VfioError {
         /// The other devices of the group.
         others: Vec<String>,
     },
-    /// Another sysfs access failed.
-    #[error("sysfs access failed")]
-    Sysfs(#[source] SysfsError),
     /// `/dev/vfio/vfio` could not be opened or lacks type1v2.
     #[error("cannot open a VFIO type1v2 container")]
     Container {
@@ -165,7 +162,6 @@ impl From<SysfsError> for VfioError {
         match e {
             SysfsError::BadAddress(a) => VfioError::BadAddress(a),
             SysfsError::NotFound { path } => VfioError::NotFound { path },
-            other => VfioError::Sysfs(other),
         }
     }
 }
@@ -296,15 +292,9 @@ impl VfioFunction {
         if driver.as_deref() != Some(VFIO_PCI) {
             return Err(VfioError::WrongDriver { bdf, driver });
         }
-        if let Ok(members) = std::fs::read_dir(dev_path.join("iommu_group/devices")) {
-            let others: Vec<String> = members
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| *n != bdf)
-                .collect();
-            if !others.is_empty() {
-                return Err(VfioError::GroupShared { bdf, group, others });
-            }
+        let others = sysfs::iommu_group_peers(&dev_path, &bdf);
+        if !others.is_empty() {
+            return Err(VfioError::GroupShared { bdf, group, others });
         }
 
         let container =
@@ -749,7 +739,7 @@ impl Drop for VfioFunction {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sysfs::fake::FakeSysfs;
+    use crate::fake::FakeSysfs;
 
     fn opts(fs: &FakeSysfs) -> VfioOptions {
         VfioOptions {
@@ -903,10 +893,13 @@ mod tests {
     #[test]
     fn sysfs_errors_convert_to_matching_variants() {
         let bad: VfioError = SysfsError::BadAddress("x".into()).into();
-        let other: VfioError = SysfsError::VfioPciNotLoaded.into();
+        let missing: VfioError = SysfsError::NotFound {
+            path: PathBuf::from("/x"),
+        }
+        .into();
 
         assert!(matches!(bad, VfioError::BadAddress(_)));
-        assert!(matches!(other, VfioError::Sysfs(_)));
+        assert!(matches!(missing, VfioError::NotFound { .. }));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use vhost::{VhostBackend, VringConfigData};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::device_path::is_vhost_vdpa_path;
 use crate::ops::{
     provision, BackendCaps, ConfigRange, DmaMapper, Doorbell, DriverFeatures, IrqPlan, NotifyArea,
     OpsError, RingDoorbell, Suspend, VdpaOps,
@@ -121,67 +122,15 @@ impl std::fmt::Debug for VhostVdpaDevice {
     }
 }
 
-/// Whether `path` names a vhost-vdpa node (by name: `vhost-vdpa-N`).
-pub fn is_vhost_vdpa_path(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("vhost-vdpa-"))
-        .is_some_and(|n| n.parse::<u32>().is_ok())
-}
-
-/// A vhost-vdpa node as `vdpa-bridge list` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct VhostVdpaNode {
-    /// The character device (`/dev/vhost-vdpa-0`).
-    pub node: String,
-    /// The vDPA device on the vdpa bus (`vduse0`).
-    pub vdpa_device: String,
-    /// The device's parent in sysfs (the management device's side).
-    pub parent: Option<String>,
-    /// Virtio type, when the node could be probed.
-    pub device_type: Option<&'static str>,
-    /// Why the type is unknown (e.g. the node is in use).
-    pub probe_error: Option<String>,
-}
-
-/// The vhost-vdpa nodes of the vDPA devices under `bus_devices`
-/// (`/sys/bus/vdpa/devices`), sorted by node. A missing bus (no vdpa
-/// module) is an empty list.
-pub fn list(bus_devices: &Path, dev_dir: &Path) -> Vec<VhostVdpaNode> {
-    let Ok(rd) = std::fs::read_dir(bus_devices) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let dir = e.path();
-        let Ok(children) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for c in children.flatten() {
-            let n = c.file_name().to_string_lossy().into_owned();
-            if !is_vhost_vdpa_path(Path::new(&n)) {
-                continue;
-            }
-            let node = dev_dir.join(&n);
-            let (device_type, probe_error) = match sys::probe_device_id(&node) {
-                Ok(id) => (Some(crate::types::DeviceType::from_id(id).name()), None),
-                Err(e) => (None, Some(e.to_string())),
-            };
-            let parent = std::fs::canonicalize(&dir)
-                .ok()
-                .and_then(|p| p.parent().map(|p| p.display().to_string()));
-            out.push(VhostVdpaNode {
-                node: node.display().to_string(),
-                vdpa_device: name.clone(),
-                parent,
-                device_type,
-                probe_error,
-            });
-        }
-    }
-    out.sort_by(|a, b| a.node.cmp(&b.node));
-    out
+/// The virtio device id behind the vhost-vdpa node `node`, without taking
+/// the device over (open, `VHOST_VDPA_GET_DEVICE_ID`, close). A node in use
+/// answers EBUSY.
+///
+/// # Errors
+///
+/// Opening the node or the ioctl failed.
+pub fn probe_device_id(node: &Path) -> std::io::Result<u32> {
+    sys::probe_device_id(node)
 }
 
 impl VhostVdpaDevice {
@@ -608,15 +557,6 @@ impl Drop for VhostVdpaDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn vhost_vdpa_paths_are_recognised_by_name() {
-        assert!(is_vhost_vdpa_path(Path::new("/dev/vhost-vdpa-0")));
-        assert!(is_vhost_vdpa_path(Path::new("/dev/vhost-vdpa-12")));
-        assert!(!is_vhost_vdpa_path(Path::new("/dev/vhost-net")));
-        assert!(!is_vhost_vdpa_path(Path::new("/dev/vhost-vdpa-")));
-        assert!(!is_vhost_vdpa_path(Path::new("/dev/vhost-vdpa-x")));
-    }
 
     #[test]
     fn a_missing_node_or_a_wrong_path_is_a_clear_error() {

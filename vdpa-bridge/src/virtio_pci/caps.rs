@@ -2,12 +2,16 @@
 //! (virtio 1.2 §4.1.4): every value here comes from the device and is
 //! checked before use.
 
-use crate::pci::{cfg, BarKind, PciError, PciFunction, PciFunctionExt};
+use crate::pci::{cfg, BarKind, ConfigSpace, PciError, PciFunction};
 
 use super::regs::{cfg_type, common, VirtioPciCap};
 
-/// Most capabilities the walk follows before giving up (a looping list).
+/// Most capabilities the walk follows before giving up (a looping list):
+/// 256 bytes of config space hold at most 48 after the header.
 pub const MAX_CAPS: usize = 48;
+
+#[doc(inline)]
+pub use crate::pci::ConfigImage;
 
 /// Errors found in a device's capabilities.
 #[derive(Debug, thiserror::Error)]
@@ -159,47 +163,97 @@ fn what(t: u8) -> &'static str {
 
 /// Whether the function has any virtio vendor capability at all (a
 /// legacy-only device has none).
-pub fn has_virtio_caps<P: PciFunction + ?Sized>(f: &P) -> Result<bool, CapError> {
+///
+/// # Errors
+///
+/// As [`capability_list`].
+pub fn has_virtio_caps<C: ConfigSpace + ?Sized>(f: &C) -> Result<bool, CapError> {
     Ok(!walk(f)?.0.is_empty())
 }
 
-/// Walk the list: virtio vendor caps and the MSI-X cap.
-/// Raw vendor capabilities and the MSI-X capability (offset, table size).
-type Walk = (Vec<RawCap>, Option<(u8, u16)>);
+/// Whether the function has a virtio vendor capability of `cfg_type`
+/// (e.g. [`cfg_type::COMMON`]: the function offers the modern interface).
+///
+/// # Errors
+///
+/// As [`capability_list`]; a malformed vendor capability too.
+pub fn has_virtio_cap<C: ConfigSpace + ?Sized>(f: &C, t: u8) -> Result<bool, CapError> {
+    Ok(walk(f)?.0.iter().any(|c| c.cap.cfg_type == t))
+}
 
-fn walk<P: PciFunction + ?Sized>(f: &P) -> Result<Walk, CapError> {
-    let status = f.config_read_u16(cfg::STATUS).map_err(CapError::Config)?;
+/// The standard capability list of a config space, as `(position, id)`
+/// pairs in list order: the one walker of the crate, for a PCI function
+/// and for a config-space image alike ([`ConfigImage`]).
+///
+/// Every pointer comes from the device: it must lie after the 64-byte
+/// header with room for the id/next pair, the walk stops after
+/// [`MAX_CAPS`] entries, and a pointer seen before (a loop) ends it with
+/// an error.
+///
+/// # Errors
+///
+/// [`CapError::NoCapabilityList`], [`CapError::BadPointer`],
+/// [`CapError::TooManyCaps`], or a read that failed ([`CapError::Config`]:
+/// an image too short for the pointer it holds).
+pub fn capability_list<C: ConfigSpace + ?Sized>(f: &C) -> Result<Vec<(u8, u8)>, CapError> {
+    let status = read_u16(f, cfg::STATUS)?;
     if status & cfg::STATUS_CAP_LIST == 0 {
         return Err(CapError::NoCapabilityList);
     }
-    let mut ptr = f
-        .config_read_u8(cfg::CAPABILITIES_POINTER)
-        .map_err(CapError::Config)?
-        & !3;
+    let mut ptr = read_u8(f, cfg::CAPABILITIES_POINTER)? & !3;
     let mut seen = [false; 256];
-    let mut caps = Vec::new();
-    let mut msix = None;
-    let mut hops = 0;
+    let mut out = Vec::new();
     while ptr != 0 {
         // Standard capabilities live after the 64-byte header and need at
         // least the 2-byte id/next pair inside the 256-byte space.
         if !(0x40..=0xfe).contains(&ptr) {
             return Err(CapError::BadPointer(ptr));
         }
-        hops += 1;
-        if hops > MAX_CAPS || seen[usize::from(ptr)] {
+        if out.len() >= MAX_CAPS || seen[usize::from(ptr)] {
             return Err(CapError::TooManyCaps);
         }
         seen[usize::from(ptr)] = true;
         let pos = u64::from(ptr);
-        let id = f.config_read_u8(pos).map_err(CapError::Config)?;
-        let next = f.config_read_u8(pos + 1).map_err(CapError::Config)? & !3;
+        let id = read_u8(f, pos)?;
+        out.push((ptr, id));
+        ptr = read_u8(f, pos + 1)? & !3;
+    }
+    Ok(out)
+}
+
+fn read_u8<C: ConfigSpace + ?Sized>(f: &C, off: u64) -> Result<u8, CapError> {
+    let mut b = [0u8; 1];
+    f.read_config_space(off, &mut b).map_err(CapError::Config)?;
+    Ok(b[0])
+}
+
+fn read_u16<C: ConfigSpace + ?Sized>(f: &C, off: u64) -> Result<u16, CapError> {
+    let mut b = [0u8; 2];
+    f.read_config_space(off, &mut b).map_err(CapError::Config)?;
+    Ok(u16::from_le_bytes(b))
+}
+
+fn read_u32<C: ConfigSpace + ?Sized>(f: &C, off: u64) -> Result<u32, CapError> {
+    let mut b = [0u8; 4];
+    f.read_config_space(off, &mut b).map_err(CapError::Config)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+/// Raw vendor capabilities and the MSI-X capability (offset, table size).
+type Walk = (Vec<RawCap>, Option<(u8, u16)>);
+
+/// The virtio vendor capabilities and the MSI-X capability of the list.
+fn walk<C: ConfigSpace + ?Sized>(f: &C) -> Result<Walk, CapError> {
+    let mut caps = Vec::new();
+    let mut msix = None;
+    for (ptr, id) in capability_list(f)? {
+        let pos = u64::from(ptr);
         if id == cfg::CAP_ID_MSIX {
-            let ctrl = f.config_read_u16(pos + 2).map_err(CapError::Config)?;
+            let ctrl = read_u16(f, pos + 2)?;
             msix = Some((ptr, (ctrl & 0x7ff) + 1));
         } else if id == cfg::CAP_ID_VENDOR {
-            let len = f.config_read_u8(pos + 2).map_err(CapError::Config)?;
-            let t = f.config_read_u8(pos + 3).map_err(CapError::Config)?;
+            let len = read_u8(f, pos + 2)?;
+            let t = read_u8(f, pos + 3)?;
             let min = if t == cfg_type::NOTIFY { 20 } else { 16 };
             if usize::from(len) < min || u64::from(len) + pos > 0x100 {
                 return Err(CapError::ShortCap {
@@ -209,10 +263,10 @@ fn walk<P: PciFunction + ?Sized>(f: &P) -> Result<Walk, CapError> {
                 });
             }
             let mut b = [0u8; 16];
-            f.config_read(pos, &mut b).map_err(CapError::Config)?;
+            f.read_config_space(pos, &mut b).map_err(CapError::Config)?;
             let cap = VirtioPciCap::from_bytes(&b);
             let multiplier = if t == cfg_type::NOTIFY {
-                Some(f.config_read_u32(pos + 16).map_err(CapError::Config)?)
+                Some(read_u32(f, pos + 16)?)
             } else {
                 None
             };
@@ -222,7 +276,6 @@ fn walk<P: PciFunction + ?Sized>(f: &P) -> Result<Walk, CapError> {
                 multiplier,
             });
         }
-        ptr = next;
     }
     Ok((caps, msix))
 }
