@@ -3,18 +3,17 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vdpa_bridge::types::{features, status};
-use vdpa_bridge::{
-    ConfigRange, DmaMapper, DriverFeatures, NotifyArea, QueueIndex, VdpaOps, VringAddrs,
-};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryAtomic};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vdpa_bridge::types::features;
+use vdpa_bridge::{ConfigRange, DmaMapper, DriverFeatures, NotifyArea, QueueIndex, VdpaOps};
+use virtio_queue::Queue;
+use vm_memory::{GuestMemory, GuestMemoryAtomic};
+use vmm_sys_util::eventfd::EventFd;
 
+use crate::activate::{self, QueueArg};
 use crate::dma::DmaHandle;
-use crate::error::{backend_err, io, Error, Result};
+use crate::error::{backend_err, Error, Result};
 use crate::interrupt::{InterruptType, VirtioInterrupt};
-use crate::relay::{IrqRelay, IrqTarget, KickRelay, Relay, RelayPlan};
+use crate::relay::{Relay, RelayPlan};
 
 /// How guest kicks reach the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -335,176 +334,24 @@ where
         }
     }
 
-    fn check_queue(&self, index: usize, q: &Queue) -> Result<u16> {
-        let bad = |reason| Error::BadQueue { index, reason };
-        let qi = u16::try_from(index).map_err(|_| bad("index out of range"))?;
-        let max = *self
-            .queue_max_sizes
-            .get(index)
-            .ok_or(bad("the device has no such queue"))?;
-        let size = q.size();
-        if !q.ready() {
-            return Err(bad("not ready"));
-        }
-        if size == 0 || size > max {
-            return Err(bad("size is 0 or above the device's maximum"));
-        }
-        let packed = self.acked & features::bit(features::RING_PACKED) != 0;
-        if !packed && !size.is_power_of_two() {
-            return Err(bad("split ring size is not a power of two"));
-        }
-        Ok(qi)
-    }
-
+    /// The steps of activation (see the `activate` module), with the
+    /// backend locked throughout.
     fn try_activate(
         &mut self,
         mem: GuestMemoryAtomic<M>,
         interrupt: Arc<dyn VirtioInterrupt>,
-        queues: &[(usize, Queue, EventFd)],
+        queues: &[QueueArg],
     ) -> Result<Active> {
-        let mut qidx = Vec::with_capacity(queues.len());
-        for (i, q, _) in queues {
-            let qi = self.check_queue(*i, q)?;
-            if qidx.contains(&qi) {
-                return Err(Error::BadQueue {
-                    index: *i,
-                    reason: "given twice",
-                });
-            }
-            qidx.push(qi);
-        }
         let acked = self.acked;
-        let notif_data = acked & features::bit(features::NOTIFICATION_DATA) != 0;
+        let qidx = activate::check_queues(queues, &self.queue_max_sizes, acked)?;
         let mut b = lock(&self.backend);
-        let caps = b.backend_caps();
-        let relay_kicks = self.opts.kick == KickPolicy::Relay || !caps.kick_eventfd || notif_data;
-
-        b.set_status(status::ACKNOWLEDGE | status::DRIVER)
-            .map_err(backend_err("set_status(DRIVER)"))?;
-        b.set_driver_features(acked)
-            .map_err(backend_err("set_driver_features"))?;
-        b.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK)
-            .map_err(backend_err("set_status(FEATURES_OK)"))?;
-
-        for ((_, q, _), &qi) in queues.iter().zip(&qidx) {
-            let qi = QueueIndex(qi);
-            b.set_vring_num(qi, q.size())
-                .map_err(backend_err("set_vring_num"))?;
-            b.set_vring_addr(
-                qi,
-                VringAddrs {
-                    desc: q.desc_table(),
-                    driver: q.avail_ring(),
-                    device: q.used_ring(),
-                },
-            )
-            .map_err(backend_err("set_vring_addr"))?;
-            b.set_vring_base(qi, q.next_avail())
-                .map_err(backend_err("set_vring_base"))?;
-        }
-
-        // Interrupts: one direct route per device vector when it serves a
-        // single guest interrupt that has an eventfd; a fan-out otherwise.
+        activate::negotiate(&mut *b, acked)?;
+        activate::program_queues(&mut *b, queues, &qidx)?;
         let mut wiring = Wiring::default();
-        let mut irqs = Vec::new();
-        let plan = b.irq_plan();
-        if plan.groups.is_empty() {
-            return Err(Error::Unsupported(
-                "the device has no MSI-X vectors: interrupts cannot be delivered",
-            ));
-        }
-        for g in &plan.groups {
-            let mut sources: Vec<InterruptType> = Vec::new();
-            if g.config {
-                sources.push(InterruptType::Config);
-            }
-            let active_queues: Vec<QueueIndex> = g
-                .queues
-                .iter()
-                .copied()
-                .filter(|q| qidx.contains(&q.0))
-                .collect();
-            sources.extend(active_queues.iter().map(|q| InterruptType::Queue(q.0)));
-            let single = match sources.as_slice() {
-                [one] => interrupt.notifier(*one).map(|fd| (*one, fd)),
-                _ => None,
-            };
-            if let Some((src, fd)) = single {
-                match src {
-                    InterruptType::Config => b.set_config_call(Some(&fd)),
-                    InterruptType::Queue(q) => b.set_vring_call(QueueIndex(q), Some(&fd)),
-                }
-                .map_err(backend_err("set call eventfd"))?;
-                wiring.direct_irqs.push(src);
-                continue;
-            }
-            if sources.is_empty() {
-                continue;
-            }
-            let fd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
-            // The backend signals the group's first queue's eventfd; the
-            // config source gets the same eventfd, or the device is never
-            // told to raise config changes on the group's vector.
-            if let Some(&q) = active_queues.first() {
-                b.set_vring_call(q, Some(&fd))
-                    .map_err(backend_err("set call eventfd"))?;
-            }
-            if g.config {
-                b.set_config_call(Some(&fd))
-                    .map_err(backend_err("set config eventfd"))?;
-            }
-            let targets = sources
-                .iter()
-                .map(|&kind| IrqTarget {
-                    notifier: interrupt.notifier(kind),
-                    kind,
-                })
-                .collect();
-            wiring.relayed_irqs.extend(sources.iter().copied());
-            irqs.push(IrqRelay { fd, targets });
-        }
-
-        let mut kicks = Vec::new();
-        for ((_, q, kick), &qi) in queues.iter().zip(&qidx) {
-            if !relay_kicks {
-                match b.set_vring_kick(QueueIndex(qi), Some(kick)) {
-                    Ok(()) => {
-                        wiring.direct_kicks.push(qi);
-                        continue;
-                    }
-                    // The in-kernel path can refuse one queue (VFIO's
-                    // ioeventfd limit, an unsupported doorbell width): that
-                    // queue's kicks go through the relay instead.
-                    Err(e) if self.opts.kick == KickPolicy::Auto => {
-                        log::warn!("queue {qi}: in-kernel kick refused ({e}); relaying its kicks");
-                    }
-                    Err(e) => return Err(backend_err("set_vring_kick")(e)),
-                }
-            }
-            kicks.push(KickRelay {
-                fd: kick.try_clone().map_err(io("dup kick eventfd"))?,
-                doorbell: b
-                    .doorbell(QueueIndex(qi))
-                    .map_err(backend_err("doorbell"))?,
-                avail_idx_addr: if notif_data {
-                    // The split ring's avail idx, after its flags.
-                    let a = q.avail_ring().checked_add(2).ok_or(Error::BadQueue {
-                        index: usize::from(qi),
-                        reason: "avail ring address overflows",
-                    })?;
-                    Some(GuestAddress(a))
-                } else {
-                    None
-                },
-            });
-            wiring.relayed_kicks.push(qi);
-        }
-
-        for &qi in &qidx {
-            b.set_vring_enable(QueueIndex(qi), true)
-                .map_err(backend_err("set_vring_enable"))?;
-        }
-
+        let irqs = activate::wire_interrupts(&mut *b, &interrupt, &qidx, &mut wiring)?;
+        let kicks =
+            activate::wire_kicks(&mut *b, queues, &qidx, self.opts.kick, acked, &mut wiring)?;
+        activate::enable_queues(&mut *b, &qidx)?;
         let relay_plan = RelayPlan {
             kicks,
             irqs,
@@ -516,15 +363,7 @@ where
         } else {
             Some(Relay::start(relay_plan, self.name.clone())?)
         };
-        b.set_status(
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        )
-        .map_err(backend_err("set_status(DRIVER_OK)"))?;
-        // A device that failed the start reports it in its status.
-        let st = b.status().map_err(backend_err("status"))?;
-        if st & (status::FAILED | status::DEVICE_NEEDS_RESET) != 0 || st & status::DRIVER_OK == 0 {
-            return Err(Error::DriverOkRefused { status: st });
-        }
+        activate::driver_ok(&mut *b)?;
         log::info!(
             "activated: {} queues, kicks direct {:?} relayed {:?}, irqs direct {} relayed {}",
             qidx.len(),

@@ -29,6 +29,7 @@
 //! [`DmaHandle`].
 #![warn(missing_docs)]
 
+mod activate;
 pub mod config;
 mod device;
 mod dma;

@@ -4,7 +4,6 @@
 //! [`sysfs::FakeSysfs`], a fake `/sys/bus/pci` tree. The `vdpa-testkit`
 //! package has a device with real virtio semantics.
 
-use std::os::fd::RawFd;
 use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -211,7 +210,7 @@ unsafe impl PciFunction for RawFunction {
         offset: u64,
         _width: IoWidth,
         _data: u64,
-        _fd: Option<RawFd>,
+        _fd: Option<&EventFd>,
     ) -> PciResult<()> {
         Err(PciError::IoeventfdUnsupported { bar, offset })
     }

@@ -8,8 +8,6 @@
 //! path that drives QEMU's devices in the lab is the code path the unit
 //! tests drive against the emulated device.
 
-use std::os::fd::RawFd;
-
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::types::{Iova, IovaRange};
@@ -155,13 +153,15 @@ pub unsafe trait PciFunction: Send + Sync {
     /// Make the kernel (or the emulation) write `data` of `width` to BAR
     /// `bar` at `offset` whenever `fd` is signalled. `fd = None` removes a
     /// registration made with the same `bar`, `offset`, `width` and `data`.
+    /// An implementation that keeps the eventfd beyond the call clones it
+    /// (`EventFd::try_clone`); no raw descriptor crosses this seam.
     fn set_ioeventfd(
         &self,
         bar: u8,
         offset: u64,
         width: IoWidth,
         data: u64,
-        fd: Option<RawFd>,
+        fd: Option<&EventFd>,
     ) -> PciResult<()>;
     /// Function-level reset, if the function supports one. Returns whether a
     /// reset happened.

@@ -212,8 +212,8 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
             self.msix_enabled = false;
         }
         for i in 0..self.queues.len() {
-            if let Some((fd, off)) = self.queues[i].kick.take() {
-                self.unregister_kick(i as u16, &fd, off);
+            if let Some((_fd, off)) = self.queues[i].kick.take() {
+                self.unregister_kick(i as u16, off);
             }
             self.queues[i].call = None;
             self.queues[i].size = 0;
@@ -223,20 +223,17 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
         self.driver_features = 0;
     }
 
-    fn unregister_kick(&self, q: u16, fd: &EventFd, bar_offset: u64) {
-        use std::os::fd::AsRawFd;
+    /// Remove queue `q`'s kick registration (made by `set_vring_kick`,
+    /// always 16 bits wide: in-kernel kicks carry no notification data).
+    fn unregister_kick(&self, q: u16, bar_offset: u64) {
         let bar = self.transport.notify_region().bar;
-        let width = if self.negotiated(features::NOTIFICATION_DATA) {
-            IoWidth::U32
-        } else {
-            IoWidth::U16
-        };
-        let _ = fd.as_raw_fd();
-        if let Err(e) =
-            self.transport
-                .function()
-                .set_ioeventfd(bar, bar_offset, width, u64::from(q), None)
-        {
+        if let Err(e) = self.transport.function().set_ioeventfd(
+            bar,
+            bar_offset,
+            IoWidth::U16,
+            u64::from(q),
+            None,
+        ) {
             log::warn!("removing kick eventfd of queue {q} failed: {e}");
         }
     }
@@ -647,7 +644,6 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
     }
 
     fn set_vring_kick(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<()> {
-        use std::os::fd::AsRawFd;
         self.queue(q)?;
         if self.negotiated(features::NOTIFICATION_DATA) && fd.is_some() {
             return Err(OpsError::Unsupported(
@@ -655,8 +651,8 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
             )
             .into());
         }
-        if let Some((old, off)) = self.queue(q)?.kick.take() {
-            self.unregister_kick(q.0, &old, off);
+        if let Some((_old, off)) = self.queue(q)?.kick.take() {
+            self.unregister_kick(q.0, off);
         }
         let Some(fd) = fd else { return Ok(()) };
         let n = self.transport.queue_notify(q, 2)?;
@@ -669,7 +665,7 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
             n.bar_offset,
             IoWidth::U16,
             u64::from(q.0),
-            Some(dup.as_raw_fd()),
+            Some(&dup),
         )?;
         self.queue(q)?.kick = Some((dup, n.bar_offset));
         Ok(())

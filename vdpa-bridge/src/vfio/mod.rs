@@ -608,7 +608,7 @@ unsafe impl PciFunction for VfioFunction {
         offset: u64,
         width: IoWidth,
         data: u64,
-        fd: Option<RawFd>,
+        fd: Option<&EventFd>,
     ) -> PciResult<()> {
         let len = layout::io_width_bytes(width) as usize;
         self.bar_pos(bar, offset, len)?;
@@ -627,7 +627,8 @@ unsafe impl PciFunction for VfioFunction {
             list.swap_remove(i);
         }
         if let Some(fd) = fd {
-            self.ioeventfd(key, fd)?;
+            // The kernel takes its own reference to the eventfd.
+            self.ioeventfd(key, fd.as_raw_fd())?;
             list.push(key);
         }
         Ok(())

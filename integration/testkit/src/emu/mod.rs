@@ -16,14 +16,13 @@
 mod blk;
 mod dma;
 
-use std::fs::File;
-use std::io::Read as _;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vdpa_bridge::pci::{
@@ -160,7 +159,7 @@ struct Ioeventfd {
     offset: u64,
     width: IoWidth,
     data: u64,
-    file: Arc<File>,
+    fd: Arc<EventFd>,
 }
 
 struct State {
@@ -786,9 +785,42 @@ impl EmulatedFunction {
     }
 }
 
+/// Token of the worker's wake eventfd in its epoll set; registrations
+/// use their index.
+const WAKE_TOKEN: u64 = u64::MAX;
+
+/// An epoll set over the registered eventfds (token: index) and the wake
+/// eventfd. Rebuilt whenever the registrations change, so a removed
+/// eventfd leaves the set together with the worker's last reference.
+fn ioeventfd_epoll(regs: &[(Arc<EventFd>, u64, u64)], wake: Option<&EventFd>) -> Option<Epoll> {
+    let epoll = Epoll::new()
+        .map_err(|e| log::error!("emulated device: epoll_create failed: {e}"))
+        .ok()?;
+    let add = |fd: &EventFd, token: u64| {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token),
+        )
+    };
+    for (i, (fd, _, _)) in regs.iter().enumerate() {
+        if let Err(e) = add(fd, i as u64) {
+            log::error!("emulated device: cannot watch an ioeventfd: {e}");
+        }
+    }
+    if let Some(w) = wake {
+        if let Err(e) = add(w, WAKE_TOKEN) {
+            log::error!("emulated device: cannot watch the wake eventfd: {e}");
+        }
+    }
+    Some(epoll)
+}
+
 fn ioeventfd_worker(shared: &Shared) {
     let mut gen = u64::MAX;
-    let mut regs: Vec<(Arc<File>, u64, u64)> = Vec::new();
+    let mut regs: Vec<(Arc<EventFd>, u64, u64)> = Vec::new();
+    let mut epoll = None;
+    let mut events = [EpollEvent::default(); 16];
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return;
@@ -800,45 +832,35 @@ fn ioeventfd_worker(shared: &Shared) {
                 regs = st
                     .ioeventfds
                     .iter()
-                    .map(|r| (Arc::clone(&r.file), r.offset, r.data))
+                    .map(|r| (Arc::clone(&r.fd), r.offset, r.data))
                     .collect();
+                epoll = ioeventfd_epoll(&regs, shared.wake.as_ref());
                 st.worker_gen = gen;
             }
         }
-        let mut pfds: Vec<libc::pollfd> = regs
-            .iter()
-            .map(|(f, _, _)| libc::pollfd {
-                fd: f.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        pfds.push(libc::pollfd {
-            // poll(2) ignores a negative fd.
-            fd: shared.wake.as_ref().map_or(-1, AsRawFd::as_raw_fd),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        // SAFETY: `pfds` is a valid array of pollfd of the given length;
-        // its fds stay open (owned by `regs` and `shared`) during the call.
-        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 200) };
-        if r <= 0 {
+        let Some(ep) = &epoll else {
+            std::thread::sleep(std::time::Duration::from_millis(200));
             continue;
-        }
-        if pfds[regs.len()].revents != 0 {
-            if let Some(w) = &shared.wake {
-                let _ = w.read();
-            }
-        }
-        for (i, (f, off, data)) in regs.iter().enumerate() {
-            if pfds[i].revents & libc::POLLIN == 0 {
+        };
+        // The 200 ms timeout bounds how late a change is noticed when there
+        // is no wake eventfd.
+        let n = match ep.wait(200, &mut events) {
+            Ok(n) => n,
+            Err(_) => continue,
+        };
+        for ev in &events[..n] {
+            if ev.data() == WAKE_TOKEN {
+                if let Some(w) = &shared.wake {
+                    let _ = w.read();
+                }
                 continue;
             }
-            let mut b = [0u8; 8];
-            if (&**f).read(&mut b).is_err() {
+            let Some((fd, off, data)) = usize::try_from(ev.data()).ok().and_then(|i| regs.get(i))
+            else {
                 continue;
-            }
-            if shared.removed.load(Ordering::SeqCst) {
+            };
+            // A spurious wakeup (EAGAIN) rings nothing.
+            if fd.read().is_err() || shared.removed.load(Ordering::SeqCst) {
                 continue;
             }
             let mut st = lock(&shared.state);
@@ -983,7 +1005,7 @@ unsafe impl PciFunction for EmulatedFunction {
         offset: u64,
         width: IoWidth,
         data: u64,
-        fd: Option<RawFd>,
+        fd: Option<&EventFd>,
     ) -> PciResult<()> {
         let c = &self.shared.cfg;
         let w = match width {
@@ -1008,22 +1030,15 @@ unsafe impl PciFunction for EmulatedFunction {
                     source: std::io::Error::from_raw_os_error(libc::ENOSPC),
                 });
             }
-            // SAFETY: dup(2) of a descriptor the caller holds open; the
-            // result is checked and then owned by the File.
-            let dup = unsafe { libc::dup(fd) };
-            if dup < 0 {
-                return Err(PciError::Io {
-                    op: "dup ioeventfd",
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            // SAFETY: `dup` is a fresh descriptor nothing else owns.
-            let file = unsafe { File::from_raw_fd(dup) };
+            let fd = fd.try_clone().map_err(|source| PciError::Io {
+                op: "dup ioeventfd",
+                source,
+            })?;
             st.ioeventfds.push(Ioeventfd {
                 offset,
                 width,
                 data,
-                file: Arc::new(file),
+                fd: Arc::new(fd),
             });
         }
         st.ioeventfd_gen += 1;
