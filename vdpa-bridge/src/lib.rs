@@ -38,6 +38,7 @@ pub mod device_path;
 pub mod error;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
+pub mod host;
 pub mod ops;
 pub mod pci;
 pub mod sysfs;

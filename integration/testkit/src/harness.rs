@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::driver::blk::{self, ReadLoad, ReadStats};
 use crate::driver::ring::{Buf, SplitRing};
-use crate::driver::{wait_eventfd, DriverError};
+use crate::driver::{wait_eventfd, DriverError, EventWaiter};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -262,8 +262,9 @@ impl Guest {
             })
         };
         let timeout = Duration::from_secs(10);
+        let waiter = EventWaiter::new(irq)?;
         let mut wait = || -> Result<()> {
-            if !wait_eventfd(irq, timeout)? {
+            if !waiter.wait(timeout)? {
                 return Err(DriverError::Timeout { queue: q, timeout });
             }
             Ok(())

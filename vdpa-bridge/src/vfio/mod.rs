@@ -40,6 +40,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vm_memory::mmap::MmapRegion;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::pci::{
@@ -227,7 +228,7 @@ pub struct VfioFunction {
     // Drop order matters: BAR mappings, then the duplicated device fd, then
     // the device (closing its fd before it detaches the group), then the
     // container.
-    mmaps: Vec<sys::Mmap>,
+    mmaps: Vec<MmapRegion<()>>,
     file: File,
     device: VfioDevice,
     container: Arc<VfioContainer>,
@@ -315,7 +316,7 @@ impl VfioFunction {
         if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
             return Err(VfioError::NotPci { bdf });
         }
-        let file = sys::dup_file(&vdev).map_err(ioctl_err("dup of the device fd"))?;
+        let file = crate::host::dup_file(&vdev).map_err(ioctl_err("dup of the device fd"))?;
 
         // vfio-ioctls lists regions by position from index 0, skipping only
         // ones whose info fails; vfio-pci answers for BARs, ROM and config,
@@ -419,7 +420,7 @@ impl VfioFunction {
 
     /// Read BAR region info and mmap what VFIO allows.
     fn setup_bars(&mut self) -> Result<(), VfioError> {
-        let page = sys::page_size();
+        let page = crate::host::page_size();
         for i in 0..NUM_BARS {
             let idx = u32::from(i);
             let size = self.device.get_region_size(idx);
@@ -444,14 +445,14 @@ impl VfioFunction {
                     .and_then(|at| {
                         let len = usize::try_from(len)
                             .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-                        sys::Mmap::new(&self.file, at, len)
+                        sys::map_region(&self.file, at, len)
                     });
                 match mapped {
                     Ok(m) => {
                         mappings.push(BarMapping {
                             offset: off,
                             len,
-                            host_addr: m.addr(),
+                            host_addr: m.as_ptr() as usize,
                         });
                         self.mmaps.push(m);
                     }
@@ -525,9 +526,9 @@ impl VfioFunction {
     }
 }
 
-// SAFETY: every BarMapping handed out describes an Mmap in `self.mmaps`:
+// SAFETY: every BarMapping handed out describes a region in `self.mmaps`:
 // a MAP_SHARED, PROT_READ|PROT_WRITE mapping of exactly `len` bytes created
-// in `setup_bars`. `mmaps` is private, never shrunk, and its Mmaps are
+// in `setup_bars`. `mmaps` is private, never shrunk, and its regions are
 // unmapped only when the VfioFunction is dropped, so the mappings stay valid
 // for as long as the value lives. (VFIO may zap them during a reset; the
 // kernel then faults them back in, the addresses stay valid.)

@@ -1,17 +1,20 @@
 //! The VFIO ioctls vfio-ioctls 0.7.0 does not offer (or offers only with
-//! errors swallowed), plus `mmap`/`munmap` of BAR areas. Every `unsafe`
-//! block of the VFIO backend is in this file.
+//! errors swallowed), plus the mapping of BAR areas (vm-memory's
+//! `MmapRegion`). Every `unsafe` block of the VFIO backend is in this
+//! file.
 //!
 //! Argument buffers are built by the safe, unit-tested functions of
 //! [`super::layout`]; the wrappers here only hand them to the kernel.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 
 use vfio_bindings::bindings::vfio::{
     vfio_device_info, vfio_device_ioeventfd, vfio_iommu_type1_info, VFIO_BASE, VFIO_TYPE,
 };
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::FileOffset;
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr, ioctl_with_mut_ref, ioctl_with_ref};
 
 // Request numbers, as <linux/vfio.h> defines them (_IO(VFIO_TYPE, VFIO_BASE + n)).
@@ -102,81 +105,21 @@ pub(crate) fn iommu_info(container: &impl AsRawFd) -> io::Result<Vec<u8>> {
     Ok(buf.iter().flat_map(|w| w.to_ne_bytes()).collect())
 }
 
-/// The system page size (4096 when sysconf cannot tell).
-pub(crate) fn page_size() -> u64 {
-    // SAFETY: sysconf reads a system constant; no memory is passed.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(n).ok().filter(|&p| p > 0).unwrap_or(4096)
-}
-
-/// A duplicate of `fd` as a [`File`] (for positioned reads and writes of
-/// regions on a device fd owned elsewhere).
-pub(crate) fn dup_file(fd: &impl AsRawFd) -> io::Result<File> {
-    // SAFETY: the caller passes a reference to the object owning `fd`, so the
-    // descriptor stays open for this borrow, which ends before the call returns.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
-    Ok(File::from(borrowed.try_clone_to_owned()?))
-}
-
-/// A shared read-write mapping of `len` bytes of a device fd at `offset`.
-/// Unmapped on drop.
-#[derive(Debug)]
-pub(crate) struct Mmap {
-    addr: usize,
-    len: usize,
-}
-
-impl Mmap {
-    /// Map `len` bytes of `file` at `offset` (page-aligned, checked by the
-    /// caller through [`super::layout::mmap_areas`]).
-    pub(crate) fn new(file: &File, offset: u64, len: usize) -> io::Result<Self> {
-        if len == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        // SAFETY: a fresh mapping (no address hint, no MAP_FIXED) cannot alias
-        // any existing Rust object; the fd is borrowed from a live File.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_fd().as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self {
-            addr: p as usize,
-            len,
+/// A shared read-write mapping of `len` bytes of a device fd at `offset`
+/// (page-aligned, checked by the caller through
+/// [`super::layout::mmap_areas`]), made with vm-memory's `MmapRegion`
+/// (unmapped on drop). The region holds its own duplicate of the fd.
+pub(crate) fn map_region(file: &File, offset: u64, len: usize) -> io::Result<MmapRegion<()>> {
+    let fd = file.try_clone()?;
+    MmapRegionBuilder::new(len)
+        .with_file_offset(FileOffset::new(fd, offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .map_err(|e| match e {
+            vm_memory::mmap::MmapRegionError::Mmap(io) => io,
+            e => io::Error::other(e),
         })
-    }
-
-    /// Host address of the first byte.
-    pub(crate) fn addr(&self) -> usize {
-        self.addr
-    }
-}
-
-impl Drop for Mmap {
-    fn drop(&mut self) {
-        // SAFETY: `addr`/`len` are exactly what mmap returned and this is the
-        // only place that unmaps them. The owner (VfioFunction) drops its
-        // Mmaps only in its own Drop, after which no BarMapping it handed out
-        // may be used (PciFunction's implementation-safety contract).
-        let r = unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-        if r != 0 {
-            log::warn!(
-                "munmap of BAR mapping at {:#x} failed: {}",
-                self.addr,
-                io::Error::last_os_error()
-            );
-        }
-    }
 }
 
 #[cfg(test)]
@@ -237,10 +180,11 @@ mod tests {
             .open(&path)
             .unwrap();
 
-        let m = Mmap::new(&f, 0, 4096).unwrap();
-        let zero = Mmap::new(&f, 0, 0);
+        let m = map_region(&f, 0, 4096).unwrap();
+        let zero = map_region(&f, 0, 0);
 
-        assert_ne!(m.addr(), 0);
+        assert!(!m.as_ptr().is_null());
+        assert_eq!(m.size(), 4096);
         assert!(zero.is_err());
         drop(m);
         std::fs::remove_file(&path).unwrap();

@@ -1,29 +1,34 @@
-//! The vhost-vdpa calls the `vhost` crate lacks, as small wrappers.
+//! The vhost-vdpa calls the `vhost` crate's wrappers lack, issued with the
+//! crate's own ioctl numbers and argument types
+//! (`vhost::vhost_kern::vhost_binding`):
+//!
+//! * detaching a kick, call or config eventfd (fd -1, `VHOST_FILE_UNBIND`):
+//!   the wrappers take an `&EventFd` only;
+//! * `VHOST_VDPA_RESUME`: neither wrapped nor numbered by the crate, so its
+//!   number is defined here;
+//! * reading the device id of a node without taking it over (the wrappers
+//!   need an owned `VhostKernVdpa`);
+//! * the notification-area page, mapped with `vm-memory`'s `MmapRegion`
+//!   and written with its volatile accessors.
 
 use std::os::fd::AsRawFd;
 
 use vhost::vhost_kern::vdpa::VhostKernVdpa;
-use vm_memory::GuestAddressSpace;
+use vhost::vhost_kern::vhost_binding::{
+    vhost_vring_file, VHOST, VHOST_SET_VRING_CALL, VHOST_SET_VRING_KICK, VHOST_VDPA_GET_DEVICE_ID,
+    VHOST_VDPA_SET_CONFIG_CALL,
+};
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::volatile_memory::VolatileMemory;
+use vm_memory::{FileOffset, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
-use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
+use vmm_sys_util::ioctl_io_nr;
 
 use super::{Result, VhostVdpaError};
 
-const VHOST: u32 = 0xaf;
-
-/// `struct vhost_vring_file` (linux/vhost_types.h).
-#[repr(C)]
-struct VringFile {
-    index: u32,
-    fd: i32,
-}
-
-ioctl_iow_nr!(VHOST_SET_VRING_KICK, VHOST, 0x20, VringFile);
-ioctl_iow_nr!(VHOST_SET_VRING_CALL, VHOST, 0x21, VringFile);
-ioctl_iow_nr!(VHOST_VDPA_SET_CONFIG_CALL, VHOST, 0x77, i32);
+// <linux/vhost.h>: _IO(VHOST_VIRTIO, 0x7E); not in vhost_binding.
 ioctl_io_nr!(VHOST_VDPA_RESUME, VHOST, 0x7e);
-vmm_sys_util::ioctl_ior_nr!(VHOST_VDPA_GET_DEVICE_ID, VHOST, 0x70, u32);
 
 /// The virtio device id behind a vhost-vdpa node, without taking it over
 /// (open, one ioctl, close). A node in use answers EBUSY.
@@ -65,7 +70,7 @@ pub(super) fn set_vring_fd<AS: GuestAddressSpace>(
     q: u16,
     fd: Option<&EventFd>,
 ) -> Result<()> {
-    let f = VringFile {
+    let f = vhost_vring_file {
         index: u32::from(q),
         fd: fd.map_or(-1, |e| e.as_raw_fd()),
     };
@@ -111,68 +116,53 @@ pub(super) fn resume<AS: GuestAddressSpace>(dev: &VhostKernVdpa<AS>) -> Result<(
 /// One queue's doorbell page, mmap-ed from the vhost-vdpa fd at page
 /// `queue` (the kernel maps the device's notify page for that queue).
 pub(super) struct NotifyPage {
-    addr: usize,
-    len: usize,
+    region: MmapRegion<()>,
 }
 
 impl NotifyPage {
     pub(super) fn map<AS: GuestAddressSpace>(dev: &VhostKernVdpa<AS>, queue: u16) -> Result<Self> {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let len = usize::try_from(page).map_err(|_| sys("sysconf(PAGESIZE)"))?;
-        let off = libc::off_t::try_from(u64::from(queue) * len as u64)
-            .map_err(|_| sys("notify page offset"))?;
-        // SAFETY: a fresh shared mapping of one page of the device fd; the
-        // kernel validates the offset (queue index) and refuses devices
-        // without a notification area. The result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                dev.as_raw_fd(),
-                off,
+        let sys_err = |op, source| VhostVdpaError::Sys { op, source };
+        let page = crate::host::page_size();
+        // The region keeps its own descriptor of the node (a duplicate).
+        let fd = crate::host::dup_file(dev).map_err(|e| sys_err("dup of the vhost-vdpa fd", e))?;
+        let len = usize::try_from(page).map_err(|_| {
+            sys_err(
+                "notify page size",
+                std::io::Error::from_raw_os_error(libc::EINVAL),
             )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(sys("mmap(notification area)"));
-        }
-        Ok(NotifyPage {
-            addr: p as usize,
-            len,
-        })
+        })?;
+        // vhost-vdpa refuses readable mappings of the notification area
+        // (VM_READ): write-only, shared.
+        let region = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::new(fd, u64::from(queue) * page))
+            .with_mmap_prot(libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .build()
+            .map_err(|e| sys_err("mmap(notification area)", std::io::Error::other(e)))?;
+        Ok(NotifyPage { region })
     }
 
     pub(super) fn addr(&self) -> usize {
-        self.addr
+        self.region.as_ptr() as usize
     }
 
     pub(super) fn len(&self) -> usize {
-        self.len
+        self.region.size()
     }
 
-    /// Write the queue index to the doorbell at the start of the page.
+    /// Write the queue index to the doorbell at the start of the page (a
+    /// single volatile 16-bit store).
     pub(super) fn write16(&self, v: u16) {
-        // SAFETY: `addr` is a live, writable, page-aligned mapping of `len`
-        // (>= 2) bytes owned by `self`; a volatile store is how MMIO is
-        // written.
-        unsafe { std::ptr::write_volatile(self.addr as *mut u16, v) };
+        if let Ok(r) = self.region.get_ref::<u16>(0) {
+            r.store(v);
+        }
     }
 
     /// Write a 32-bit notification (queue index and notification data) to
-    /// the doorbell at the start of the page.
+    /// the doorbell at the start of the page (a single volatile store).
     pub(super) fn write32(&self, v: u32) {
-        // SAFETY: `addr` is a live, writable, page-aligned (so 4-byte
-        // aligned) mapping of `len` (>= 4) bytes owned by `self`; a volatile
-        // store is how MMIO is written.
-        unsafe { std::ptr::write_volatile(self.addr as *mut u32, v) };
-    }
-}
-
-impl Drop for NotifyPage {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping created in `map`, once.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        if let Ok(r) = self.region.get_ref::<u32>(0) {
+            r.store(v);
+        }
     }
 }

@@ -333,10 +333,11 @@ impl Driver {
                 (None, None) => Ok(()),
             }
         };
+        let waiter = call.as_ref().map(super::EventWaiter::new).transpose()?;
         let mut wait = || -> Result<()> {
-            match call {
-                Some(fd) => {
-                    if !super::wait_eventfd(fd, timeout)? {
+            match &waiter {
+                Some(w) => {
+                    if !w.wait(timeout)? {
                         return Err(DriverError::Timeout { queue: q, timeout });
                     }
                     Ok(())

@@ -18,6 +18,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vdpa_bridge::ops::{DmaMapper, Doorbell, VdpaOps};
@@ -453,29 +454,71 @@ pub fn new_eventfd() -> Result<EventFd> {
     })
 }
 
+/// Waits for one eventfd (an interrupt) with vmm-sys-util's epoll
+/// wrapper. A load loop builds one and waits on it per request; one-off
+/// waits use [`wait_eventfd`].
+pub struct EventWaiter<'a> {
+    epoll: Epoll,
+    fd: &'a EventFd,
+}
+
+impl<'a> EventWaiter<'a> {
+    /// A waiter for `fd`.
+    ///
+    /// # Errors
+    ///
+    /// Creating the epoll set or adding `fd` failed.
+    pub fn new(fd: &'a EventFd) -> Result<Self> {
+        let err = |op| move |source| DriverError::EventFd { op, source };
+        let epoll = Epoll::new().map_err(err("epoll_create"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .map_err(err("epoll_ctl"))?;
+        Ok(EventWaiter { epoll, fd })
+    }
+
+    /// Wait up to `timeout` for the eventfd to be signalled; consume the
+    /// count. Returns whether it fired.
+    ///
+    /// # Errors
+    ///
+    /// Waiting or reading failed (not a timeout).
+    pub fn wait(&self, timeout: Duration) -> Result<bool> {
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let mut ev = [EpollEvent::default(); 1];
+        let n = loop {
+            match self.epoll.wait(ms, &mut ev) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(DriverError::EventFd {
+                        op: "epoll_wait",
+                        source,
+                    })
+                }
+            }
+        };
+        if n == 0 {
+            return Ok(false);
+        }
+        match self.fd.read() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(source) => Err(DriverError::EventFd { op: "read", source }),
+        }
+    }
+}
+
 /// Wait up to `timeout` for `fd` to be signalled; consume the count.
-/// Returns whether it fired.
+/// Returns whether it fired. (One-off waits; see [`EventWaiter`].)
+///
+/// # Errors
+///
+/// As [`EventWaiter::new`] and [`EventWaiter::wait`].
 pub fn wait_eventfd(fd: &EventFd, timeout: Duration) -> Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: `pfd` is one valid pollfd and we pass a count of 1.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if r < 0 {
-        return Err(DriverError::EventFd {
-            op: "poll",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    if r == 0 {
-        return Ok(false);
-    }
-    match fd.read() {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-        Err(source) => Err(DriverError::EventFd { op: "read", source }),
-    }
+    EventWaiter::new(fd)?.wait(timeout)
 }

@@ -1,0 +1,50 @@
+//! What both backends need from the host and no dependency offers safely:
+//! the page size (`sysconf`; vm-memory and vmm-sys-util keep theirs
+//! private), and a duplicate of a descriptor owned by a wrapper that only
+//! implements `AsRawFd` (vfio-ioctls' `VfioDevice`, vhost's
+//! `VhostKernVdpa`), so it can back a `File` or a `vm_memory::FileOffset`.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// The host's page size (4096 when `sysconf` cannot tell).
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf reads a system constant; no memory is passed.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
+/// A duplicate of the descriptor of `owner` as a [`File`] of its own.
+///
+/// # Errors
+///
+/// `dup` failed (no descriptors left).
+pub fn dup_file(owner: &impl AsRawFd) -> io::Result<File> {
+    // SAFETY: `owner` is borrowed for this call and owns its descriptor,
+    // so the descriptor stays open while the borrowed handle lives; the
+    // handle does not outlive this function.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(owner.as_raw_fd()) };
+    Ok(File::from(borrowed.try_clone_to_owned()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_is_a_power_of_two() {
+        assert!(page_size().is_power_of_two());
+    }
+
+    #[test]
+    fn a_duplicate_reads_the_same_file() {
+        use std::io::Read as _;
+        let f = File::open("/proc/self/stat").unwrap();
+        let mut d = dup_file(&f).unwrap();
+        let mut s = String::new();
+        d.read_to_string(&mut s).unwrap();
+        assert_ne!(d.as_raw_fd(), f.as_raw_fd());
+        assert!(!s.is_empty());
+    }
+}
