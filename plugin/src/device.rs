@@ -67,7 +67,7 @@ impl Default for DeviceOptions {
 pub const TRANSPORT_ONLY_FEATURES: u64 = features::bit(features::SR_IOV)
     | features::bit(features::NOTIF_CONFIG_DATA)
     | features::bit(features::RING_RESET)
-    | features::bit(41); // VIRTIO_F_ADMIN_VQ
+    | features::bit(features::ADMIN_VQ);
 
 /// How an activated device's data path is wired (for tests, logs and the
 /// CLI's report).

@@ -69,46 +69,55 @@ pub fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
-/// Virtio device status bits (virtio 1.2 §2.1).
+/// Virtio device status bits (virtio 1.2 §2.1): virtio-bindings'
+/// `VIRTIO_CONFIG_S_*`, typed as the 8-bit register they live in (bindgen
+/// types them `u32`).
 pub mod status {
+    use virtio_bindings::virtio_config as c;
+
     /// Guest OS has found the device.
-    pub const ACKNOWLEDGE: u8 = 1;
+    pub const ACKNOWLEDGE: u8 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
     /// Guest OS knows how to drive the device.
-    pub const DRIVER: u8 = 2;
+    pub const DRIVER: u8 = c::VIRTIO_CONFIG_S_DRIVER as u8;
     /// Driver is set up and ready to drive the device.
-    pub const DRIVER_OK: u8 = 4;
+    pub const DRIVER_OK: u8 = c::VIRTIO_CONFIG_S_DRIVER_OK as u8;
     /// Driver has acknowledged the features it understands.
-    pub const FEATURES_OK: u8 = 8;
+    pub const FEATURES_OK: u8 = c::VIRTIO_CONFIG_S_FEATURES_OK as u8;
     /// Device experienced an error and needs a reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    pub const DEVICE_NEEDS_RESET: u8 = c::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
     /// Something went wrong in the guest; it has given up on the device.
-    pub const FAILED: u8 = 0x80;
+    pub const FAILED: u8 = c::VIRTIO_CONFIG_S_FAILED as u8;
 }
 
-/// Virtio feature bits this crate cares about by name (virtio 1.2 §6).
+/// The transport and ring feature bits (virtio 1.2 §6) the bridge acts on,
+/// by short name: virtio-bindings' `VIRTIO_F_*` and `VIRTIO_RING_F_*`.
 pub mod features {
+    use virtio_bindings::{virtio_config as c, virtio_ring as r};
+
     /// Descriptors may refer to indirect tables.
-    pub const RING_INDIRECT_DESC: u32 = 28;
+    pub const RING_INDIRECT_DESC: u32 = r::VIRTIO_RING_F_INDIRECT_DESC;
     /// `used_event`/`avail_event` fields.
-    pub const RING_EVENT_IDX: u32 = 29;
+    pub const RING_EVENT_IDX: u32 = r::VIRTIO_RING_F_EVENT_IDX;
     /// Virtio 1.x compliance (the modern interface).
-    pub const VERSION_1: u32 = 32;
+    pub const VERSION_1: u32 = c::VIRTIO_F_VERSION_1;
     /// The device sits behind an IOMMU / uses platform DMA translation.
-    pub const ACCESS_PLATFORM: u32 = 33;
+    pub const ACCESS_PLATFORM: u32 = c::VIRTIO_F_ACCESS_PLATFORM;
     /// Packed virtqueue layout.
-    pub const RING_PACKED: u32 = 34;
+    pub const RING_PACKED: u32 = c::VIRTIO_F_RING_PACKED;
     /// Buffers are used in the order they were made available.
-    pub const IN_ORDER: u32 = 35;
+    pub const IN_ORDER: u32 = c::VIRTIO_F_IN_ORDER;
     /// Platform memory ordering is required.
-    pub const ORDER_PLATFORM: u32 = 36;
+    pub const ORDER_PLATFORM: u32 = c::VIRTIO_F_ORDER_PLATFORM;
     /// Single-root I/O virtualization.
-    pub const SR_IOV: u32 = 37;
+    pub const SR_IOV: u32 = c::VIRTIO_F_SR_IOV;
     /// The driver passes extra data in its notifications.
-    pub const NOTIFICATION_DATA: u32 = 38;
+    pub const NOTIFICATION_DATA: u32 = c::VIRTIO_F_NOTIFICATION_DATA;
     /// Notification configuration data.
-    pub const NOTIF_CONFIG_DATA: u32 = 39;
+    pub const NOTIF_CONFIG_DATA: u32 = c::VIRTIO_F_NOTIF_CONFIG_DATA;
     /// Individual queue reset.
-    pub const RING_RESET: u32 = 40;
+    pub const RING_RESET: u32 = c::VIRTIO_F_RING_RESET;
+    /// Administration virtqueue.
+    pub const ADMIN_VQ: u32 = c::VIRTIO_F_ADMIN_VQ;
 
     /// Mask with one bit set.
     pub const fn bit(n: u32) -> u64 {
@@ -172,89 +181,17 @@ impl DeviceType {
         }
     }
 
-    const ALL: [(DeviceType, u32); 6] = [
-        (DeviceType::Net, 1),
-        (DeviceType::Block, 2),
-        (DeviceType::Console, 3),
-        (DeviceType::Rng, 4),
-        (DeviceType::Scsi, 8),
-        (DeviceType::Fs, 26),
-    ];
-}
-
-/// Human-readable names of the set bits of a feature word.
-pub fn feature_names(device: DeviceType, bits: u64) -> Vec<String> {
-    (0..64)
-        .filter(|b| bits & (1u64 << b) != 0)
-        .map(|b| feature_name(device, b).map_or_else(|| format!("bit{b}"), str::to_owned))
-        .collect()
-}
-
-/// Name of one feature bit, device-specific bits (0..24) included.
-pub fn feature_name(device: DeviceType, bit: u32) -> Option<&'static str> {
-    let generic = match bit {
-        27 => Some("ANY_LAYOUT"),
-        28 => Some("RING_INDIRECT_DESC"),
-        29 => Some("RING_EVENT_IDX"),
-        32 => Some("VERSION_1"),
-        33 => Some("ACCESS_PLATFORM"),
-        34 => Some("RING_PACKED"),
-        35 => Some("IN_ORDER"),
-        36 => Some("ORDER_PLATFORM"),
-        37 => Some("SR_IOV"),
-        38 => Some("NOTIFICATION_DATA"),
-        39 => Some("NOTIF_CONFIG_DATA"),
-        40 => Some("RING_RESET"),
-        _ => None,
+    const ALL: [(DeviceType, u32); 6] = {
+        use virtio_bindings::virtio_ids as id;
+        [
+            (DeviceType::Net, id::VIRTIO_ID_NET),
+            (DeviceType::Block, id::VIRTIO_ID_BLOCK),
+            (DeviceType::Console, id::VIRTIO_ID_CONSOLE),
+            (DeviceType::Rng, id::VIRTIO_ID_RNG),
+            (DeviceType::Scsi, id::VIRTIO_ID_SCSI),
+            (DeviceType::Fs, id::VIRTIO_ID_FS),
+        ]
     };
-    if generic.is_some() {
-        return generic;
-    }
-    match device {
-        DeviceType::Block => match bit {
-            1 => Some("SIZE_MAX"),
-            2 => Some("SEG_MAX"),
-            4 => Some("GEOMETRY"),
-            5 => Some("RO"),
-            6 => Some("BLK_SIZE"),
-            9 => Some("FLUSH"),
-            10 => Some("TOPOLOGY"),
-            11 => Some("CONFIG_WCE"),
-            12 => Some("MQ"),
-            13 => Some("DISCARD"),
-            14 => Some("WRITE_ZEROES"),
-            15 => Some("LIFETIME"),
-            16 => Some("SECURE_ERASE"),
-            17 => Some("ZONED"),
-            _ => None,
-        },
-        DeviceType::Net => match bit {
-            0 => Some("CSUM"),
-            1 => Some("GUEST_CSUM"),
-            2 => Some("CTRL_GUEST_OFFLOADS"),
-            3 => Some("MTU"),
-            5 => Some("MAC"),
-            7 => Some("GUEST_TSO4"),
-            8 => Some("GUEST_TSO6"),
-            9 => Some("GUEST_ECN"),
-            10 => Some("GUEST_UFO"),
-            11 => Some("HOST_TSO4"),
-            12 => Some("HOST_TSO6"),
-            13 => Some("HOST_ECN"),
-            14 => Some("HOST_UFO"),
-            15 => Some("MRG_RXBUF"),
-            16 => Some("STATUS"),
-            17 => Some("CTRL_VQ"),
-            18 => Some("CTRL_RX"),
-            19 => Some("CTRL_VLAN"),
-            20 => Some("CTRL_RX_EXTRA"),
-            21 => Some("GUEST_ANNOUNCE"),
-            22 => Some("MQ"),
-            23 => Some("CTRL_MAC_ADDR"),
-            _ => None,
-        },
-        _ => None,
-    }
 }
 
 #[cfg(test)]
@@ -292,11 +229,5 @@ mod tests {
         for bad in ["", "0x", "ff", "-1", "0x1_0", "18446744073709551616"] {
             assert_eq!(parse_u64(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn feature_names_use_device_specific_bits() {
-        let names = feature_names(DeviceType::Net, (1 << 5) | (1 << 32) | (1 << 50));
-        assert_eq!(names, vec!["MAC", "VERSION_1", "bit50"]);
     }
 }

@@ -280,10 +280,7 @@ impl Guest {
     }
 }
 
-/// Receive buffer size of the net helpers.
-const RX_BUF: u64 = 2048;
-/// `virtio_net_hdr` with VERSION_1.
-const NET_HDR: usize = 12;
+use crate::driver::net::{NET_HDR, RX_BUF};
 
 impl Guest {
     /// Post receive buffers (2 KiB each, from the queue's buffer area) on

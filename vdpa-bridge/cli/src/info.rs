@@ -3,8 +3,10 @@
 
 use serde::Serialize;
 
+use crate::features::feature_names;
 use vdpa_bridge::ops::VdpaOps;
-use vdpa_bridge::types::{feature_names, features, DeviceType, QueueIndex};
+use vdpa_bridge::types::{features, DeviceType, QueueIndex};
+use virtio_bindings::{virtio_blk as blk, virtio_net as net};
 
 /// A feature word with names.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -131,6 +133,17 @@ fn field<const N: usize, B: VdpaOps + ?Sized>(
     Ok(Some(b))
 }
 
+/// Offset of a field of virtio-bindings' `virtio_blk_config` /
+/// `virtio_net_config` (the config layouts, virtio 1.2 §5.2.4 and §5.1.4).
+macro_rules! at {
+    (blk_config, $f:ident) => {
+        std::mem::offset_of!(blk::virtio_blk_config, $f) as u32
+    };
+    (net_config, $f:ident) => {
+        std::mem::offset_of!(net::virtio_net_config, $f) as u32
+    };
+}
+
 /// Read and decode a device's configuration space.
 pub fn decode_config<B: VdpaOps + ?Sized>(ops: &mut B) -> Result<ConfigInfo, B::Error> {
     let t = DeviceType::from_id(ops.device_id());
@@ -139,14 +152,15 @@ pub fn decode_config<B: VdpaOps + ?Sized>(ops: &mut B) -> Result<ConfigInfo, B::
     let size = ops.config_size();
     match t {
         DeviceType::Block => {
-            let capacity_sectors = field::<8, B>(ops, 0, size)?.map_or(0, u64::from_le_bytes);
-            let blk_size = if has(6) {
-                field::<4, B>(ops, 20, size)?.map_or(512, u32::from_le_bytes)
+            let capacity_sectors =
+                field::<8, B>(ops, at!(blk_config, capacity), size)?.map_or(0, u64::from_le_bytes);
+            let blk_size = if has(blk::VIRTIO_BLK_F_BLK_SIZE) {
+                field::<4, B>(ops, at!(blk_config, blk_size), size)?.map_or(512, u32::from_le_bytes)
             } else {
                 512
             };
-            let num_queues = if has(12) {
-                field::<2, B>(ops, 34, size)?.map_or(1, u16::from_le_bytes)
+            let num_queues = if has(blk::VIRTIO_BLK_F_MQ) {
+                field::<2, B>(ops, at!(blk_config, num_queues), size)?.map_or(1, u16::from_le_bytes)
             } else {
                 1
             };
@@ -157,8 +171,8 @@ pub fn decode_config<B: VdpaOps + ?Sized>(ops: &mut B) -> Result<ConfigInfo, B::
             })
         }
         DeviceType::Net => {
-            let mac = if has(5) {
-                field::<6, B>(ops, 0, size)?.map(|m| {
+            let mac = if has(net::VIRTIO_NET_F_MAC) {
+                field::<6, B>(ops, at!(net_config, mac), size)?.map(|m| {
                     m.iter()
                         .map(|x| format!("{x:02x}"))
                         .collect::<Vec<_>>()
@@ -167,18 +181,19 @@ pub fn decode_config<B: VdpaOps + ?Sized>(ops: &mut B) -> Result<ConfigInfo, B::
             } else {
                 None
             };
-            let status = if has(16) {
-                field::<2, B>(ops, 6, size)?.map(u16::from_le_bytes)
+            let status = if has(net::VIRTIO_NET_F_STATUS) {
+                field::<2, B>(ops, at!(net_config, status), size)?.map(u16::from_le_bytes)
             } else {
                 None
             };
-            let max_queue_pairs = if has(22) {
-                field::<2, B>(ops, 8, size)?.map_or(1, u16::from_le_bytes)
+            let max_queue_pairs = if has(net::VIRTIO_NET_F_MQ) {
+                field::<2, B>(ops, at!(net_config, max_virtqueue_pairs), size)?
+                    .map_or(1, u16::from_le_bytes)
             } else {
                 1
             };
-            let mtu = if has(3) {
-                field::<2, B>(ops, 10, size)?.map(u16::from_le_bytes)
+            let mtu = if has(net::VIRTIO_NET_F_MTU) {
+                field::<2, B>(ops, at!(net_config, mtu), size)?.map(u16::from_le_bytes)
             } else {
                 None
             };
@@ -263,5 +278,32 @@ pub fn gather_any(
     match d {
         AnyDevice::Vfio(d) => Ok(gather_pci(d, device, backend)?),
         AnyDevice::VhostVdpa(d) => Ok(gather(d, device, backend)?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The offsets `decode_config` reads, from virtio-bindings' layouts,
+    /// are the spec's (virtio 1.2 §5.2.4, §5.1.4).
+    #[test]
+    fn config_field_offsets_are_the_spec_s() {
+        use virtio_bindings::{virtio_blk as blk, virtio_net as net};
+        assert_eq!(
+            [
+                at!(blk_config, capacity),
+                at!(blk_config, blk_size),
+                at!(blk_config, num_queues)
+            ],
+            [0, 20, 34]
+        );
+        assert_eq!(
+            [
+                at!(net_config, mac),
+                at!(net_config, status),
+                at!(net_config, max_virtqueue_pairs),
+                at!(net_config, mtu)
+            ],
+            [0, 6, 8, 10]
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! device is given.
 #![warn(missing_docs)]
 
+pub mod features;
 pub mod info;
 pub mod sysfs;
 pub mod vhost;

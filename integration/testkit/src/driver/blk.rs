@@ -9,20 +9,22 @@ use super::ring::Buf;
 use super::{Driver, DriverError, Result};
 use vdpa_bridge::types::DeviceType;
 
-/// Read sectors.
-pub const T_IN: u32 = 0;
-/// Write sectors.
-pub const T_OUT: u32 = 1;
-/// Flush.
-pub const T_FLUSH: u32 = 4;
-/// Device id string (20 bytes).
-pub const T_GET_ID: u32 = 8;
-/// Request completed.
-pub const S_OK: u8 = 0;
-/// Request failed.
-pub const S_IOERR: u8 = 1;
-/// Request type unsupported.
-pub const S_UNSUPP: u8 = 2;
+use virtio_bindings::virtio_blk as vb;
+
+/// Read sectors (`VIRTIO_BLK_T_IN`).
+pub const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
+/// Write sectors (`VIRTIO_BLK_T_OUT`).
+pub const T_OUT: u32 = vb::VIRTIO_BLK_T_OUT;
+/// Flush (`VIRTIO_BLK_T_FLUSH`).
+pub const T_FLUSH: u32 = vb::VIRTIO_BLK_T_FLUSH;
+/// Device id string, 20 bytes (`VIRTIO_BLK_T_GET_ID`).
+pub const T_GET_ID: u32 = vb::VIRTIO_BLK_T_GET_ID;
+/// Request completed (`VIRTIO_BLK_S_OK`, as the status byte it is).
+pub const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
+/// Request failed (`VIRTIO_BLK_S_IOERR`).
+pub const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
+/// Request type unsupported (`VIRTIO_BLK_S_UNSUPP`).
+pub const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Sector size of the request interface (independent of `blk_size`).
 pub const SECTOR: u64 = 512;

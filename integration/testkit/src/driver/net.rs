@@ -14,21 +14,24 @@ use super::ring::Buf;
 use super::{Driver, DriverError, Result};
 use vdpa_bridge::types::DeviceType;
 
-/// `virtio_net_hdr` size with VERSION_1 (num_buffers included).
-pub const NET_HDR: usize = 12;
+use virtio_bindings::virtio_net as vn;
+
+/// `virtio_net_hdr_v1` size (VERSION_1: num_buffers included).
+pub const NET_HDR: usize = size_of::<vn::virtio_net_hdr_v1>();
 /// Size of each receive buffer.
 pub const RX_BUF: u64 = 2048;
 /// Feature bit: control virtqueue.
-pub const F_CTRL_VQ: u32 = 17;
+pub const F_CTRL_VQ: u32 = vn::VIRTIO_NET_F_CTRL_VQ;
 /// Feature bit: multiqueue.
-pub const F_MQ: u32 = 22;
+pub const F_MQ: u32 = vn::VIRTIO_NET_F_MQ;
 /// Feature bit: device has a MAC address.
-pub const F_MAC: u32 = 5;
+pub const F_MAC: u32 = vn::VIRTIO_NET_F_MAC;
 /// Feature bit: link status in config.
-pub const F_STATUS: u32 = 16;
+pub const F_STATUS: u32 = vn::VIRTIO_NET_F_STATUS;
 
-const CTRL_MQ: u8 = 4;
-const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const CTRL_MQ: u8 = vn::VIRTIO_NET_CTRL_MQ as u8;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = vn::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8;
+const _: () = assert!(NET_HDR == 12);
 
 impl Driver {
     fn net_check(&self) -> Result<()> {

@@ -13,10 +13,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use super::{DriverError, Result};
 use vdpa_bridge::types::VringAddrs;
 
-/// Descriptor flag: the chain continues at `next`.
-pub const VRING_DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the chain continues at `next` (virtio-bindings'
+/// `VRING_DESC_F_NEXT`, typed as the 16-bit field it sets).
+pub const VRING_DESC_F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 /// Descriptor flag: the device writes this buffer.
-pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
 /// Bytes of the ring area [`SplitRing`] needs for `size` entries.
 pub fn ring_bytes(size: u16) -> u64 {

@@ -4,16 +4,26 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Length of the device config we expose (up to `num_queues` and padding).
-pub(super) const CONFIG_LEN: usize = 0x3c;
+use std::mem::offset_of;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+
+/// Length of the device config we expose: `struct virtio_blk_config` up
+/// to the secure-erase fields (discard and write-zeroes fields zero), the
+/// size QEMU's virtio-blk exposes without secure erase or zoned mode.
+pub(super) const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
+const _: () = assert!(CONFIG_LEN == 0x3c);
+
+const T_IN: u32 = VIRTIO_BLK_T_IN;
+const T_OUT: u32 = VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = VIRTIO_BLK_T_GET_ID;
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// The id string of `VIRTIO_BLK_T_GET_ID`.
 pub(super) const ID: &[u8] = b"vdpa-bridge-emu";
@@ -21,11 +31,27 @@ pub(super) const ID: &[u8] = b"vdpa-bridge-emu";
 /// `struct virtio_blk_config` for a disk of `capacity` sectors.
 pub(super) fn config(capacity: u64, num_queues: u16) -> [u8; CONFIG_LEN] {
     let mut c = [0u8; CONFIG_LEN];
-    c[0..8].copy_from_slice(&capacity.to_le_bytes());
-    c[8..12].copy_from_slice(&(1u32 << 20).to_le_bytes()); // size_max
-    c[12..16].copy_from_slice(&126u32.to_le_bytes()); // seg_max
-    c[20..24].copy_from_slice(&512u32.to_le_bytes()); // blk_size
-    c[34..36].copy_from_slice(&num_queues.to_le_bytes());
+    let mut put = |off: usize, b: &[u8]| c[off..off + b.len()].copy_from_slice(b);
+    put(
+        offset_of!(virtio_blk_config, capacity),
+        &capacity.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, size_max),
+        &(1u32 << 20).to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, seg_max),
+        &126u32.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, blk_size),
+        &512u32.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, num_queues),
+        &num_queues.to_le_bytes(),
+    );
     c
 }
 

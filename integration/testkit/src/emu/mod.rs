@@ -41,12 +41,12 @@ const NOTIFY_MAX: u64 = 0x1000;
 const MSIX_TABLE_OFF: u64 = 0x4000;
 const MSIX_PBA_OFF: u64 = 0x6000;
 
-/// virtio-blk feature bits offered.
-const BLK_F_SIZE_MAX: u32 = 1;
-const BLK_F_SEG_MAX: u32 = 2;
-const BLK_F_BLK_SIZE: u32 = 6;
-const BLK_F_FLUSH: u32 = 9;
-const BLK_F_MQ: u32 = 12;
+// The virtio-blk feature bits the device offers.
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE as BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH as BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ as BLK_F_MQ, VIRTIO_BLK_F_SEG_MAX as BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX as BLK_F_SIZE_MAX,
+};
 
 /// What the emulated device looks like and how it misbehaves.
 #[derive(Clone, Debug)]
