@@ -403,9 +403,6 @@ where
     }
 }
 
-/// Page unit of guest notification mappings.
-const PAGE: u64 = 4096;
-
 impl<B, M> BridgeDevice<B, M>
 where
     B: VdpaOps + DmaMapper,
@@ -459,7 +456,11 @@ where
             // Notification data doorbells are 4 bytes wide.
             need = need.max(guest + 4);
         }
-        let len = need.next_multiple_of(PAGE);
+        // Whole host pages: a VMM maps them into its guest with a memory
+        // slot, which the host's page size aligns (64 KiB on some hosts,
+        // more than Cloud Hypervisor's 4 KiB area: then no mapping).
+        let page = pages.page_size.max(1);
+        let len = need.next_multiple_of(page);
         if len == 0 {
             return Err(NoNotifyMapping::Backend);
         }

@@ -770,3 +770,62 @@ fn doorbell_page_is_not_mapped_for_relayed_kicks_or_unmappable_bars() {
         Err(NoNotifyMapping::Backend)
     );
 }
+
+#[test]
+fn with_64_kib_host_pages_the_doorbells_are_not_mapped_over_a_4_kib_area() {
+    let _serial = serial();
+    let g = guest();
+    // QEMU's layout: a 4 KiB doorbell region cannot be a 64 KiB page.
+    let f = raw_function(true, 1);
+    let opts = OpenOptions {
+        page_size: 0x1_0000,
+        ..OpenOptions::default()
+    };
+    let vp = VpVdpa::open(f.clone(), opts).unwrap();
+    let iommu = DeviceOptions {
+        iommu: true,
+        ..DeviceOptions::default()
+    };
+    let dev = BridgeDevice::new(vp, g.mem.clone(), iommu).unwrap();
+    assert_eq!(
+        dev.guest_notify_mapping(4, 0x1000),
+        Err(NoNotifyMapping::Backend)
+    );
+}
+
+#[test]
+fn with_64_kib_host_pages_a_64_kib_doorbell_page_is_too_large_for_a_4_kib_area() {
+    use vdpa_bridge::fake::{ConfigBuilder, RawFunction};
+    let _serial = serial();
+    let g = guest();
+    let cfg = ConfigBuilder::virtio(0x1042)
+        .virtio_cap(1, 4, 0, 0x1000)
+        .virtio_cap(3, 4, 0x1000, 0x1000)
+        .virtio_cap(4, 4, 0x2000, 0x1000)
+        .notify_cap(4, 0x1_0000, 0x1_0000, 4)
+        .msix_cap(2, 1, 0, 1, 0x800);
+    let f = RawFunction::new(&cfg.build()).with_mapped_bar(4, 0x2_0000);
+    f.poke(4, 4, &1u32.to_le_bytes()); // device_feature: VERSION_1
+    f.poke(4, 0x12, &1u16.to_le_bytes()); // num_queues
+    f.poke(4, 0x18, &256u16.to_le_bytes()); // queue_size
+    let opts = OpenOptions {
+        page_size: 0x1_0000,
+        ..OpenOptions::default()
+    };
+    let vp = VpVdpa::open(Arc::new(f), opts).unwrap();
+    let iommu = DeviceOptions {
+        iommu: true,
+        ..DeviceOptions::default()
+    };
+    let dev = BridgeDevice::new(vp, g.mem.clone(), iommu).unwrap();
+    // Cloud Hypervisor's notification area is one 4 KiB page; the host
+    // can only map 64 KiB: kicks stay trapped.
+    assert_eq!(
+        dev.guest_notify_mapping(4, 0x1000),
+        Err(NoNotifyMapping::TooLarge {
+            need: 4,
+            have: 0x1000
+        })
+    );
+    assert!(dev.guest_notify_mapping(4, 0x1_0000).is_ok());
+}

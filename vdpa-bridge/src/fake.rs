@@ -18,7 +18,7 @@ pub struct RawFunction {
     config: Mutex<Vec<u8>>,
     bars: [Option<(BarInfo, Mutex<Vec<u8>>)>; 6],
     /// BARs backed by anonymous host memory and reported as mapped.
-    mapped: [Option<MmapRegion>; 6],
+    mapped: [Option<MappedBar>; 6],
     /// `(bar, offset, bytes)` of every BAR write, in order.
     pub writes: Mutex<Vec<(u8, u64, Vec<u8>)>>,
 }
@@ -57,9 +57,15 @@ impl RawFunction {
     pub fn with_mapped_bar(mut self, index: u8, size: u64) -> Self {
         let i = usize::from(index);
         if i < 6 {
-            let region = MmapRegion::new(size as usize).expect("anonymous BAR memory");
-            self.mapped[i] = Some(region);
-            self = self.with_bar(index, BarKind::Memory, size);
+            // Twice the size, so a start aligned to the BAR's size fits:
+            // a BAR is naturally aligned, and tests of page sizes above the
+            // host's (64 KiB) need a host address aligned that much.
+            let size = size as usize;
+            let region = MmapRegion::new(2 * size).expect("anonymous BAR memory");
+            let addr = region.as_ptr() as usize;
+            let base = addr.next_multiple_of(size.next_power_of_two()) - addr;
+            self.mapped[i] = Some(MappedBar { region, base, size });
+            self = self.with_bar(index, BarKind::Memory, size as u64);
         }
         self
     }
@@ -73,7 +79,7 @@ impl RawFunction {
     /// Poke bytes into BAR `index`.
     pub fn poke(&self, index: u8, offset: usize, bytes: &[u8]) {
         if let Some(Some(m)) = self.mapped.get(usize::from(index)) {
-            if let Ok(s) = m.get_slice(offset, bytes.len()) {
+            if let Some(s) = m.slice(offset as u64, bytes.len()) {
                 s.copy_from(bytes);
             }
             return;
@@ -92,6 +98,24 @@ impl RawFunction {
     }
 }
 
+/// A mapped BAR: `size` bytes at `base` in `region`.
+struct MappedBar {
+    region: MmapRegion,
+    base: usize,
+    size: usize,
+}
+
+impl MappedBar {
+    fn slice(&self, offset: u64, len: usize) -> Option<vm_memory::VolatileSlice<'_>> {
+        let r = range(offset, len, self.size as u64)?;
+        self.region.get_slice(self.base + r.start, len).ok()
+    }
+
+    fn host_addr(&self) -> usize {
+        self.region.as_ptr() as usize + self.base
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -104,7 +128,8 @@ fn range(offset: u64, len: usize, size: u64) -> Option<std::ops::Range<usize>> {
     Some(offset as usize..end as usize)
 }
 
-// SAFETY: `bar_mappings` reports only the `MmapRegion`s of `mapped`, which
+// SAFETY: `bar_mappings` reports only ranges inside the `MmapRegion`s of
+// `mapped` (`size` bytes from `base`, inside a region of twice that), which
 // live (mapped, readable and writable) as long as the function.
 unsafe impl PciFunction for RawFunction {
     fn config_read(&self, offset: u64, buf: &mut [u8]) -> PciResult<()> {
@@ -135,8 +160,8 @@ unsafe impl PciFunction for RawFunction {
         match self.mapped.get(usize::from(index)) {
             Some(Some(m)) => vec![BarMapping {
                 offset: 0,
-                len: m.size() as u64,
-                host_addr: m.as_ptr() as usize,
+                len: m.size as u64,
+                host_addr: m.host_addr(),
             }],
             _ => Vec::new(),
         }
@@ -145,14 +170,12 @@ unsafe impl PciFunction for RawFunction {
     fn bar_read(&self, index: u8, offset: u64, buf: &mut [u8]) -> PciResult<()> {
         let (info, bytes) = self.bar(index)?;
         if let Some(Some(m)) = self.mapped.get(usize::from(index)) {
-            let s =
-                m.get_slice(offset as usize, buf.len())
-                    .map_err(|_| PciError::BarOutOfRange {
-                        bar: index,
-                        offset,
-                        len: buf.len(),
-                        size: info.size,
-                    })?;
+            let s = m.slice(offset, buf.len()).ok_or(PciError::BarOutOfRange {
+                bar: index,
+                offset,
+                len: buf.len(),
+                size: info.size,
+            })?;
             s.copy_to(buf);
             return Ok(());
         }
@@ -169,14 +192,12 @@ unsafe impl PciFunction for RawFunction {
     fn bar_write(&self, index: u8, offset: u64, buf: &[u8]) -> PciResult<()> {
         let (info, bytes) = self.bar(index)?;
         if let Some(Some(m)) = self.mapped.get(usize::from(index)) {
-            let s =
-                m.get_slice(offset as usize, buf.len())
-                    .map_err(|_| PciError::BarOutOfRange {
-                        bar: index,
-                        offset,
-                        len: buf.len(),
-                        size: info.size,
-                    })?;
+            let s = m.slice(offset, buf.len()).ok_or(PciError::BarOutOfRange {
+                bar: index,
+                offset,
+                len: buf.len(),
+                size: info.size,
+            })?;
             s.copy_from(buf);
             lock(&self.writes).push((index, offset, buf.to_vec()));
             return Ok(());
@@ -311,6 +332,46 @@ impl ConfigBuilder {
         b[pos + 4..pos + 8].copy_from_slice(&(table_off | u32::from(table_bar & 7)).to_le_bytes());
         b[pos + 8..pos + 12].copy_from_slice(&(pba_off | u32::from(pba_bar & 7)).to_le_bytes());
         self.next_pos += 12;
+        self
+    }
+
+    /// Append a shared-memory capability (`cfg_type` 8, the 24-byte
+    /// `virtio_pci_cap64` form) naming `[offset, offset + length)` of `bar`.
+    pub fn shm_cap(mut self, bar: u8, offset: u64, length: u64) -> Self {
+        let pos = self.next_pos;
+        self.link(pos);
+        let b = &mut self.bytes;
+        b[pos] = 0x09;
+        b[pos + 2] = 24;
+        b[pos + 3] = 8;
+        b[pos + 4] = bar;
+        b[pos + 8..pos + 12].copy_from_slice(&(offset as u32).to_le_bytes());
+        b[pos + 12..pos + 16].copy_from_slice(&(length as u32).to_le_bytes());
+        b[pos + 16..pos + 20].copy_from_slice(&((offset >> 32) as u32).to_le_bytes());
+        b[pos + 20..pos + 24].copy_from_slice(&((length >> 32) as u32).to_le_bytes());
+        self.next_pos += 24;
+        self
+    }
+
+    /// Append a vendor-data capability (`cfg_type` 9: a vendor id and
+    /// vendor-defined bytes, `len` bytes in all, at least 6).
+    pub fn vendor_data_cap(mut self, len: u8) -> Self {
+        let pos = self.next_pos;
+        self.link(pos);
+        let b = &mut self.bytes;
+        b[pos] = 0x09;
+        b[pos + 2] = len;
+        b[pos + 3] = 9;
+        b[pos + 4..pos + 6].copy_from_slice(&0x1af4u16.to_le_bytes());
+        self.next_pos += usize::from(len.max(6)).next_multiple_of(4);
+        self
+    }
+
+    /// Link a capability of raw `bytes` (id first) at `pos`, anywhere in
+    /// the 256-byte space (for capabilities at odd places).
+    pub fn cap_at(mut self, pos: usize, bytes: &[u8]) -> Self {
+        self.link(pos);
+        self.bytes[pos..pos + bytes.len()].copy_from_slice(bytes);
         self
     }
 

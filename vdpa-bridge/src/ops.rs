@@ -256,6 +256,8 @@ pub struct NotifyPages {
     pub host_addr: usize,
     /// Length in bytes (whole pages).
     pub len: u64,
+    /// The page size `host_addr` and `len` are multiples of (the host's).
+    pub page_size: u64,
     /// Offset of each queue's doorbell from `host_addr`, by queue index.
     pub doorbells: Vec<u64>,
 }

@@ -45,9 +45,6 @@ pub enum VpVdpaError {
 /// Result of [`VpVdpa`] operations.
 pub type Result<T> = std::result::Result<T, VpVdpaError>;
 
-/// Size of the page unit used for notification-area exclusivity.
-pub const PAGE_SIZE: u64 = 4096;
-
 /// How to open a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
@@ -56,6 +53,9 @@ pub struct OpenOptions {
     pub features_mask: Option<u64>,
     /// Upper bound on a reset's duration.
     pub reset_timeout: Duration,
+    /// The host's page size (the unit of mappings a VMM can hand a guest);
+    /// [`crate::host::page_size`] unless a test injects another.
+    pub page_size: u64,
 }
 
 impl Default for OpenOptions {
@@ -63,6 +63,7 @@ impl Default for OpenOptions {
         OpenOptions {
             features_mask: None,
             reset_timeout: crate::virtio_pci::DEFAULT_RESET_TIMEOUT,
+            page_size: crate::host::page_size(),
         }
     }
 }
@@ -154,8 +155,12 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
                 Err(e) => return Err(e.into()),
             }
         }
-        let page_exclusive = page_exclusivity(&transport, &notify)?;
-        let pages = doorbell_pages(&transport, &notify)?;
+        let page_size = opts.page_size;
+        if !page_size.is_power_of_two() {
+            return Err(OpsError::Unsupported("a page size that is not a power of two").into());
+        }
+        let page_exclusive = page_exclusivity(&transport, &notify, page_size);
+        let pages = doorbell_pages(&transport, &notify, page_size);
         transport.reset()?;
         let plan = IrqPlan::for_vectors(n, transport.function().msix_vectors());
         Ok(VpVdpa {
@@ -319,18 +324,36 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
     }
 }
 
-/// The ranges of one BAR that hold something other than doorbells: the
-/// common, ISR and device config structures and the MSI-X table and PBA.
+/// Everything in the BARs other than the doorbells: every range a
+/// capability names except the notify structure in use (duplicate
+/// structures and shared-memory regions included), and the MSI-X table and
+/// PBA. `None` when that cannot be known: an opaque capability (vendor
+/// data, an unknown type, a second MSI-X capability) or MSI-X table words
+/// that cannot be read. Doorbell pages are offered to a guest only when
+/// this is known, as Linux's vhost-vdpa maps a notification area only when
+/// it can prove the page is the doorbell's alone.
 struct OtherStructures {
     ranges: Vec<(u8, u64, u64)>,
 }
 
 impl OtherStructures {
-    fn of<P: PciFunction + ?Sized>(t: &ModernTransport<P>) -> Result<Self> {
-        let caps = *t.caps();
-        let mut ranges: Vec<(u8, u64, u64)> = [Some(caps.common), Some(caps.isr), caps.device]
-            .into_iter()
-            .flatten()
+    fn of<P: PciFunction + ?Sized>(t: &ModernTransport<P>) -> Option<Self> {
+        let caps = t.caps();
+        if let Some(o) = caps.opaque.first() {
+            log::info!(
+                "{}: capability {:#04x} (type {}) at {:#x} may describe BAR contents; no doorbell page is offered to a guest",
+                t.function().describe(),
+                o.id,
+                o.cfg_type,
+                o.pos
+            );
+            return None;
+        }
+        let notify = caps.notify.region;
+        let mut ranges: Vec<(u8, u64, u64)> = caps
+            .described
+            .iter()
+            .filter(|r| **r != notify)
             .map(|r| (r.bar, r.offset, r.offset.saturating_add(r.length)))
             .collect();
         if let Some((pos, vectors)) = caps.msix {
@@ -338,15 +361,18 @@ impl OtherStructures {
             // 16 bytes per entry, one bit per vector (in 8-byte words).
             let sizes = [u64::from(vectors) * 16, u64::from(vectors).div_ceil(64) * 8];
             for (w, size) in [4u64, 8].into_iter().zip(sizes) {
-                let v = t
-                    .function()
-                    .config_read_u32(u64::from(pos) + w)
-                    .map_err(TransportError::Pci)?;
+                let at = u64::from(pos) + w;
+                // The capability must lie in the 256-byte space (one at 0xf8
+                // or above does not): unreadable table words prove nothing.
+                if at + 4 > 0x100 {
+                    return None;
+                }
+                let v = t.function().config_read_u32(at).ok()?;
                 let off = u64::from(v & !7);
                 ranges.push(((v & 7) as u8, off, off.saturating_add(size)));
             }
         }
-        Ok(OtherStructures { ranges })
+        Some(OtherStructures { ranges })
     }
 
     /// Whether `[start, end)` of `bar` overlaps any of them.
@@ -357,62 +383,73 @@ impl OtherStructures {
     }
 }
 
+/// Whether the BAR pages `[start, end)` hold doorbells only: they lie
+/// inside the notify structure (the device's promise that this range is
+/// doorbells) and overlap nothing else a capability names.
+fn only_doorbells<P: PciFunction + ?Sized>(
+    t: &ModernTransport<P>,
+    others: Option<&OtherStructures>,
+    start: u64,
+    end: u64,
+) -> bool {
+    let region = t.notify_region();
+    let inside = start >= region.offset
+        && region
+            .offset
+            .checked_add(region.length)
+            .is_some_and(|e| end <= e);
+    inside && others.is_some_and(|o| !o.overlap(region.bar, start, end))
+}
+
 /// For each queue, whether its doorbell's page holds no other queue's
-/// doorbell, no other virtio structure and no MSI-X table or PBA, so the
-/// page can be mapped into a guest (QEMU's `page-per-vq=on`).
+/// doorbell and nothing but doorbells ([`only_doorbells`]), so the page
+/// can be mapped into a guest (QEMU's `page-per-vq=on`).
 fn page_exclusivity<P: PciFunction + ?Sized>(
     t: &ModernTransport<P>,
     notify: &[Option<u64>],
-) -> Result<Vec<bool>> {
+    page_size: u64,
+) -> Vec<bool> {
     let region = t.notify_region();
-    let others = OtherStructures::of(t)?;
-    let page_of = |off: u64| region.offset.saturating_add(off) & !(PAGE_SIZE - 1);
-    let out = notify
+    let others = OtherStructures::of(t);
+    let page_of = |off: u64| region.offset.saturating_add(off) & !(page_size - 1);
+    notify
         .iter()
         .enumerate()
         .map(|(i, off)| {
             let Some(off) = off else { return false };
             let page = page_of(*off);
-            let page_end = page.saturating_add(PAGE_SIZE);
+            let page_end = page.saturating_add(page_size);
             let clash_queue = notify
                 .iter()
                 .enumerate()
                 .any(|(j, o)| j != i && o.is_some_and(|o| page_of(o) == page));
-            !(clash_queue || others.overlap(region.bar, page, page_end))
+            !clash_queue && only_doorbells(t, others.as_ref(), page, page_end)
         })
-        .collect();
-    Ok(out)
+        .collect()
 }
 
 /// The pages holding every queue's doorbell, when every queue has one,
-/// nothing else lives in those pages and the function maps all of them
-/// at a page-aligned host address (QEMU's default layout: one 4 KiB page,
-/// queue `q` at `4 * q`).
+/// those pages hold nothing but doorbells ([`only_doorbells`]) and the
+/// function maps all of them at a page-aligned host address (QEMU's
+/// default layout with 4 KiB pages: one page, queue `q` at `4 * q`).
 fn doorbell_pages<P: PciFunction + ?Sized>(
     t: &ModernTransport<P>,
     notify: &[Option<u64>],
-) -> Result<Option<NotifyPages>> {
+    page_size: u64,
+) -> Option<NotifyPages> {
     let region = t.notify_region();
     // Every doorbell's BAR offset; 4 bytes wide at most (notification data).
-    let Some(offsets) = notify
+    let offsets = notify
         .iter()
         .map(|o| o.and_then(|o| region.offset.checked_add(o)))
-        .collect::<Option<Vec<u64>>>()
-    else {
-        return Ok(None);
-    };
-    let (Some(&lo), Some(&hi)) = (offsets.iter().min(), offsets.iter().max()) else {
-        return Ok(None);
-    };
-    let start = lo & !(PAGE_SIZE - 1);
-    let Some(end) = hi
+        .collect::<Option<Vec<u64>>>()?;
+    let (lo, hi) = (*offsets.iter().min()?, *offsets.iter().max()?);
+    let start = lo & !(page_size - 1);
+    let end = hi
         .checked_add(4)
-        .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
-    else {
-        return Ok(None);
-    };
-    if OtherStructures::of(t)?.overlap(region.bar, start, end) {
-        return Ok(None);
+        .and_then(|e| e.checked_next_multiple_of(page_size))?;
+    if !only_doorbells(t, OtherStructures::of(t).as_ref(), start, end) {
+        return None;
     }
     let host = t.function().bar_mappings(region.bar).iter().find_map(|m| {
         let inside = start >= m.offset && m.offset.checked_add(m.len).is_some_and(|me| end <= me);
@@ -421,14 +458,13 @@ fn doorbell_pages<P: PciFunction + ?Sized>(
             .flatten()
             .and_then(|d| m.host_addr.checked_add(d))
     });
-    let Some(host_addr) = host.filter(|h| (*h as u64).is_multiple_of(PAGE_SIZE)) else {
-        return Ok(None);
-    };
-    Ok(Some(NotifyPages {
+    let host_addr = host.filter(|h| (*h as u64).is_multiple_of(page_size))?;
+    Some(NotifyPages {
         host_addr,
         len: end - start,
+        page_size,
         doorbells: offsets.iter().map(|o| o - start).collect(),
-    }))
+    })
 }
 
 struct PciDoorbell<P: PciFunction + ?Sized> {
@@ -885,5 +921,105 @@ mod tests {
         // The table at 0x3800 is in the doorbells' page: refused, though
         // the notify region itself ends at 0x3800.
         assert_eq!(open(&f).notification_pages(), None);
+    }
+
+    #[test]
+    fn a_duplicate_structure_in_the_doorbell_page_is_not_offered() {
+        // A second ISR capability (not the one in use) inside the page.
+        let cfg = ConfigBuilder::qemu_like(0x1042).virtio_cap(3, 4, 0x3800, 0x10);
+        let f = function(cfg, true, 1);
+        let d = open(&f);
+        assert_eq!(d.notification_pages(), None);
+        assert!(!d.notification_area(QueueIndex(0)).unwrap().page_exclusive);
+    }
+
+    #[test]
+    fn a_shared_memory_region_is_a_structure_too() {
+        let inside = ConfigBuilder::qemu_like(0x1042).shm_cap(4, 0x3c00, 0x400);
+        assert_eq!(open(&function(inside, true, 1)).notification_pages(), None);
+        // Elsewhere (another BAR, or above 4 GiB in this one) it does not
+        // matter.
+        let elsewhere = ConfigBuilder::qemu_like(0x1042)
+            .shm_cap(2, 0, 0x1000)
+            .shm_cap(4, 1 << 32, 0x1000);
+        assert!(open(&function(elsewhere, true, 1))
+            .notification_pages()
+            .is_some());
+    }
+
+    #[test]
+    fn a_vendor_data_capability_opens_but_proves_nothing_about_the_page() {
+        // 8 bytes: shorter than a virtio_pci_cap, which used to fail open.
+        let cfg = ConfigBuilder::qemu_like(0x1042).vendor_data_cap(8);
+        let f = function(cfg, true, 1);
+        let d = open(&f);
+        assert_eq!(d.notification_pages(), None);
+        assert!(!d.notification_area(QueueIndex(0)).unwrap().page_exclusive);
+    }
+
+    #[test]
+    fn a_second_msix_capability_proves_nothing_about_the_page() {
+        let cfg = ConfigBuilder::qemu_like(0x1042)
+            .msix_cap(2, 1, 0, 1, 0x800)
+            .msix_cap(4, 4, 0x3800, 4, 0x3c00);
+        let f = function(cfg, true, 1);
+        let d = open(&f);
+        // The first MSI-X capability is the one in use (2 vectors), as for
+        // the PCI core and VFIO.
+        assert_eq!(d.transport().caps().msix.map(|m| m.1), Some(2));
+        assert_eq!(d.notification_pages(), None);
+    }
+
+    #[test]
+    fn an_msix_capability_at_the_end_of_config_space_opens_without_doorbell_pages() {
+        // MSI-X at 0xf8: its PBA word (0x100) is past the 256-byte space.
+        let msix = [0x11, 0, 3, 0, 0x01, 0, 0, 0];
+        let cfg = ConfigBuilder::qemu_like(0x1042).cap_at(0xf8, &msix);
+        let f = function(cfg, true, 1);
+        let d = open(&f);
+        assert_eq!(d.transport().caps().msix, Some((0xf8, 4)));
+        assert_eq!(d.notification_pages(), None);
+    }
+
+    #[test]
+    fn with_64_kib_pages_a_4_kib_doorbell_region_is_not_offered() {
+        let f = function(ConfigBuilder::qemu_like(0x1042), true, 2);
+        let opts = OpenOptions {
+            page_size: 0x1_0000,
+            ..OpenOptions::default()
+        };
+        let d = VpVdpa::open(Arc::clone(&f), opts).expect("open");
+        assert_eq!(d.notification_pages(), None);
+        assert!(!d.notification_area(QueueIndex(1)).unwrap().page_exclusive);
+        // Kicks still work (through the host mapping or a trap).
+        d.kick(QueueIndex(1)).expect("kick");
+    }
+
+    #[test]
+    fn with_64_kib_pages_a_64_kib_doorbell_region_is_offered_in_64_kib_units() {
+        let cfg = ConfigBuilder::virtio(0x1042)
+            .virtio_cap(1, 4, 0, 0x1000)
+            .virtio_cap(3, 4, 0x1000, 0x1000)
+            .virtio_cap(4, 4, 0x2000, 0x1000)
+            .notify_cap(4, 0x1_0000, 0x1_0000, 4)
+            .msix_cap(2, 1, 0, 1, 0x800);
+        let f = RawFunction::new(&cfg.build()).with_mapped_bar(4, 0x2_0000);
+        f.poke(4, DEVICE_FEATURE, &1u32.to_le_bytes());
+        f.poke(4, NUM_QUEUES, &2u16.to_le_bytes());
+        f.poke(4, QUEUE_SIZE, &256u16.to_le_bytes());
+        let f = Arc::new(f);
+        let opts = OpenOptions {
+            page_size: 0x1_0000,
+            ..OpenOptions::default()
+        };
+        let pages = VpVdpa::open(Arc::clone(&f), opts)
+            .expect("open")
+            .notification_pages()
+            .expect("pages");
+        let base = f.bar_mappings(4)[0].host_addr;
+        assert_eq!((pages.len, pages.page_size), (0x1_0000, 0x1_0000));
+        // The fake maps the BAR at an address aligned to its size.
+        assert_eq!(pages.host_addr, base + 0x1_0000);
+        assert_eq!(pages.host_addr % 0x1_0000, 0);
     }
 }

@@ -125,8 +125,24 @@ pub struct NotifyRegion {
     pub multiplier: u32,
 }
 
-/// What the walk found: one usable instance of each structure.
+/// A capability whose use of the BARs cannot be known: a vendor-data
+/// capability (its data lives wherever the vendor put it), a virtio
+/// capability of a type this driver does not know, one too short to say
+/// where its region is, or a second MSI-X capability. With one present no
+/// page of the device can be proven to hold nothing but doorbells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpaqueCap {
+    /// Position in config space.
+    pub pos: u8,
+    /// Capability id (0x09 vendor, 0x11 MSI-X).
+    pub id: u8,
+    /// `cfg_type` of a vendor capability (0 otherwise).
+    pub cfg_type: u8,
+}
+
+/// What the walk found: one usable instance of each structure, and
+/// everything any capability says about the BARs.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VirtioCaps {
     /// Common configuration.
     pub common: CapRegion,
@@ -138,8 +154,15 @@ pub struct VirtioCaps {
     pub device: Option<CapRegion>,
     /// Position of the PCI-configuration-access capability, if any.
     pub pci_cfg: Option<u8>,
-    /// Position of the MSI-X capability and its table size, if any.
+    /// Position of the (first) MSI-X capability and its table size, if
+    /// any: the one the PCI core and VFIO use.
     pub msix: Option<(u8, u16)>,
+    /// Every BAR range a virtio capability names, whichever instance was
+    /// picked: all instances of the common, notify, ISR and device
+    /// structures (duplicates included) and the shared-memory regions.
+    pub described: Vec<CapRegion>,
+    /// Capabilities whose BAR use cannot be known (see [`OpaqueCap`]).
+    pub opaque: Vec<OpaqueCap>,
 }
 
 /// One raw virtio capability as found in the list.
@@ -148,6 +171,8 @@ struct RawCap {
     pos: u8,
     cap: VirtioPciCap,
     multiplier: Option<u32>,
+    /// `offset_hi`, `length_hi` of a 64-bit capability (shared memory).
+    hi: Option<(u32, u32)>,
 }
 
 fn what(t: u8) -> &'static str {
@@ -168,7 +193,8 @@ fn what(t: u8) -> &'static str {
 ///
 /// As [`capability_list`].
 pub fn has_virtio_caps<C: ConfigSpace + ?Sized>(f: &C) -> Result<bool, CapError> {
-    Ok(!walk(f)?.0.is_empty())
+    let w = walk(f)?;
+    Ok(!w.caps.is_empty() || w.opaque.iter().any(|o| o.id == cfg::CAP_ID_VENDOR))
 }
 
 /// Whether the function has a virtio vendor capability of `cfg_type`
@@ -178,7 +204,8 @@ pub fn has_virtio_caps<C: ConfigSpace + ?Sized>(f: &C) -> Result<bool, CapError>
 ///
 /// As [`capability_list`]; a malformed vendor capability too.
 pub fn has_virtio_cap<C: ConfigSpace + ?Sized>(f: &C, t: u8) -> Result<bool, CapError> {
-    Ok(walk(f)?.0.iter().any(|c| c.cap.cfg_type == t))
+    let w = walk(f)?;
+    Ok(w.caps.iter().any(|c| c.cap.cfg_type == t) || w.opaque.iter().any(|o| o.cfg_type == t))
 }
 
 /// The standard capability list of a config space, as `(position, id)`
@@ -239,28 +266,72 @@ fn read_u32<C: ConfigSpace + ?Sized>(f: &C, off: u64) -> Result<u32, CapError> {
     Ok(u32::from_le_bytes(b))
 }
 
-/// Raw vendor capabilities and the MSI-X capability (offset, table size).
-type Walk = (Vec<RawCap>, Option<(u8, u16)>);
+/// What [`walk`] finds.
+struct Walk {
+    /// Virtio capabilities with a BAR region (types 1 to 5 and 8).
+    caps: Vec<RawCap>,
+    /// The first MSI-X capability (offset, table size).
+    msix: Option<(u8, u16)>,
+    /// Capabilities whose BAR use cannot be known.
+    opaque: Vec<OpaqueCap>,
+}
 
 /// The virtio vendor capabilities and the MSI-X capability of the list.
+///
+/// The structures a driver needs (common, notify, ISR, device, PCI access)
+/// must be whole: a short one is an error. Anything else that cannot be
+/// read completely is recorded as opaque, not refused: a vendor-data
+/// capability is a handful of bytes, and an MSI-X capability whose table
+/// words do not fit in the 256-byte space (at 0xf8 or above) still tells
+/// the vector count.
 fn walk<C: ConfigSpace + ?Sized>(f: &C) -> Result<Walk, CapError> {
-    let mut caps = Vec::new();
-    let mut msix = None;
+    let mut w = Walk {
+        caps: Vec::new(),
+        msix: None,
+        opaque: Vec::new(),
+    };
     for (ptr, id) in capability_list(f)? {
         let pos = u64::from(ptr);
+        let opaque = |t| OpaqueCap {
+            pos: ptr,
+            id,
+            cfg_type: t,
+        };
         if id == cfg::CAP_ID_MSIX {
+            if w.msix.is_some() {
+                w.opaque.push(opaque(0));
+                continue;
+            }
             let ctrl = read_u16(f, pos + 2)?;
-            msix = Some((ptr, (ctrl & 0x7ff) + 1));
+            w.msix = Some((ptr, (ctrl & 0x7ff) + 1));
         } else if id == cfg::CAP_ID_VENDOR {
             let len = read_u8(f, pos + 2)?;
             let t = read_u8(f, pos + 3)?;
-            let min = if t == cfg_type::NOTIFY { 20 } else { 16 };
-            if usize::from(len) < min || u64::from(len) + pos > 0x100 {
+            let fits = |min: u64| u64::from(len) >= min && u64::from(len) + pos <= 0x100;
+            let needed = matches!(
+                t,
+                cfg_type::COMMON
+                    | cfg_type::NOTIFY
+                    | cfg_type::ISR
+                    | cfg_type::DEVICE
+                    | cfg_type::PCI
+            );
+            let min = match t {
+                cfg_type::NOTIFY => 20,
+                cfg_type::SHARED_MEMORY => 24,
+                _ => 16,
+            };
+            if needed && !fits(min) {
                 return Err(CapError::ShortCap {
                     pos: ptr,
                     cfg_type: t,
                     len,
                 });
+            }
+            if !needed && (t != cfg_type::SHARED_MEMORY || !fits(min)) {
+                // Vendor data, unknown types, a short shared-memory cap.
+                w.opaque.push(opaque(t));
+                continue;
             }
             let mut b = [0u8; 16];
             f.read_config_space(pos, &mut b).map_err(CapError::Config)?;
@@ -270,14 +341,38 @@ fn walk<C: ConfigSpace + ?Sized>(f: &C) -> Result<Walk, CapError> {
             } else {
                 None
             };
-            caps.push(RawCap {
+            let hi = if t == cfg_type::SHARED_MEMORY {
+                Some((read_u32(f, pos + 16)?, read_u32(f, pos + 20)?))
+            } else {
+                None
+            };
+            w.caps.push(RawCap {
                 pos: ptr,
                 cap,
                 multiplier,
+                hi,
             });
         }
     }
-    Ok((caps, msix))
+    Ok(w)
+}
+
+/// The BAR range a capability names, if it names one (types 1 to 4 and
+/// shared memory, in a BAR 0..=5).
+fn named_range(c: &RawCap) -> Option<CapRegion> {
+    let t = c.cap.cfg_type;
+    if t == cfg_type::PCI || c.cap.bar > 5 {
+        return None;
+    }
+    let (off_hi, len_hi) = c.hi.unwrap_or((0, 0));
+    let offset = u64::from(c.cap.offset) | (u64::from(off_hi) << 32);
+    let length = u64::from(c.cap.length) | (u64::from(len_hi) << 32);
+    Some(CapRegion {
+        bar: c.cap.bar,
+        offset,
+        // A range past the end of the address space still covers its end.
+        length: length.min(u64::MAX - offset),
+    })
 }
 
 /// Check one capability's region against its BAR.
@@ -323,7 +418,11 @@ fn check_region<P: PciFunction + ?Sized>(
 /// instance in an I/O BAR (QEMU's `modern-pio-notify`) is passed over
 /// when a memory one exists.
 pub fn parse<P: PciFunction + ?Sized>(f: &P) -> Result<VirtioCaps, CapError> {
-    let (raw, msix) = walk(f)?;
+    let Walk {
+        caps: raw,
+        msix,
+        opaque,
+    } = walk(f)?;
     let pick = |t: u8, min: u64| -> Result<Option<(CapRegion, RawCap)>, CapError> {
         let mut first_err = None;
         // Reserved BAR values (> 5) must be ignored (virtio 1.2 §4.1.4).
@@ -391,6 +490,8 @@ pub fn parse<P: PciFunction + ?Sized>(f: &P) -> Result<VirtioCaps, CapError> {
         device,
         pci_cfg,
         msix,
+        described: raw.iter().filter_map(named_range).collect(),
+        opaque,
     })
 }
 

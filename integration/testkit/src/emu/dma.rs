@@ -8,8 +8,6 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vdpa_bridge::pci::{PciError, PciResult};
 use vdpa_bridge::types::IovaRange;
 
-const PAGE: u64 = 4096;
-
 /// IOVA → (size, host address), and the memory built from it.
 #[derive(Default)]
 pub(super) struct DmaTable {
@@ -38,9 +36,12 @@ impl DmaTable {
         range: IovaRange,
     ) -> PciResult<()> {
         let bad = PciError::DmaRange { iova, size };
-        let aligned = iova.is_multiple_of(PAGE)
-            && size.is_multiple_of(PAGE)
-            && (host as u64).is_multiple_of(PAGE);
+        // Page-granular, as an IOMMU is (and as MmapRegion::build_raw
+        // needs the host address): the host's page size.
+        let page = vdpa_bridge::host::page_size();
+        let aligned = iova.is_multiple_of(page)
+            && size.is_multiple_of(page)
+            && (host as u64).is_multiple_of(page);
         if size == 0 || !aligned || !range.contains(iova, size) {
             return Err(bad);
         }
