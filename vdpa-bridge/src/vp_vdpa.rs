@@ -40,6 +40,102 @@ pub enum VpVdpaError {
     /// Access to the PCI function failed.
     #[error("PCI function access failed")]
     Pci(#[from] PciError),
+    /// The device did not finish a reset, not even after the escalation:
+    /// its bus mastering is off (it can no longer DMA), and it stays
+    /// unusable until a later reset finds its status at 0.
+    #[error(
+        "device did not finish reset within {waited:?}; bus mastering is off, {function_reset}"
+    )]
+    ResetFailed {
+        /// How long the virtio reset was waited for.
+        waited: Duration,
+        /// What the function-level reset did.
+        function_reset: FunctionReset,
+    },
+}
+
+/// The function-level reset of a failed reset's escalation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FunctionReset {
+    /// Tried, and the device still did not read status 0.
+    DidNotHelp,
+    /// The function has none.
+    Unavailable,
+    /// Not tried again: the device already failed one.
+    NotRetried,
+}
+
+impl std::fmt::Display for FunctionReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FunctionReset::DidNotHelp => "a function-level reset did not help",
+            FunctionReset::Unavailable => "no function-level reset is available",
+            FunctionReset::NotRetried => "the device already failed a function-level reset",
+        })
+    }
+}
+
+/// How long the status may take to read 0 after a function-level reset
+/// (the kernel has already waited for the function to come back).
+const AFTER_FLR: Duration = Duration::from_millis(100);
+
+/// Reset `t`, escalating when the device does not finish in time: bus
+/// mastering off first (no more DMA into guest memory, whatever else
+/// happens), then a function-level reset where the function has one. The
+/// device is back only if that brings its status to 0; bus mastering is
+/// then on again. `timeout` bounds the virtio reset's wait; `flr: false`
+/// skips the function-level reset (a device that already failed one).
+fn reset_escalating<P: PciFunction + ?Sized>(
+    t: &ModernTransport<P>,
+    timeout: Duration,
+    flr: bool,
+) -> Result<()> {
+    match t.reset_within(timeout) {
+        Err(TransportError::ResetTimeout(waited)) if !flr => {
+            if let Err(e) = t.disable_bus_master() {
+                log::error!(
+                    "{}: clearing bus mastering failed: {e}",
+                    t.function().describe()
+                );
+            }
+            Err(VpVdpaError::ResetFailed {
+                waited,
+                function_reset: FunctionReset::NotRetried,
+            })
+        }
+        Err(TransportError::ResetTimeout(waited)) => {
+            let who = t.function().describe();
+            log::warn!("{who}: no reset within {waited:?}; bus mastering off, trying a function-level reset");
+            if let Err(e) = t.disable_bus_master() {
+                log::error!("{who}: clearing bus mastering failed: {e}");
+            }
+            let flr = match t.function().function_reset() {
+                Ok(done) => done,
+                Err(e) => {
+                    log::error!("{who}: function-level reset failed: {e}");
+                    false
+                }
+            };
+            if flr && t.reset_within(AFTER_FLR).is_ok() {
+                t.enable_bus_master()?;
+                log::warn!("{who}: recovered by a function-level reset");
+                return Ok(());
+            }
+            // The function reset may have turned bus mastering back on.
+            if let Err(e) = t.disable_bus_master() {
+                log::error!("{who}: clearing bus mastering failed: {e}");
+            }
+            Err(VpVdpaError::ResetFailed {
+                waited,
+                function_reset: if flr {
+                    FunctionReset::DidNotHelp
+                } else {
+                    FunctionReset::Unavailable
+                },
+            })
+        }
+        r => Ok(r?),
+    }
 }
 
 /// Result of [`VpVdpa`] operations.
@@ -96,6 +192,8 @@ pub struct VpVdpa<P: PciFunction + ?Sized> {
     page_exclusive: Vec<bool>,
     /// All doorbells as one mappable range of pages, where possible.
     pages: Option<NotifyPages>,
+    /// The last reset failed even after escalation (bus mastering off).
+    reset_failed: bool,
 }
 
 impl<P: PciFunction + ?Sized> std::fmt::Debug for VpVdpa<P> {
@@ -121,7 +219,7 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
         let mut transport = ModernTransport::new(func)?;
         transport.set_reset_timeout(opts.reset_timeout);
         transport.enable_bus_master()?;
-        transport.reset()?;
+        reset_escalating(&transport, opts.reset_timeout, true)?;
         let raw = transport.device_features()?;
         let offered = provision(raw, opts.features_mask)?;
         // Probe with every offered feature: some devices instantiate queues
@@ -161,7 +259,7 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
         }
         let page_exclusive = page_exclusivity(&transport, &notify, page_size);
         let pages = doorbell_pages(&transport, &notify, page_size);
-        transport.reset()?;
+        reset_escalating(&transport, opts.reset_timeout, true)?;
         let plan = IrqPlan::for_vectors(n, transport.function().msix_vectors());
         Ok(VpVdpa {
             notify,
@@ -176,6 +274,7 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
             plan,
             msix_enabled: false,
             status: 0,
+            reset_failed: false,
         })
     }
 
@@ -205,6 +304,23 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
         } else {
             2
         }
+    }
+
+    /// Reset, escalating ([`reset_escalating`]). Stops the device first so
+    /// nothing fires while we unwire. A device that already failed a reset
+    /// is asked once more without waiting: a VMM resets on guest reset, on
+    /// unplug and at shutdown, and each would otherwise wait again.
+    fn reset_device(&mut self) -> Result<()> {
+        let (timeout, flr) = if self.reset_failed {
+            (Duration::ZERO, false)
+        } else {
+            (self.transport.reset_timeout(), true)
+        };
+        let r = reset_escalating(&self.transport, timeout, flr);
+        self.reset_failed = r.is_err();
+        self.teardown();
+        self.status = 0;
+        r
     }
 
     /// Undo interrupt and kick wiring; keeps DMA mappings (like vhost-vdpa,
@@ -589,12 +705,7 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
     }
 
     fn reset(&mut self) -> Result<()> {
-        // Stop the device first so nothing fires while we unwire.
-        let r = self.transport.reset();
-        self.teardown();
-        self.status = 0;
-        r?;
-        Ok(())
+        self.reset_device()
     }
 
     fn num_queues(&self) -> u16 {
@@ -827,10 +938,9 @@ impl<P: PciFunction + ?Sized> DmaMapper for VpVdpa<P> {
 
 impl<P: PciFunction + ?Sized> Drop for VpVdpa<P> {
     fn drop(&mut self) {
-        if let Err(e) = self.transport.reset() {
+        if let Err(e) = self.reset_device() {
             log::warn!("reset on release failed: {e}");
         }
-        self.teardown();
     }
 }
 

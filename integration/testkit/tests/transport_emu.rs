@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use vdpa_bridge::types::{features, status};
 use vdpa_bridge::virtio_pci::TransportError;
-use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
+use vdpa_bridge::vp_vdpa::{FunctionReset, OpenOptions, VpVdpa};
 use vdpa_bridge::{OpsError, QueueIndex, VdpaOps, VpVdpaError as Error};
 use vdpa_testkit::driver::{CompletionMode, Driver, DriverOptions, KickMode};
 use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
@@ -151,31 +151,110 @@ fn config_reads_retry_until_the_generation_is_stable() {
     assert!(t.elapsed() < Duration::from_secs(2));
 }
 
+fn quick_reset() -> OpenOptions {
+    OpenOptions {
+        reset_timeout: Duration::from_millis(100),
+        ..OpenOptions::default()
+    }
+}
+
 #[test]
-fn a_device_that_never_finishes_reset_times_out() {
+fn a_device_that_never_finishes_reset_is_cut_off_from_dma_and_refused() {
     let _serial = serial();
     let f = Arc::new(EmulatedFunction::new(EmuConfig {
         never_finish_reset: true,
         ..EmuConfig::default()
     }));
     let t = Instant::now();
-    let e = VpVdpa::open(
-        f,
-        OpenOptions {
-            reset_timeout: Duration::from_millis(100),
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap_err();
+    let e = VpVdpa::open(f.clone(), quick_reset()).unwrap_err();
     let took = t.elapsed();
     assert!(
-        matches!(e, Error::Transport(TransportError::ResetTimeout(_))),
+        matches!(
+            e,
+            Error::ResetFailed {
+                function_reset: FunctionReset::DidNotHelp,
+                ..
+            }
+        ),
         "{e:?}"
     );
     assert!(
-        took >= Duration::from_millis(100) && took < Duration::from_secs(2),
+        took >= Duration::from_millis(100) && took < Duration::from_secs(1),
         "{took:?}"
     );
+    assert!(!f.bus_master(), "a device that cannot be reset may not DMA");
+    assert_eq!(f.stats().function_resets, 1);
+}
+
+#[test]
+fn without_a_function_reset_the_failure_says_so() {
+    let _serial = serial();
+    let f = Arc::new(EmulatedFunction::new(EmuConfig {
+        never_finish_reset: true,
+        no_function_reset: true,
+        ..EmuConfig::default()
+    }));
+    let e = VpVdpa::open(f.clone(), quick_reset()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::ResetFailed {
+                function_reset: FunctionReset::Unavailable,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("no function-level reset"), "{e}");
+    assert!(!f.bus_master());
+}
+
+#[test]
+fn a_function_reset_recovers_a_device_stuck_in_reset() {
+    let _serial = serial();
+    let f = Arc::new(EmulatedFunction::new(EmuConfig {
+        never_finish_reset: true,
+        flr_recovers: true,
+        ..EmuConfig::default()
+    }));
+    let mut d = VpVdpa::open(f.clone(), quick_reset()).expect("open after FLR");
+    assert!(f.bus_master());
+    assert!(f.stats().function_resets >= 1);
+    let mut drv = Driver::bring_up(&mut d, DriverOptions::default()).unwrap();
+    let data = pattern(3, 4096);
+    drv.blk_write(0, 8, &data).unwrap();
+    assert_eq!(drv.blk_read(0, 8, 4096).unwrap(), data);
+}
+
+#[test]
+fn a_device_stuck_while_running_stops_dma_and_later_resets_do_not_wait() {
+    let _serial = serial();
+    let f = Arc::new(EmulatedFunction::new(EmuConfig::default()));
+    let mut d = VpVdpa::open(f.clone(), quick_reset()).unwrap();
+    let mut drv = Driver::bring_up(&mut d, DriverOptions::default()).unwrap();
+    drv.blk_write(0, 8, &pattern(5, 512)).unwrap();
+    let requests = f.stats().requests;
+    f.set_reset_stuck(true);
+
+    let t = Instant::now();
+    let e = d.reset().unwrap_err();
+    let first = t.elapsed();
+    assert!(matches!(e, Error::ResetFailed { .. }), "{e:?}");
+    assert!(first < Duration::from_secs(1), "{first:?}");
+    assert!(!f.bus_master());
+    // The device still believes it runs: a kick finds no bus mastering.
+    d.kick(QueueIndex(0)).unwrap();
+    assert!(f.stats().dma_refused >= 1);
+    assert_eq!(f.stats().requests, requests);
+
+    let t = Instant::now();
+    assert!(d.reset().is_err());
+    let second = t.elapsed();
+    assert!(second < Duration::from_millis(50), "{second:?}");
+    let t = Instant::now();
+    drop(drv);
+    drop(d);
+    assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
 }
 
 #[test]

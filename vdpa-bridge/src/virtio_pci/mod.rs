@@ -23,7 +23,10 @@ use caps::{CapError, CapRegion, VirtioCaps};
 use regs::common;
 
 /// How long [`ModernTransport::reset`] waits by default for status 0.
-pub const DEFAULT_RESET_TIMEOUT: Duration = Duration::from_secs(2);
+/// Devices reset in microseconds to milliseconds; one that takes longer is
+/// escalated (bus mastering off, function-level reset) by the backend
+/// rather than waited for, since the wait runs on a VMM's vCPU thread.
+pub const DEFAULT_RESET_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How often a device-config read is retried while `config_generation`
 /// keeps changing.
@@ -239,6 +242,11 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
         self.reset_timeout = t;
     }
 
+    /// How long [`reset`](Self::reset) waits.
+    pub fn reset_timeout(&self) -> Duration {
+        self.reset_timeout
+    }
+
     /// The PCI function.
     pub fn function(&self) -> &Arc<P> {
         &self.func
@@ -287,6 +295,25 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
         Ok(())
     }
 
+    /// Clear bus mastering in PCI_COMMAND: the function can no longer
+    /// start DMA (what a driver does to a device it cannot stop otherwise).
+    ///
+    /// # Errors
+    ///
+    /// Config space access failed.
+    pub fn disable_bus_master(&self) -> Result<()> {
+        let cmd = self
+            .func
+            .config_read_u16(cfg::COMMAND)
+            .map_err(TransportError::Pci)?;
+        if cmd & cfg::COMMAND_BUS_MASTER != 0 {
+            self.func
+                .config_write_u16(cfg::COMMAND, cmd & !cfg::COMMAND_BUS_MASTER)
+                .map_err(TransportError::Pci)?;
+        }
+        Ok(())
+    }
+
     /// Current device status; all-ones means the device is gone.
     pub fn status(&self) -> Result<u8> {
         let s = self.common.read8(common::DEVICE_STATUS)?;
@@ -308,6 +335,12 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
     /// Reset: write 0 and wait for the device to read back 0, bounded by the
     /// reset timeout (virtio 1.2 §4.1.4.3.2).
     pub fn reset(&self) -> Result<()> {
+        self.reset_within(self.reset_timeout)
+    }
+
+    /// [`reset`](Self::reset) with a time limit of its own (zero: write 0
+    /// and read the status once).
+    pub fn reset_within(&self, timeout: Duration) -> Result<()> {
         self.common.write8(common::DEVICE_STATUS, 0)?;
         let start = Instant::now();
         let mut sleep = Duration::from_micros(10);
@@ -319,8 +352,8 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
             if s == 0xff {
                 return Err(TransportError::DeviceRemoved);
             }
-            if start.elapsed() >= self.reset_timeout {
-                return Err(TransportError::ResetTimeout(self.reset_timeout));
+            if start.elapsed() >= timeout {
+                return Err(TransportError::ResetTimeout(timeout));
             }
             std::thread::sleep(sleep);
             sleep = (sleep * 2).min(Duration::from_millis(10));

@@ -59,8 +59,13 @@ pub struct EmuConfig {
     pub msix_vectors: Option<u32>,
     /// `notify_off_multiplier` of the notify capability.
     pub notify_off_multiplier: u32,
-    /// A device whose status never reads 0 after a reset.
+    /// A device whose status never reads 0 after a reset (see also
+    /// [`EmulatedFunction::set_reset_stuck`]).
     pub never_finish_reset: bool,
+    /// A function-level reset does complete a reset that is stuck.
+    pub flr_recovers: bool,
+    /// The function has no function-level reset.
+    pub no_function_reset: bool,
     /// Offer VIRTIO_F_VERSION_1 (false: a device a modern driver must refuse).
     pub offer_version_1: bool,
     /// A legacy-only device: id 0x1001, no virtio capabilities.
@@ -87,6 +92,8 @@ impl Default for EmuConfig {
             msix_vectors: None,
             notify_off_multiplier: 4,
             never_finish_reset: false,
+            flr_recovers: false,
+            no_function_reset: false,
             offer_version_1: true,
             legacy_only: false,
             extra_features: 0,
@@ -141,6 +148,9 @@ pub struct EmuStats {
     pub interrupts: u64,
     /// Function-level resets.
     pub function_resets: u64,
+    /// Requests not processed because bus mastering was off (the device
+    /// cannot DMA).
+    pub dma_refused: u64,
 }
 
 #[derive(Default)]
@@ -185,6 +195,8 @@ struct State {
     capacity: u64,
     bump_reads: u32,
     stats: EmuStats,
+    /// Resets (status 0) are ignored.
+    reset_stuck: bool,
 }
 
 struct Shared {
@@ -341,6 +353,7 @@ impl EmulatedFunction {
             capacity: disk_size / 512,
             bump_reads: 0,
             stats: EmuStats::default(),
+            reset_stuck: cfg.never_finish_reset,
         };
         // An eventfd only fails without file descriptors left.
         let wake = EventFd::new(EFD_NONBLOCK).ok();
@@ -428,6 +441,18 @@ impl EmulatedFunction {
         self.state().dma.len()
     }
 
+    /// From now on, ignore virtio resets (`stuck`) or honour them again: a
+    /// device that stops answering resets while running.
+    pub fn set_reset_stuck(&self, stuck: bool) {
+        self.state().reset_stuck = stuck;
+    }
+
+    /// Whether bus mastering is on in PCI_COMMAND (the device may DMA).
+    pub fn bus_master(&self) -> bool {
+        let st = self.state();
+        u16::from_le_bytes([st.config[4], st.config[5]]) & cfg::COMMAND_BUS_MASTER != 0
+    }
+
     /// Device status as the device sees it.
     pub fn device_status(&self) -> u8 {
         self.state().status
@@ -461,10 +486,15 @@ impl State {
         c.features()
     }
 
+    /// A virtio reset (status 0), which a stuck device ignores.
     fn reset(&mut self, c: &EmuConfig) {
-        if c.never_finish_reset {
+        if self.reset_stuck {
             return;
         }
+        self.reset_now(c);
+    }
+
+    fn reset_now(&mut self, c: &EmuConfig) {
         self.status = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
@@ -681,6 +711,11 @@ impl State {
     /// Process queue `q`'s available requests.
     fn process(&mut self, q: u16) {
         if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        let command = u16::from_le_bytes([self.config[4], self.config[5]]);
+        if command & cfg::COMMAND_BUS_MASTER == 0 {
+            self.stats.dma_refused += 1;
             return;
         }
         let Some(mem) = self.dma.memory() else {
@@ -1058,10 +1093,17 @@ unsafe impl PciFunction for EmulatedFunction {
 
     fn function_reset(&self) -> PciResult<bool> {
         let c = &self.shared.cfg;
+        if c.no_function_reset {
+            return Ok(false);
+        }
         let mut st = self.state();
-        st.reset(c);
-        st.irq.clear();
         st.stats.function_resets += 1;
+        if st.reset_stuck && !c.flr_recovers {
+            return Ok(true);
+        }
+        st.reset_stuck = false;
+        st.reset_now(c);
+        st.irq.clear();
         Ok(true)
     }
 
