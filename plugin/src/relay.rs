@@ -17,7 +17,7 @@
 //! through `GuestMemoryAtomic`, an `ArcSwap` load).
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -74,9 +74,14 @@ impl<M: GuestMemory> RelayPlan<M> {
     }
 }
 
+/// How often the relay looks at its stop flag when no event arrives (the
+/// stop eventfd normally wakes it at once; the flag covers a failed wake).
+const STOP_POLL_MS: i32 = 250;
+
 /// A running relay thread; stopped and joined on drop.
 pub(crate) struct Relay {
     stop: EventFd,
+    stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -105,22 +110,33 @@ impl Relay {
             add(r.fd.as_raw_fd(), KIND_IRQ | i as u64)?;
         }
         let stop_thread = stop.try_clone().map_err(io("dup eventfd"))?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stopping);
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(epoll, stop_thread, plan))
+            .spawn(move || run(epoll, stop_thread, &flag, plan))
             .map_err(io("spawn relay thread"))?;
         Ok(Relay {
             stop,
+            stopping,
             thread: Some(thread),
         })
     }
 
-    /// Stop and join the thread.
+    /// Stop and join the thread. The stop flag ends it within
+    /// `STOP_POLL_MS` even when the wake-up write fails, so no thread is
+    /// ever left behind ringing doorbells.
     pub fn stop(&mut self) {
+        self.request_stop(true);
+    }
+
+    fn request_stop(&mut self, wake: bool) {
         if let Some(t) = self.thread.take() {
-            if let Err(e) = self.stop.write(1) {
-                log::error!("cannot signal the relay thread to stop: {e}");
-                return;
+            self.stopping.store(true, Ordering::Release);
+            if wake {
+                if let Err(e) = self.stop.write(1) {
+                    log::warn!("cannot wake the relay thread ({e}); it stops at its next poll");
+                }
             }
             if t.join().is_err() {
                 log::error!("relay thread panicked");
@@ -135,10 +151,13 @@ impl Drop for Relay {
     }
 }
 
-fn run<M: GuestMemory>(epoll: Epoll, stop: EventFd, plan: RelayPlan<M>) {
+fn run<M: GuestMemory>(epoll: Epoll, stop: EventFd, stopping: &AtomicBool, plan: RelayPlan<M>) {
     let mut events = [EpollEvent::default(); 32];
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        if stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let n = match epoll.wait(STOP_POLL_MS, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -202,5 +221,59 @@ fn relay_irq(r: &IrqRelay, interrupt: &dyn VirtioInterrupt) {
         if let Err(e) = res {
             log::warn!("relay: raising {:?} failed: {e}", t.kind);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use vm_memory::GuestMemoryMmap;
+
+    struct NoInterrupt;
+
+    impl VirtioInterrupt for NoInterrupt {
+        fn trigger(&self, _: InterruptType) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn notifier(&self, _: InterruptType) -> Option<EventFd> {
+            None
+        }
+    }
+
+    fn relay() -> Relay {
+        let irq = IrqRelay {
+            fd: EventFd::new(EFD_NONBLOCK).unwrap(),
+            targets: Vec::new(),
+        };
+        let plan = RelayPlan::<GuestMemoryMmap<()>> {
+            kicks: Vec::new(),
+            irqs: vec![irq],
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            interrupt: Arc::new(NoInterrupt),
+        };
+        Relay::start(plan, "relay-test".into()).unwrap()
+    }
+
+    #[test]
+    fn the_relay_stops_without_its_wake_up() {
+        let mut r = relay();
+        let t = Instant::now();
+        // As if writing the stop eventfd had failed.
+        r.request_stop(false);
+        assert!(r.thread.is_none());
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn the_relay_stops_at_once_when_woken() {
+        let mut r = relay();
+        let t = Instant::now();
+        r.stop();
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

@@ -80,18 +80,22 @@ pub fn iommu_group_of(dev: &Path) -> Option<u32> {
 }
 
 /// The other functions in the IOMMU group of the device directory `dev`
-/// whose address is `bdf` (empty when the group cannot be read).
-pub fn iommu_group_peers(dev: &Path, bdf: &str) -> Vec<String> {
-    let Ok(members) = fs::read_dir(dev.join("iommu_group/devices")) else {
-        return Vec::new();
-    };
-    let mut others: Vec<String> = members
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != bdf)
-        .collect();
+/// whose address is `bdf`.
+///
+/// # Errors
+///
+/// The group's member list cannot be read: whether the device is alone
+/// in its group is then unknown, which is not the same as "alone".
+pub fn iommu_group_peers(dev: &Path, bdf: &str) -> std::io::Result<Vec<String>> {
+    let mut others = Vec::new();
+    for e in fs::read_dir(dev.join("iommu_group/devices"))? {
+        let n = e?.file_name().to_string_lossy().into_owned();
+        if n != bdf {
+            others.push(n);
+        }
+    }
     others.sort();
-    others
+    Ok(others)
 }
 
 fn link_name(link: &Path) -> Option<String> {
@@ -153,11 +157,11 @@ mod tests {
         assert_eq!(driver_of(&dev).as_deref(), Some(VFIO_PCI));
         assert_eq!(iommu_group_of(&dev), Some(7));
         assert_eq!(
-            iommu_group_peers(&dev, "0000:00:04.0"),
+            iommu_group_peers(&dev, "0000:00:04.0").unwrap(),
             vec!["0000:00:04.1"]
         );
         assert_eq!(driver_of(&alone), None);
         assert_eq!(iommu_group_of(&alone), None);
-        assert!(iommu_group_peers(&alone, "0000:00:05.0").is_empty());
+        assert!(iommu_group_peers(&alone, "0000:00:05.0").is_err());
     }
 }

@@ -103,6 +103,16 @@ pub enum VfioError {
         /// The other devices of the group.
         others: Vec<String>,
     },
+    /// The members of the device's IOMMU group cannot be listed, so it is
+    /// unknown whether the device is alone in its group.
+    #[error("cannot list the devices of IOMMU group {group}; a bridged device must be alone in its group")]
+    GroupUnreadable {
+        /// Group number.
+        group: u32,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// `/dev/vfio/vfio` could not be opened or lacks type1v2.
     #[error("cannot open a VFIO type1v2 container")]
     Container {
@@ -230,7 +240,7 @@ pub struct VfioFunction {
     // container.
     mmaps: Vec<MmapRegion<()>>,
     file: File,
-    device: VfioDevice,
+    device: sys::Device,
     container: Arc<VfioContainer>,
 }
 
@@ -293,7 +303,8 @@ impl VfioFunction {
         if driver.as_deref() != Some(VFIO_PCI) {
             return Err(VfioError::WrongDriver { bdf, driver });
         }
-        let others = sysfs::iommu_group_peers(&dev_path, &bdf);
+        let others = sysfs::iommu_group_peers(&dev_path, &bdf)
+            .map_err(|source| VfioError::GroupUnreadable { group, source })?;
         if !others.is_empty() {
             return Err(VfioError::GroupShared { bdf, group, others });
         }
@@ -365,7 +376,7 @@ impl VfioFunction {
             dma: Mutex::new(DmaTracker::default()),
             mmaps: Vec::new(),
             file,
-            device: vdev,
+            device: sys::Device::new(vdev),
             container,
         };
         // From here on, failures drop `f`, whose Drop undoes what was done.
@@ -811,6 +822,28 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("alone in its group"));
+    }
+
+    #[test]
+    fn open_refuses_a_device_whose_group_members_cannot_be_read() {
+        let fs = FakeSysfs::new("vfio-group-unreadable");
+        fs.add_device(
+            "0000:00:04.0",
+            (0x1af4, 0x1042, 2),
+            &[],
+            Some("vfio-pci"),
+            Some(8),
+        );
+        std::fs::remove_dir_all(fs.base.join("kernel/iommu_groups/8/devices")).unwrap();
+
+        let err = VfioFunction::open_with("0000:00:04.0", &opts(&fs))
+            .err()
+            .unwrap();
+
+        assert!(
+            matches!(err, VfioError::GroupUnreadable { group: 8, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,11 +8,13 @@
 
 use std::fs::File;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::AsRawFd;
 
 use vfio_bindings::bindings::vfio::{
     vfio_device_info, vfio_device_ioeventfd, vfio_iommu_type1_info, VFIO_BASE, VFIO_TYPE,
 };
+use vfio_ioctls::VfioDevice;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::FileOffset;
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr, ioctl_with_mut_ref, ioctl_with_ref};
@@ -103,6 +105,49 @@ pub(crate) fn iommu_info(container: &impl AsRawFd) -> io::Result<Vec<u8>> {
     // that many bytes. Zeroed u64s are a valid vfio_iommu_type1_info prefix.
     check(unsafe { ioctl_with_mut_ptr(container, VFIO_IOMMU_GET_INFO(), buf.as_mut_ptr()) })?;
     Ok(buf.iter().flat_map(|w| w.to_ne_bytes()).collect())
+}
+
+/// vfio-ioctls' `VfioDevice`, dropped safely.
+///
+/// `VfioDevice`'s drop looks up the device's `iommu_group` link in sysfs
+/// and unwraps the result: if the host removed the device first, releasing
+/// it panics inside the VMM. This wrapper drops it under `catch_unwind`;
+/// the group it could not put back is released with the container, which
+/// the caller drops next.
+pub(crate) struct Device(ManuallyDrop<VfioDevice>);
+
+impl Device {
+    pub(crate) fn new(device: VfioDevice) -> Self {
+        Device(ManuallyDrop::new(device))
+    }
+}
+
+impl std::ops::Deref for Device {
+    type Target = VfioDevice;
+
+    fn deref(&self) -> &VfioDevice {
+        &self.0
+    }
+}
+
+impl AsRawFd for Device {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // SAFETY: `drop` runs once, and `self.0` is not used after the take.
+        let device = unsafe { ManuallyDrop::take(&mut self.0) };
+        let released = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(device)));
+        if released.is_err() {
+            log::warn!(
+                "releasing the VFIO device panicked in vfio-ioctls (its sysfs entry is gone?); \
+                 its group is released with the container"
+            );
+        }
+    }
 }
 
 /// A shared read-write mapping of `len` bytes of a device fd at `offset`
