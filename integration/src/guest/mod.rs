@@ -16,6 +16,7 @@
 //! case whose device failed to bind as failed, without calling it.
 
 pub mod cases;
+pub mod ch;
 pub mod sys;
 
 use std::collections::BTreeMap;

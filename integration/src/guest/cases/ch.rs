@@ -9,21 +9,23 @@
 //!   writes sector 8 (declared; the host checks the image afterwards) and
 //!   its negotiated features lack the bit masked with `features_mask=`;
 //! * net: DHCP lease from QEMU's user-mode network, ping 10.0.2.2;
-//! * hot-plug and unplug of the blk device through `ch-remote`;
+//! * reboot of the inner guest: the bridged device is built anew;
+//! * hot-plug and unplug of the blk and net devices through `ch-remote`;
 //! * throughput: sequential and 4 KiB random reads in the inner guest
 //!   (`l3-blkperf`, O_DIRECT), Cloud Hypervisor's own VFIO passthrough vs
 //!   the bridge, same device, alternating boots.
+//!
+//! Every case starts Cloud Hypervisor through [`crate::guest::ch`].
 
-use std::io::{BufRead as _, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context as _};
+use anyhow::{ensure, Context as _};
 
+use crate::guest::ch::{
+    not_configured, Ch, ChVm, Vdpa, BOOT_TIMEOUT, DOORBELLS_MAPPED, VIRTIO_ID_BLOCK,
+};
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
-use crate::manifest::{ChRun, Variant};
+use crate::manifest::Variant;
 
 /// The suite.
 pub fn cases() -> Vec<Case> {
@@ -73,226 +75,33 @@ pub fn cases() -> Vec<Case> {
     out
 }
 
-/// A running Cloud Hypervisor whose console lines arrive on a channel;
-/// killed by pid on drop.
-struct Ch {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Drop for Ch {
-    fn drop(&mut self) {
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end && !matches!(self.child.try_wait(), Ok(Some(_))) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.kill();
-    }
-}
-
-impl Ch {
-    fn start(ch: &ChRun, mode: &str, extra: &[String], landlock: bool) -> anyhow::Result<Ch> {
-        ensure!(
-            std::path::Path::new("/dev/kvm").exists(),
-            "no /dev/kvm (nested KVM) in the lab VM"
-        );
-        // Boot files on the guest's tmpfs: Landlock rules do not hold on
-        // the 9p share, whose inodes are not stable.
-        let dir = PathBuf::from("/tmp/ch-l3");
-        std::fs::create_dir_all(&dir)?;
-        let kernel = dir.join("vmlinuz");
-        let initramfs = dir.join("initramfs.cpio.gz");
-        std::fs::copy(&ch.kernel, &kernel).context("copy the inner kernel")?;
-        std::fs::copy(&ch.initramfs, &initramfs).context("copy the inner initramfs")?;
-        // `-v`: the bridge logs how its doorbells are wired (info level).
-        let mut args: Vec<String> = [
-            "-v",
-            "--kernel",
-            &kernel.display().to_string(),
-            "--initramfs",
-            &initramfs.display().to_string(),
-            "--cmdline",
-            &format!("console=ttyS0 quiet panic=-1 l3={mode}"),
-            "--serial",
-            "tty",
-            "--console",
-            "off",
-            "--cpus",
-            "boot=1",
-            "--memory",
-            "size=512M,shared=on",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if landlock {
-            args.push("--landlock".into());
-        }
-        args.extend(extra.iter().cloned());
-        let mut child = Command::new(&ch.binary)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("start {}", ch.binary.display()))?;
-        let (tx, rx) = mpsc::channel::<String>();
-        let out = child.stdout.take().context("no stdout")?;
-        let err = child.stderr.take().context("no stderr")?;
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("ch-stderr: {l}"));
-            }
-        });
-        Ok(Ch {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        })
-    }
-
-    /// Stop Cloud Hypervisor now (SIGKILL by pid) and reap it.
-    fn kill(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(Some(_))) {
-            // SAFETY: kill(2) of the child we spawned, by its pid.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-            let _ = self.child.wait();
-        }
-    }
-
-    /// Wait for a console line containing `what`.
-    fn wait(&mut self, what: &str, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) => {
-                    println!("  | {l}");
-                    let hit = l.contains(what);
-                    self.seen.push(l);
-                    if hit {
-                        return Ok(());
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Ok(Some(st)) = self.child.try_wait() {
-                        bail!(
-                            "Cloud Hypervisor exited ({st}) before {what}: {}",
-                            self.tail()
-                        );
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        bail!("no {what} within {timeout:?}: {}", self.tail())
-    }
-
-    fn tail(&self) -> String {
-        let n = self.seen.len().saturating_sub(12);
-        self.seen[n..].join(" / ")
-    }
-
-    fn has(&self, what: &str) -> bool {
-        self.seen.iter().any(|l| l.contains(what))
-    }
-
-    /// Feature bits of the inner guest's virtio device of type `id`.
-    fn features(&self, id: &str) -> anyhow::Result<String> {
-        self.seen
-            .iter()
-            .filter_map(|l| l.split("L3-FEATURES ").nth(1))
-            .find_map(|f| f.strip_prefix(&format!("{id} ")))
-            .map(|s| s.trim().to_string())
-            .with_context(|| format!("no features line of a device {id}"))
-    }
-
-    /// The numbers of every console line carrying `tag`
-    /// (`<tag> <n> <n> ...`).
-    fn samples(&self, tag: &str) -> Vec<Vec<u64>> {
-        self.seen
-            .iter()
-            .filter_map(|l| l.split(tag).nth(1))
-            .map(|r| {
-                r.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
-            .collect()
-    }
-}
-
-/// The bridge's log line when Cloud Hypervisor maps the device's doorbell
-/// page over its notification area (patch 0005).
-const DOORBELLS_MAPPED: &str = "doorbells mapped into the guest";
-
-fn ch_or_skip<'a>(ctx: &Ctx<'a>) -> Result<&'a ChRun, Outcome> {
-    ctx.manifest.ch.as_ref().ok_or_else(|| {
-        Outcome::Skip(
-            ctx.manifest
-                .ch_skip
-                .clone()
-                .unwrap_or_else(|| "no Cloud Hypervisor configured".into()),
-        )
-    })
-}
-
-const TIMEOUT: Duration = Duration::from_secs(150);
 /// Alternating rounds (boots per configuration) of the throughput case.
 const ROUNDS: usize = 4;
 /// Measurements per boot (`l3-blkperf` repetitions; the first is a warm-up).
 const PERF_REPS: usize = 6;
 
+/// The inner guest reads sector 0 (the host's pattern) and writes sector 8
+/// (declared: the host checks the image after the VM exits) of a bridged
+/// disk whose FLUSH bit is masked off, and never negotiates that bit.
 fn ch_blk(ctx: &Ctx) -> CaseResult {
-    let ch = match ch_or_skip(ctx) {
-        Ok(c) => c,
-        Err(skip) => return Ok(skip),
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
     };
     let dev = ctx.dev()?;
-    let mask = !(1u64 << ch.masked_bit);
     ctx.declare_write(8 * 512, 512)?;
-    let mut run = Ch::start(
-        ch,
-        "blk",
-        &[
-            "--vdpa".into(),
-            format!("path={},num_queues=1,features_mask={mask:#x}", dev.bdf),
-        ],
-        true,
-    )?;
-    run.wait("L3-DONE", TIMEOUT)?;
+    let masked = lab.masked_bit;
+    let disk = Vdpa::new(&dev.bdf, 1).features_mask(!(1u64 << masked));
+    let mut vm = Ch::new(lab, "blk").vdpa(&disk).start()?;
+    vm.wait_done()?;
+    vm.expect("L3-READ-OK", "inner guest read wrong data")?;
+    vm.expect("L3-WRITE-OK", "inner guest write failed")?;
+    let bits = vm.features(VIRTIO_ID_BLOCK)?;
+    ensure!(!bits.bit(masked), "masked bit {masked} negotiated: {bits}");
     ensure!(
-        run.has("L3-READ-OK"),
-        "inner guest read wrong data: {}",
-        run.tail()
-    );
-    ensure!(
-        run.has("L3-WRITE-OK"),
-        "inner guest write failed: {}",
-        run.tail()
-    );
-    let bits = run.features("0x0002")?;
-    let bit = |n: u32| bits.as_bytes().get(n as usize).copied() == Some(b'1');
-    ensure!(
-        !bit(ch.masked_bit),
-        "masked bit {} negotiated: {bits}",
-        ch.masked_bit
-    );
-    ensure!(
-        bit(32) && bit(33),
+        bits.bit(32) && bits.bit(33),
         "VERSION_1/ACCESS_PLATFORM not negotiated: {bits}"
     );
-    ensure!(
-        run.has(DOORBELLS_MAPPED),
-        "doorbells not mapped into the guest: {}",
-        run.tail()
-    );
+    vm.expect(DOORBELLS_MAPPED, "doorbells not mapped into the guest")?;
     Ok(Outcome::PassWith(format!(
         "inner guest blk features {bits}"
     )))
@@ -302,62 +111,38 @@ fn ch_blk(ctx: &Ctx) -> CaseResult {
 /// VM down and builds it again, so the bridged device is dropped and the
 /// same VFIO group opened anew: the second boot must read the disk too.
 fn ch_reboot(ctx: &Ctx) -> CaseResult {
-    let ch = match ch_or_skip(ctx) {
-        Ok(c) => c,
-        Err(skip) => return Ok(skip),
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
     };
     let dev = ctx.dev()?;
-    let mut run = Ch::start(
-        ch,
-        "reboot",
-        &["--vdpa".into(), format!("path={},num_queues=1", dev.bdf)],
-        true,
-    )?;
+    let mut vm = Ch::new(lab, "reboot")
+        .vdpa(&Vdpa::new(&dev.bdf, 1))
+        .start()?;
     for boot in 1..=2 {
-        run.wait("L3-REBOOTING", TIMEOUT)
+        vm.wait("L3-REBOOTING", BOOT_TIMEOUT)
             .with_context(|| format!("boot {boot}"))?;
     }
-    let count = |what: &str| run.seen.iter().filter(|l| l.contains(what)).count();
-    let (reads, mapped) = (count("L3-READ-OK"), count(DOORBELLS_MAPPED));
-    ensure!(
-        reads == 2,
-        "{reads} good reads over two boots: {}",
-        run.tail()
-    );
+    vm.kill();
+    vm.expect_count("L3-READ-OK", 2)
+        .context("a good read in each of two boots")?;
     // The bridged device is built (and its doorbells mapped) once per boot.
-    ensure!(
-        mapped == 2,
-        "doorbells mapped {mapped} times over two boots: {}",
-        run.tail()
-    );
-    run.kill();
+    vm.expect_count(DOORBELLS_MAPPED, 2)
+        .context("doorbells mapped once in each of two boots")?;
     Ok(Outcome::Pass)
 }
 
+/// A DHCP lease from QEMU's user-mode network and ping replies from
+/// 10.0.2.2, through the bridged virtio-net device (three queues).
 fn ch_net(ctx: &Ctx) -> CaseResult {
-    let ch = match ch_or_skip(ctx) {
-        Ok(c) => c,
-        Err(skip) => return Ok(skip),
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
     };
     let dev = ctx.dev()?;
-    let mut run = Ch::start(
-        ch,
-        "net",
-        &["--vdpa".into(), format!("path={},num_queues=3", dev.bdf)],
-        true,
-    )?;
-    run.wait("L3-DONE", TIMEOUT)?;
-    ensure!(run.has("L3-DHCP-OK"), "no DHCP lease: {}", run.tail());
-    ensure!(
-        run.has("L3-PING-OK"),
-        "no ping reply from 10.0.2.2: {}",
-        run.tail()
-    );
-    ensure!(
-        run.has(DOORBELLS_MAPPED),
-        "doorbells of the three queues not mapped: {}",
-        run.tail()
-    );
+    let mut vm = Ch::new(lab, "net").vdpa(&Vdpa::new(&dev.bdf, 3)).start()?;
+    vm.wait_done()?;
+    vm.expect("L3-DHCP-OK", "no DHCP lease")?;
+    vm.expect("L3-PING-OK", "no ping reply from 10.0.2.2")?;
+    vm.expect(DOORBELLS_MAPPED, "doorbells of the three queues not mapped")?;
     Ok(Outcome::Pass)
 }
 
@@ -372,109 +157,51 @@ fn ch_hotplug_net(ctx: &Ctx) -> CaseResult {
 /// Start the inner guest with no device, hot-plug the bridged device
 /// through the API, check I/O in the guest, unplug it, check it is gone.
 fn hotplug(ctx: &Ctx, mode: &str, queues: u16, io_done: &str, io_ok: &str) -> CaseResult {
-    let ch = match ch_or_skip(ctx) {
-        Ok(c) => c,
-        Err(skip) => return Ok(skip),
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
     };
-    let Some(remote) = &ch.remote else {
+    if lab.remote.is_none() {
         return Ok(Outcome::Skip("CH_REMOTE is not set".into()));
-    };
+    }
     let dev = ctx.dev()?;
-    let sock = "/tmp/ch-l3/api.sock";
-    let _ = std::fs::remove_file(sock);
-    let mut run = Ch::start(
-        ch,
-        mode,
-        &[
-            "--api-socket".into(),
-            format!("path={sock}"),
-            // Landlock rules for what the hot-plugged bridged device will
-            // open, given up front as Cloud Hypervisor asks for any
-            // hot-plugged device.
-            "--landlock-rules".into(),
-            "path=/dev/vfio,access=rw".into(),
-            format!("path=/sys/bus/pci/devices/{},access=r", dev.bdf),
-            "path=/sys/kernel/iommu_groups,access=r".into(),
-        ],
-        true,
+    let mut vm = Ch::new(lab, mode).hotplug_of(&dev.bdf).start()?;
+    vm.wait("L3-READY", BOOT_TIMEOUT)?;
+    vm.remote(&["add-vdpa", &Vdpa::new(&dev.bdf, queues).id("hotvdpa").arg()])?;
+    vm.wait("L3-PLUGGED", Duration::from_secs(90))?;
+    vm.wait(io_done, Duration::from_secs(60))?;
+    vm.expect(io_ok, "no I/O on the hot-plugged device")?;
+    vm.expect(
+        DOORBELLS_MAPPED,
+        "hot-plugged device's doorbells not mapped",
     )?;
-    run.wait("L3-READY", TIMEOUT)?;
-    let api = |args: &[&str]| -> anyhow::Result<String> {
-        let out = Command::new(remote)
-            .arg("--api-socket")
-            .arg(sock)
-            .args(args)
-            .output()
-            .context("run ch-remote")?;
-        ensure!(
-            out.status.success(),
-            "ch-remote {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    api(&[
-        "add-vdpa",
-        &format!("path={},num_queues={queues},id=hotvdpa", dev.bdf),
-    ])?;
-    run.wait("L3-PLUGGED", Duration::from_secs(90))?;
-    run.wait(io_done, Duration::from_secs(60))?;
-    ensure!(
-        run.has(io_ok),
-        "no I/O on the hot-plugged device: {}",
-        run.tail()
-    );
-    ensure!(
-        run.has(DOORBELLS_MAPPED),
-        "hot-plugged device's doorbells not mapped: {}",
-        run.tail()
-    );
-    api(&["remove-device", "hotvdpa"])?;
-    run.wait("L3-DONE", Duration::from_secs(90))?;
-    ensure!(
-        run.has("L3-UNPLUGGED"),
-        "device still present after remove-device: {}",
-        run.tail()
-    );
+    vm.remote(&["remove-device", "hotvdpa"])?;
+    vm.wait("L3-DONE", Duration::from_secs(90))?;
+    vm.expect("L3-UNPLUGGED", "device still present after remove-device")?;
     Ok(Outcome::Pass)
 }
 
 fn ch_perf(ctx: &Ctx) -> CaseResult {
-    let ch = match ch_or_skip(ctx) {
-        Ok(c) => c,
-        Err(skip) => return Ok(skip),
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
     };
     let dev = ctx.dev()?;
+    // Without Landlock: Cloud Hypervisor's own VFIO passthrough does not
+    // get its group node allowed under it (seen: EACCES on /dev/vfio/N),
+    // and both sides must run alike.
+    let boot = || Ch::new(lab, "perf").without_landlock().reps(PERF_REPS);
     let configs = [
-        (
-            "passthrough",
-            vec![
-                "--device".to_string(),
-                format!("path=/sys/bus/pci/devices/{}", dev.bdf),
-            ],
-        ),
-        (
-            "bridge",
-            vec![
-                "--vdpa".to_string(),
-                format!("path={},num_queues=1", dev.bdf),
-            ],
-        ),
+        ("passthrough", boot().passthrough(&dev.bdf)),
+        ("bridge", boot().vdpa(&Vdpa::new(&dev.bdf, 1))),
     ];
     // Alternate a, b, a, b: drift hits both alike. Each boot measures
     // PERF_REPS times; the first repetition of a boot is a warm-up.
     // samples[config][round] = (MiB/s, IOPS) of each repetition.
     let mut samples: [Vec<Vec<(f64, f64)>>; 2] = Default::default();
     let mut doorbells = "unknown";
-    let mode = format!("perf l3.reps={PERF_REPS}");
     for _round in 0..ROUNDS {
-        for (i, (label, extra)) in configs.iter().enumerate() {
-            // Without Landlock: Cloud Hypervisor's own VFIO passthrough does
-            // not get its group node allowed under it (seen: EACCES on
-            // /dev/vfio/N), and both sides must run alike.
-            let mut run = Ch::start(ch, &mode, extra, false)?;
-            run.wait("L3-DONE", TIMEOUT)
-                .with_context(|| label.to_string())?;
+        for (i, (label, ch)) in configs.iter().enumerate() {
+            let mut run = ch.clone().start()?;
+            run.wait_done().with_context(|| label.to_string())?;
             ensure!(!run.has("L3-PERF-ERROR"), "{label}: {}", run.tail());
             // The first repetition of a boot is a warm-up.
             let rate = |tag: &str, unit: f64| -> Vec<f64> {
@@ -550,7 +277,7 @@ struct Sample {
 
 /// The measurements of `tag` (`<tag> <rep> <dev> <count> <ns>`), `count`
 /// divided by `unit`.
-fn rates(run: &Ch, tag: &str, unit: f64) -> Vec<Sample> {
+fn rates(run: &ChVm, tag: &str, unit: f64) -> Vec<Sample> {
     parse_rates(&run.samples(tag), unit)
 }
 
@@ -617,9 +344,8 @@ const PAIR_REPS: usize = 9;
 /// The roles swap on every boot, so a difference between the two disks
 /// cancels out of the geometric mean of the two orientations.
 fn ch_perf_pair(ctx: &Ctx) -> CaseResult {
-    let ch = match ch_or_skip(ctx) {
-        Ok(c) => c,
-        Err(skip) => return Ok(skip),
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
     };
     let blk0 = ctx.dev()?;
     let blk1 = match ctx.manifest.device_or_reason(Variant::Blk1) {
@@ -634,16 +360,9 @@ fn ch_perf_pair(ctx: &Ctx) -> CaseResult {
     let mut per_boot = Vec::new();
     let mut abs: [(Vec<f64>, Vec<f64>); 2] = Default::default(); // [passthrough, bridge]
     let mut mapped = 0;
-    let mode = format!("perfpair l3.reps={PAIR_REPS}");
     for boot in 0..PAIR_BOOTS {
         let o = boot % 2;
         let (bridged, passed) = (disks[o], disks[1 - o]);
-        let extra = [
-            "--device".to_string(),
-            format!("path=/sys/bus/pci/devices/{}", passed.bdf),
-            "--vdpa".to_string(),
-            format!("path={},num_queues=1", bridged.bdf),
-        ];
         let label = format!(
             "boot {boot}: {} passthrough, {} bridged",
             passed.variant.name(),
@@ -651,8 +370,13 @@ fn ch_perf_pair(ctx: &Ctx) -> CaseResult {
         );
         // Without Landlock, as in ch_perf: Cloud Hypervisor's own
         // passthrough is refused its group node under it.
-        let mut run = Ch::start(ch, &mode, &extra, false)?;
-        run.wait("L3-DONE", TIMEOUT).context(label.clone())?;
+        let mut run = Ch::new(lab, "perfpair")
+            .without_landlock()
+            .reps(PAIR_REPS)
+            .passthrough(&passed.bdf)
+            .vdpa(&Vdpa::new(&bridged.bdf, 1))
+            .start()?;
+        run.wait_done().context(label.clone())?;
         ensure!(!run.has("L3-PERF-ERROR"), "{label}: {}", run.tail());
         if run.has(DOORBELLS_MAPPED) {
             mapped += 1;
