@@ -15,6 +15,7 @@ use crate::manifest::Manifest;
 pub mod bench;
 pub mod bridge;
 pub mod ch;
+pub mod ch_bench;
 pub mod plugin;
 pub mod smoke;
 pub mod vhost_vdpa;
@@ -37,7 +38,9 @@ pub fn cases(manifest: &Manifest) -> Suite {
 
 /// Every benchmark, in run order.
 pub fn benchmarks() -> Vec<Case> {
-    bench::cases()
+    let mut all = bench::cases();
+    all.extend(ch_bench::cases());
+    all
 }
 
 /// Every test case, in run order.
