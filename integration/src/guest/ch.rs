@@ -345,6 +345,14 @@ impl ChVm<'_> {
         self.seen.iter().filter(|l| l.contains(what)).count()
     }
 
+    /// The first console line so far containing `what`.
+    pub fn line(&self, what: &str) -> Option<&str> {
+        self.seen
+            .iter()
+            .find(|l| l.contains(what))
+            .map(String::as_str)
+    }
+
     /// Check a console line so far contains `what`.
     ///
     /// # Errors
