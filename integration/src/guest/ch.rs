@@ -315,10 +315,31 @@ impl ChVm<'_> {
                         );
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                // Both pipes closed: Cloud Hypervisor is exiting.
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let st = self.exit_status(deadline);
+                    bail!(
+                        "Cloud Hypervisor closed its output ({st}) before {what}: {}",
+                        self.tail()
+                    );
+                }
             }
         }
         bail!("no {what} within {timeout:?}: {}", self.tail())
+    }
+
+    /// Cloud Hypervisor's exit status, waiting for it until `deadline`.
+    fn exit_status(&mut self, deadline: Instant) -> String {
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => return st.to_string(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Ok(None) => return "still running".to_string(),
+                Err(e) => return format!("status unknown: {e}"),
+            }
+        }
     }
 
     /// Wait for the inner guest's last marker, `L3-DONE`.
