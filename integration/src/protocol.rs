@@ -9,9 +9,15 @@
 //! | --- | --- | --- |
 //! | `@@LAB-START {"case":..}` | `lab-guest` | a case begins (names the culprit of a hang) |
 //! | `@@LAB {"case":..,"result":"pass"\|"fail"\|"skip","detail":..,"ms":N}` | `lab-guest` | a case ended |
+//! | `@@LAB-BENCH-START {"case":..}` | `lab-guest` | a benchmark begins |
+//! | `@@LAB-BENCH {"case":..,"result":"measured"\|"error"\|"skip","detail":..,"ms":N}` | `lab-guest` | a benchmark ended: its figures, or why it has none |
 //! | `@@LAB-WRITE {"device":..,"offset":N,"len":N}` | `lab-guest` | a case wrote that byte range of a blk device's image |
-//! | `@@LAB-DONE {"failed":N}` | `lab-guest` | every case reported |
+//! | `@@LAB-DONE {"failed":N}` | `lab-guest` | every case reported; `N` counts failed cases, never benchmarks |
 //! | `@@LAB-EXIT {"rc":N}` | `/init` | `lab-guest`'s exit code; the VM powers off next |
+//!
+//! A case is a test: its verdict counts. A benchmark only reports: what it
+//! measured, or the error that left it without figures. Its own line
+//! (`@@LAB-BENCH`) keeps it out of every pass/fail count by construction.
 
 use std::fmt;
 
@@ -42,6 +48,33 @@ pub struct CaseRecord {
     pub ms: u64,
 }
 
+/// How a benchmark ended. None of these is a verdict: a benchmark never
+/// passes or fails a run.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchResult {
+    /// It measured; `detail` holds the figures.
+    Measured,
+    /// It could not measure (an error, a panic, data that did not match
+    /// the pattern); `detail` says why. Reported, never counted as failed.
+    Error,
+    /// A precondition was missing; `detail` says which.
+    Skip,
+}
+
+/// A benchmark's result line.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BenchRecord {
+    /// Benchmark name.
+    pub case: String,
+    /// Outcome.
+    pub result: BenchResult,
+    /// The figures, or the error or skip reason.
+    pub detail: String,
+    /// Wall time it took, in milliseconds.
+    pub ms: u64,
+}
+
 /// A byte range a case wrote to a blk device's image. The host excludes it
 /// when it checks the image against [`crate::pattern`] after the VM exits.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -61,11 +94,15 @@ pub enum Event {
     Start(String),
     /// `@@LAB`: a case ended.
     Result(CaseRecord),
+    /// `@@LAB-BENCH-START`: the named benchmark begins.
+    BenchStart(String),
+    /// `@@LAB-BENCH`: a benchmark ended.
+    Bench(BenchRecord),
     /// `@@LAB-WRITE`: a case wrote to an image.
     Write(WriteRecord),
     /// `@@LAB-DONE`: the runner finished, with this many failures.
     Done {
-        /// Failed cases.
+        /// Failed cases (benchmarks never count).
         failed: u64,
     },
     /// `@@LAB-EXIT`: the runner's exit code, printed by `/init`.
@@ -108,6 +145,11 @@ impl fmt::Display for Event {
                 write!(f, "{PREFIX}-START {body}")
             }
             Event::Result(r) => write!(f, "{PREFIX} {}", json(r)),
+            Event::BenchStart(case) => {
+                let body = json(&StartBody { case: case.clone() });
+                write!(f, "{PREFIX}-BENCH-START {body}")
+            }
+            Event::Bench(r) => write!(f, "{PREFIX}-BENCH {}", json(r)),
             Event::Write(w) => write!(f, "{PREFIX}-WRITE {}", json(w)),
             Event::Done { failed } => {
                 write!(f, "{PREFIX}-DONE {}", json(&DoneBody { failed: *failed }))
@@ -131,6 +173,10 @@ pub fn parse(line: &str) -> Result<Option<Event>, String> {
     let ev = match tag {
         "@@LAB" => Event::Result(serde_json::from_str(body).map_err(bad)?),
         "@@LAB-START" => Event::Start(serde_json::from_str::<StartBody>(body).map_err(bad)?.case),
+        "@@LAB-BENCH-START" => {
+            Event::BenchStart(serde_json::from_str::<StartBody>(body).map_err(bad)?.case)
+        }
+        "@@LAB-BENCH" => Event::Bench(serde_json::from_str(body).map_err(bad)?),
         "@@LAB-WRITE" => Event::Write(serde_json::from_str(body).map_err(bad)?),
         "@@LAB-DONE" => Event::Done {
             failed: serde_json::from_str::<DoneBody>(body).map_err(bad)?.failed,
@@ -161,6 +207,13 @@ mod tests {
             detail: "line one\nline \"two\"".into(),
             ms: 12,
         }));
+        roundtrip(Event::BenchStart("bench_blk0_4k_random_read".into()));
+        roundtrip(Event::Bench(BenchRecord {
+            case: "b".into(),
+            result: BenchResult::Error,
+            detail: "L3-PERF-ERROR blk0: sector 3".into(),
+            ms: 7,
+        }));
         roundtrip(Event::Write(WriteRecord {
             device: "blk0".into(),
             offset: 4096,
@@ -183,6 +236,22 @@ mod tests {
             ev.to_string(),
             r#"@@LAB {"case":"a","result":"pass","detail":"","ms":3}"#
         );
+    }
+
+    #[test]
+    fn bench_line_has_its_own_tag_and_result_names() {
+        let ev = Event::Bench(BenchRecord {
+            case: "b".into(),
+            result: BenchResult::Measured,
+            detail: "b/a 0.98".into(),
+            ms: 3,
+        });
+
+        assert_eq!(
+            ev.to_string(),
+            r#"@@LAB-BENCH {"case":"b","result":"measured","detail":"b/a 0.98","ms":3}"#
+        );
+        assert!(parse(r#"@@LAB-BENCH {"case":"b","result":"pass","detail":"","ms":3}"#).is_err());
     }
 
     #[test]

@@ -32,14 +32,14 @@ fn run() -> anyhow::Result<u64> {
             println!("lab-guest: binding {} to vfio-pci failed: {e}", v.name());
         }
     }
-    let mut cases = guest::cases::cases(&manifest);
+    let mut suite = guest::cases::cases(&manifest);
     if let Some(only) = &manifest.only {
-        let all = cases.len();
-        cases.retain(|c| c.name.contains(only.as_str()));
+        let left_out = suite.retain_named(only);
         println!(
-            "lab-guest: VDPA_LAB_CASES={only}: running {} of {all} cases",
-            cases.len()
+            "lab-guest: VDPA_LAB_CASES={only}: running {} of {} cases",
+            suite.len(),
+            suite.len() + left_out
         );
     }
-    Ok(guest::run(&manifest, &bindings, &cases))
+    Ok(guest::run(&manifest, &bindings, &suite))
 }

@@ -5,7 +5,8 @@
 //! - `VDPA_LAB_BOOT_TIMEOUT` seconds for one boot (default 180),
 //! - `VDPA_LAB_TIMEOUT` seconds for all boots (default 300),
 //! - `VDPA_LAB_QEMU` QEMU binary (default `qemu-system-x86_64`),
-//! - `VDPA_LAB_BENCH=1` runs the benchmark (bench cases only),
+//! - `VDPA_LAB_BENCH=1` runs the benchmarks instead of the tests (with
+//!   `CLOUD_HYPERVISOR` set, the Cloud Hypervisor throughput ones too),
 //! - `VDPA_LAB_CASES=<text>` runs only the guest cases whose name
 //!   contains `<text>` (for working on a few cases; the runner prints how
 //!   many it left out),
@@ -13,6 +14,10 @@
 //!   machines that are known to have everything).
 //!
 //! Prints `lab: N passed, N failed, N skipped` last; exits 1 on any failure.
+//! Benchmarks are reported before that line, one
+//! `lab: BENCH|BENCH-ERROR|BENCH-SKIP <name>: <figures or reason>` each and
+//! `lab: benchmarks: N measured, N errors, N skipped`; they never change the
+//! counts or the exit code (the host's image checks still count).
 
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use vdpa_integration::host::{self, vm::INTERRUPTED, Options};
-use vdpa_integration::protocol::Verdict;
+use vdpa_integration::protocol::{BenchResult, Verdict};
 
 fn secs(var: &str, default: u64) -> anyhow::Result<Duration> {
     match std::env::var(var) {
@@ -92,6 +97,22 @@ fn main() -> ExitCode {
             Verdict::Skip => eprintln!("lab: SKIPPED {}: {}", o.name, o.detail),
             Verdict::Pass => {}
         }
+    }
+    for b in &summary.benchmarks {
+        println!(
+            "lab: {} {}: {}",
+            host::bench_tag(b.result),
+            b.name,
+            b.detail
+        );
+    }
+    if !summary.benchmarks.is_empty() {
+        println!(
+            "lab: benchmarks: {} measured, {} errors, {} skipped (reported only, not part of the verdict)",
+            summary.count_benchmarks(BenchResult::Measured),
+            summary.count_benchmarks(BenchResult::Error),
+            summary.count_benchmarks(BenchResult::Skip),
+        );
     }
     let boot = summary
         .init_after

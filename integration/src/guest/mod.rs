@@ -14,8 +14,19 @@
 //! (a panic counts as a failure too). The runner reports a case whose
 //! variant is absent from the run as skipped, with the host's reason, and a
 //! case whose device failed to bind as failed, without calling it.
+//!
+//! # Tests and benchmarks
+//! A [`Suite`] holds tests and benchmarks, both plain [`Case`]s; where a
+//! case is registered decides what it is (`cases::cases`). A test's
+//! verdict counts. A benchmark only reports: `Ok(Outcome::PassWith(figures))`
+//! is printed as its measurement, an error or panic as a benchmark error
+//! (visible on the console and in the host's report, but never a failure),
+//! a skip as a skip. The runner's failure count and exit code come from the
+//! tests alone.
 
 pub mod cases;
+pub mod ch;
+pub mod stats;
 pub mod sys;
 
 use std::collections::BTreeMap;
@@ -26,7 +37,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 
 use crate::manifest::{Device, Manifest, Variant};
-use crate::protocol::{CaseRecord, Event, Verdict, WriteRecord};
+use crate::protocol::{BenchRecord, BenchResult, CaseRecord, Event, Verdict, WriteRecord};
 
 /// What a case returns when it did not fail.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +62,36 @@ pub struct Case {
     pub needs: Option<Variant>,
     /// Entry point.
     pub run: fn(&Ctx) -> CaseResult,
+}
+
+/// The cases of a run: tests first, then benchmarks.
+#[derive(Clone, Debug, Default)]
+pub struct Suite {
+    /// Cases whose verdict counts.
+    pub tests: Vec<Case>,
+    /// Cases that only report measurements; never a pass or a failure.
+    pub benchmarks: Vec<Case>,
+}
+
+impl Suite {
+    /// Keep only the cases whose name contains `text`; how many were left
+    /// out.
+    pub fn retain_named(&mut self, text: &str) -> usize {
+        let before = self.len();
+        self.tests.retain(|c| c.name.contains(text));
+        self.benchmarks.retain(|c| c.name.contains(text));
+        before - self.len()
+    }
+
+    /// Tests and benchmarks together.
+    pub fn len(&self) -> usize {
+        self.tests.len() + self.benchmarks.len()
+    }
+
+    /// No case at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What a case gets.
@@ -157,10 +198,30 @@ pub fn run_one(manifest: &Manifest, bindings: &Bindings, case: &Case) -> (Verdic
     }
 }
 
-/// Run `all`, printing the protocol. Returns the failure count.
-pub fn run(manifest: &Manifest, bindings: &Bindings, all: &[Case]) -> u64 {
+/// What a benchmark's run amounts to: its figures, its error or its skip.
+fn bench_result(verdict: Verdict) -> BenchResult {
+    match verdict {
+        Verdict::Pass => BenchResult::Measured,
+        Verdict::Fail => BenchResult::Error,
+        Verdict::Skip => BenchResult::Skip,
+    }
+}
+
+/// Run the tests, then the benchmarks, printing the protocol. Returns the
+/// number of failed tests (benchmarks never count).
+pub fn run(manifest: &Manifest, bindings: &Bindings, suite: &Suite) -> u64 {
+    run_with(manifest, bindings, suite, &mut |ev| emit(ev))
+}
+
+/// [`run`], handing each event to `emit`.
+fn run_with(
+    manifest: &Manifest,
+    bindings: &Bindings,
+    suite: &Suite,
+    emit: &mut dyn FnMut(&Event),
+) -> u64 {
     let mut failed = 0;
-    for case in all {
+    for case in &suite.tests {
         emit(&Event::Start(case.name.clone()));
         let t0 = Instant::now();
         let (result, detail) = run_one(manifest, bindings, case);
@@ -170,6 +231,17 @@ pub fn run(manifest: &Manifest, bindings: &Bindings, all: &[Case]) -> u64 {
         emit(&Event::Result(CaseRecord {
             case: case.name.clone(),
             result,
+            detail,
+            ms: t0.elapsed().as_millis() as u64,
+        }));
+    }
+    for case in &suite.benchmarks {
+        emit(&Event::BenchStart(case.name.clone()));
+        let t0 = Instant::now();
+        let (verdict, detail) = run_one(manifest, bindings, case);
+        emit(&Event::Bench(BenchRecord {
+            case: case.name.clone(),
+            result: bench_result(verdict),
             detail,
             ms: t0.elapsed().as_millis() as u64,
         }));
@@ -220,6 +292,10 @@ mod tests {
         panic!("boom")
     }
 
+    fn fails(_: &Ctx) -> CaseResult {
+        anyhow::bail!("L3-PERF-ERROR blk0: sector 3 read back zeros")
+    }
+
     fn passes(ctx: &Ctx) -> CaseResult {
         ctx.dev()?;
         Ok(Outcome::Pass)
@@ -253,6 +329,69 @@ mod tests {
             got,
             (Verdict::Fail, "binding to vfio-pci failed: EBUSY".into())
         );
+    }
+
+    #[test]
+    fn failing_benchmark_is_an_error_not_a_failure() {
+        let suite = Suite {
+            tests: vec![case(None, |_| Ok(Outcome::Pass))],
+            benchmarks: vec![case(None, fails), case(None, panics)],
+        };
+
+        let mut events = Vec::new();
+
+        let failed = run_with(&manifest(), &Bindings::new(), &suite, &mut |e| {
+            events.push(e.clone())
+        });
+
+        assert_eq!(failed, 0);
+        let benches: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Bench(r) => Some((r.result, r.detail.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            benches,
+            [
+                (
+                    BenchResult::Error,
+                    "L3-PERF-ERROR blk0: sector 3 read back zeros"
+                ),
+                (BenchResult::Error, "panicked: boom"),
+            ]
+        );
+        assert_eq!(events.last(), Some(&Event::Done { failed: 0 }));
+    }
+
+    #[test]
+    fn failing_test_counts() {
+        let suite = Suite {
+            tests: vec![case(None, fails)],
+            benchmarks: vec![case(None, |_| Ok(Outcome::PassWith("1.0".into())))],
+        };
+
+        assert_eq!(run(&manifest(), &Bindings::new(), &suite), 1);
+    }
+
+    #[test]
+    fn name_filter_applies_to_tests_and_benchmarks() {
+        let named = |n: &str| Case {
+            name: n.into(),
+            needs: None,
+            run: passes,
+        };
+        let mut suite = Suite {
+            tests: vec![named("ch_blk0_io"), named("bridge_blk0_info")],
+            benchmarks: vec![named("ch_blk0_throughput"), named("qd1_random_read")],
+        };
+
+        let left_out = suite.retain_named("ch_");
+
+        assert_eq!(left_out, 2);
+        assert_eq!(suite.tests[0].name, "ch_blk0_io");
+        assert_eq!(suite.benchmarks[0].name, "ch_blk0_throughput");
     }
 
     #[test]

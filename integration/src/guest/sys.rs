@@ -1,23 +1,40 @@
 //! Guest-side access to sysfs and VFIO for the smoke cases: binding a
-//! device to vfio-pci and a few raw VFIO ioctls on the group, container and
-//! device fds. The only `unsafe` code of the crate lives here.
+//! device to vfio-pci, and opening it through rust-vmm's `vfio-ioctls`
+//! (a type1v2 container, the device's group attached to it, the device
+//! fd, its region and IRQ infos).
 //!
 //! vdpa-bridge's own VFIO backend is deliberately not used: these cases
 //! prove the lab (the vIOMMU, the kernel modules, QEMU's devices) on its
-//! own, so a failure here points at the lab and not at the bridge.
+//! own, so a failure here points at the lab and not at the bridge. The
+//! bridge uses `vfio-ioctls` too, for its container and group; what it
+//! adds on top (its own ioctls, BAR mappings, the transport) is not used
+//! here.
+//!
+//! # Own code where `vfio-ioctls` cannot serve
+//! - Binding to vfio-pci: sysfs writes ([`bind_vfio_pci`]); the crate only
+//!   opens devices that are bound already.
+//! - Reading config space: `VfioDevice::region_read` returns `()`; a failed
+//!   or out-of-range read is only logged and leaves the buffer as it was,
+//!   so a case could not tell a read that failed from a device with wrong
+//!   ids. [`VfioDevice::config_space`] takes the region's offset and size
+//!   from the crate and reads them with `pread` on a duplicate of the
+//!   device fd, with the error. The crate exposes the fd only through
+//!   `AsRawFd`, so borrowing it to duplicate it is the one `unsafe` block
+//!   of this module.
+//! - Group viability: the crate keeps the group's status flags to itself
+//!   and refuses a group that is not viable with `VfioError::GroupViable`;
+//!   [`VfioDevice::open`] names the group in that error.
 
-use std::ffi::CString;
-use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::fs::File;
+use std::os::fd::{AsRawFd as _, BorrowedFd};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
-use vfio_bindings::bindings::vfio::{
-    vfio_group_status, vfio_irq_info, vfio_region_info, VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION,
-    VFIO_BASE, VFIO_GROUP_FLAGS_VIABLE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_TYPE,
-};
+use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ};
+use vfio_ioctls::{VfioContainer, VfioError, VfioIrq, VfioOps};
 
 /// Name of the driver the PCI device at `sysfs` is bound to, if any.
 pub fn driver(sysfs: &Path) -> Option<String> {
@@ -86,197 +103,83 @@ pub fn bind_vfio_pci(bdf: &str) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// `_IO(VFIO_TYPE, VFIO_BASE + n)`, the encoding of every VFIO ioctl
-/// (linux/vfio.h: they pass `argsz` inside the struct, not in the number).
-const fn vfio_io(n: u32) -> libc::c_ulong {
-    ((VFIO_TYPE as libc::c_ulong) << 8) | (VFIO_BASE + n) as libc::c_ulong
-}
-
-const VFIO_GET_API_VERSION: libc::c_ulong = vfio_io(0);
-const VFIO_CHECK_EXTENSION: libc::c_ulong = vfio_io(1);
-const VFIO_SET_IOMMU: libc::c_ulong = vfio_io(2);
-const VFIO_GROUP_GET_STATUS: libc::c_ulong = vfio_io(3);
-const VFIO_GROUP_SET_CONTAINER: libc::c_ulong = vfio_io(4);
-const VFIO_GROUP_GET_DEVICE_FD: libc::c_ulong = vfio_io(6);
-const VFIO_DEVICE_GET_REGION_INFO: libc::c_ulong = vfio_io(8);
-const VFIO_DEVICE_GET_IRQ_INFO: libc::c_ulong = vfio_io(9);
-
-/// Turn an ioctl return value into a result naming the ioctl.
-fn check(op: &'static str, ret: libc::c_int) -> anyhow::Result<libc::c_int> {
-    if ret < 0 {
-        Err(std::io::Error::last_os_error()).with_context(|| format!("ioctl {op}"))
-    } else {
-        Ok(ret)
-    }
-}
-
-/// A device opened through VFIO: a type1v2 container, the device's group
-/// attached to it, and the device fd. Dropping it closes all three.
+/// A device opened through VFIO: a type1v2 container (API version and
+/// extension checked by `vfio-ioctls`), the device's group attached to it
+/// (viable, or the open fails) and the device fd. Dropping it closes all
+/// three.
 pub struct VfioDevice {
-    /// `/dev/vfio/vfio`.
-    _container: File,
-    /// `/dev/vfio/<group>`.
-    _group: File,
-    /// The device fd from `VFIO_GROUP_GET_DEVICE_FD`.
-    device: OwnedFd,
-    /// Whether the group was viable before it was attached.
-    pub group_viable: bool,
+    device: vfio_ioctls::VfioDevice,
 }
 
 impl VfioDevice {
     /// Open the device at `bdf` (bound to vfio-pci) through its group.
     ///
     /// # Errors
-    /// An open or ioctl fails; the error names the ioctl. A non-viable group
-    /// is an error too (the kernel refuses `VFIO_GROUP_SET_CONTAINER`).
+    /// The container, the group or the device cannot be opened; the error
+    /// is `vfio-ioctls`' (it names the step), and names the group when it
+    /// is not viable.
     pub fn open(bdf: &str) -> anyhow::Result<Self> {
         let sysfs = Path::new("/sys/bus/pci/devices").join(bdf);
-        let rw = |p: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(p)
-                .with_context(|| format!("open {}", p.display()))
-        };
-        let container = rw(Path::new("/dev/vfio/vfio"))?;
-        // SAFETY: VFIO_GET_API_VERSION takes no argument and only returns an int.
-        let api = check("VFIO_GET_API_VERSION", unsafe {
-            libc::ioctl(container.as_raw_fd(), VFIO_GET_API_VERSION)
+        let container = VfioContainer::new(None).context("open a VFIO type1v2 container")?;
+        let ops: Arc<dyn VfioOps> = Arc::new(container);
+        let device = vfio_ioctls::VfioDevice::new(&sysfs, ops).map_err(|e| match e {
+            VfioError::GroupViable => {
+                let group = iommu_group(&sysfs).map_or("?".into(), |g| g.to_string());
+                // vfio-ioctls wants the status flags to be VIABLE alone.
+                anyhow::anyhow!(
+                    "IOMMU group {group} of {bdf} is not viable (or already in a container)"
+                )
+            }
+            e => anyhow::Error::new(e).context(format!("open {bdf} through VFIO")),
         })?;
-        ensure!(
-            api == VFIO_API_VERSION as libc::c_int,
-            "VFIO API version {api}, want {VFIO_API_VERSION}"
-        );
-        // SAFETY: VFIO_CHECK_EXTENSION takes the extension number by value and
-        // returns an int; no memory is passed.
-        let type1v2 = check("VFIO_CHECK_EXTENSION", unsafe {
-            libc::ioctl(
-                container.as_raw_fd(),
-                VFIO_CHECK_EXTENSION,
-                libc::c_ulong::from(VFIO_TYPE1v2_IOMMU),
-            )
-        })?;
-        ensure!(type1v2 == 1, "container lacks the type1v2 IOMMU");
-
-        let group = rw(&vfio_group_node(&sysfs)?)?;
-        let mut status = vfio_group_status {
-            argsz: std::mem::size_of::<vfio_group_status>() as u32,
-            flags: 0,
-        };
-        // SAFETY: VFIO_GROUP_GET_STATUS writes a `vfio_group_status` (8 bytes,
-        // size given in argsz) into `status`, which is a live, exclusive
-        // borrow of exactly that type.
-        check("VFIO_GROUP_GET_STATUS", unsafe {
-            libc::ioctl(
-                group.as_raw_fd(),
-                VFIO_GROUP_GET_STATUS,
-                &mut status as *mut vfio_group_status,
-            )
-        })?;
-        let group_viable = status.flags & VFIO_GROUP_FLAGS_VIABLE != 0;
-        ensure!(
-            group_viable,
-            "group of {bdf} not viable (flags {:#x})",
-            status.flags
-        );
-        let container_fd: libc::c_int = container.as_raw_fd();
-        // SAFETY: VFIO_GROUP_SET_CONTAINER reads one `int` (the container fd)
-        // from the pointer, which points at a live local of that type.
-        check("VFIO_GROUP_SET_CONTAINER", unsafe {
-            libc::ioctl(
-                group.as_raw_fd(),
-                VFIO_GROUP_SET_CONTAINER,
-                &container_fd as *const libc::c_int,
-            )
-        })?;
-        // SAFETY: VFIO_SET_IOMMU takes the IOMMU type by value; no memory is passed.
-        check("VFIO_SET_IOMMU", unsafe {
-            libc::ioctl(
-                container.as_raw_fd(),
-                VFIO_SET_IOMMU,
-                libc::c_ulong::from(VFIO_TYPE1v2_IOMMU),
-            )
-        })?;
-        let name = CString::new(bdf).context("BDF with a NUL byte")?;
-        // SAFETY: VFIO_GROUP_GET_DEVICE_FD reads a NUL-terminated string from
-        // the pointer; `name` is one and outlives the call. It returns a new fd.
-        let fd = check("VFIO_GROUP_GET_DEVICE_FD", unsafe {
-            libc::ioctl(group.as_raw_fd(), VFIO_GROUP_GET_DEVICE_FD, name.as_ptr())
-        })?;
-        // SAFETY: `fd` was just returned by the kernel as a new descriptor that
-        // nothing else owns.
-        let device = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self {
-            _container: container,
-            _group: group,
-            device,
-            group_viable,
-        })
+        Ok(Self { device })
     }
 
-    /// `VFIO_DEVICE_GET_REGION_INFO` for region `index`.
+    /// VFIO's info of IRQ index `index` (e.g. MSI-X), as read at open.
     ///
     /// # Errors
-    /// The ioctl fails.
-    pub fn region_info(&self, index: u32) -> anyhow::Result<vfio_region_info> {
-        let mut info = vfio_region_info {
-            argsz: std::mem::size_of::<vfio_region_info>() as u32,
-            index,
-            ..Default::default()
-        };
-        // SAFETY: VFIO_DEVICE_GET_REGION_INFO reads `argsz`/`index` and writes
-        // at most `argsz` (32) bytes of `vfio_region_info` into `info`, a live,
-        // exclusive borrow of that type.
-        check("VFIO_DEVICE_GET_REGION_INFO", unsafe {
-            libc::ioctl(
-                self.device.as_raw_fd(),
-                VFIO_DEVICE_GET_REGION_INFO,
-                &mut info as *mut vfio_region_info,
-            )
-        })?;
-        Ok(info)
-    }
-
-    /// `VFIO_DEVICE_GET_IRQ_INFO` for IRQ index `index` (e.g. MSI-X).
-    ///
-    /// # Errors
-    /// The ioctl fails.
-    pub fn irq_info(&self, index: u32) -> anyhow::Result<vfio_irq_info> {
-        let mut info = vfio_irq_info {
-            argsz: std::mem::size_of::<vfio_irq_info>() as u32,
-            index,
-            ..Default::default()
-        };
-        // SAFETY: VFIO_DEVICE_GET_IRQ_INFO reads `argsz`/`index` and writes at
-        // most `argsz` (16) bytes of `vfio_irq_info` into `info`, a live,
-        // exclusive borrow of that type.
-        check("VFIO_DEVICE_GET_IRQ_INFO", unsafe {
-            libc::ioctl(
-                self.device.as_raw_fd(),
-                VFIO_DEVICE_GET_IRQ_INFO,
-                &mut info as *mut vfio_irq_info,
-            )
-        })?;
-        Ok(info)
+    /// VFIO reported no such index.
+    pub fn irq_info(&self, index: u32) -> anyhow::Result<VfioIrq> {
+        self.device
+            .get_irq_info(index)
+            .copied()
+            .with_context(|| format!("VFIO reports no IRQ index {index}"))
     }
 
     /// The whole PCI config space, read through the VFIO config region.
     ///
+    /// `vfio-ioctls` lists regions by position, skipping only those whose
+    /// info fails; vfio-pci answers for every BAR, the ROM and config
+    /// space, so the config region's index is its position. The size and
+    /// flag checks below catch a shift.
+    ///
     /// # Errors
-    /// The region info ioctl or the read fails, or the region is smaller
-    /// than a PCI header.
+    /// The region is not a readable 64..=4096 bytes, or the read fails.
     pub fn config_space(&self) -> anyhow::Result<Vec<u8>> {
-        let info = self.region_info(VFIO_PCI_CONFIG_REGION_INDEX)?;
+        let index = VFIO_PCI_CONFIG_REGION_INDEX;
+        let size = self.device.get_region_size(index);
+        let flags = self.device.get_region_flags(index);
+        let offset = self.device.get_region_offset(index);
         ensure!(
-            (64..=4096).contains(&info.size),
-            "config region size {}",
-            info.size
+            (64..=4096).contains(&size) && flags & VFIO_REGION_INFO_FLAG_READ != 0,
+            "config region (index {index}): {size} bytes, flags {flags:#x}"
         );
-        let mut buf = vec![0u8; info.size as usize];
-        let file = File::from(self.device.try_clone().context("dup device fd")?);
-        file.read_exact_at(&mut buf, info.offset)
-            .with_context(|| format!("read config region at {:#x}", info.offset))?;
+        let mut buf = vec![0u8; size as usize];
+        self.dup_device_fd()?
+            .read_exact_at(&mut buf, offset)
+            .with_context(|| format!("read the config region at {offset:#x}"))?;
         Ok(buf)
+    }
+
+    /// A new descriptor of the device fd, as a file.
+    fn dup_device_fd(&self) -> anyhow::Result<File> {
+        // SAFETY: `self.device` owns the descriptor and keeps it open for
+        // as long as `self` lives; this borrow ends inside this function,
+        // which holds `&self`, and the duplicate is a new descriptor.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) };
+        Ok(File::from(
+            fd.try_clone_to_owned().context("dup the device fd")?,
+        ))
     }
 }
 

@@ -20,7 +20,7 @@ use anyhow::{ensure, Context as _};
 
 use crate::manifest::{Manifest, Skipped, MANIFEST_VERSION};
 use crate::pattern;
-use crate::protocol::{Event, Verdict};
+use crate::protocol::{BenchResult, Event, Verdict};
 use devices::{Backend, DeviceSpec, DEVICES, HOSTROOT_SLOT, LABRW_SLOT, SMP};
 use netns::Netns;
 
@@ -54,11 +54,25 @@ pub struct Outcome {
     pub detail: String,
 }
 
+/// One benchmark's report: its figures, or why it has none. Never part
+/// of the verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BenchOutcome {
+    /// Benchmark name.
+    pub name: String,
+    /// Measured, error or skip.
+    pub result: BenchResult,
+    /// The figures, or the error or skip reason.
+    pub detail: String,
+}
+
 /// Everything a run produced.
 #[derive(Debug, Default)]
 pub struct Summary {
-    /// Outcomes in report order.
+    /// Outcomes of the tests and host checks, in report order: the verdict.
     pub outcomes: Vec<Outcome>,
+    /// Benchmark reports, in report order: not part of the verdict.
+    pub benchmarks: Vec<BenchOutcome>,
     /// Kernel package version booted.
     pub kernel: String,
     /// Spawn to `/init`'s first line.
@@ -81,6 +95,14 @@ impl Summary {
         self.outcomes
             .iter()
             .filter(|o| o.verdict == verdict)
+            .count()
+    }
+
+    /// How many benchmarks ended with `result`.
+    pub fn count_benchmarks(&self, result: BenchResult) -> usize {
+        self.benchmarks
+            .iter()
+            .filter(|b| b.result == result)
             .count()
     }
 }
@@ -408,6 +430,13 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
             let sep = if r.detail.is_empty() { "" } else { ": " };
             eprintln!("lab: {tag} {} ({} ms){sep}{}", r.case, r.ms, r.detail);
         }
+        Event::Bench(r) => eprintln!(
+            "lab: {} {} ({} ms): {}",
+            bench_tag(r.result),
+            r.case,
+            r.ms,
+            r.detail
+        ),
         Event::Exit { rc } => eprintln!("lab: guest runner exited with {rc}"),
         _ => {}
     })?;
@@ -455,34 +484,64 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         }
     }
 
-    if summary.count(Verdict::Fail) > 0 || report.runner_exit().is_none() {
+    // A benchmark error gets the console tail too: it is reported, not
+    // counted, so it must be as easy to see as a failure.
+    if summary.count(Verdict::Fail) > 0
+        || summary.count_benchmarks(BenchResult::Error) > 0
+        || report.runner_exit().is_none()
+    {
         dump_tail(&report, &console_log);
     }
     Ok(summary)
 }
 
-/// Turn the boot's events into outcomes, adding failures for everything
-/// that went wrong around the cases (hang, crash, missing sentinel).
+/// The report tag of a benchmark's result (`lab: <tag> <name> ...`).
+pub fn bench_tag(result: BenchResult) -> &'static str {
+    match result {
+        BenchResult::Measured => "BENCH",
+        BenchResult::Error => "BENCH-ERROR",
+        BenchResult::Skip => "BENCH-SKIP",
+    }
+}
+
+/// Turn the boot's events into outcomes and benchmark reports, adding
+/// failures for everything that went wrong around the cases (hang, crash,
+/// missing sentinel). A benchmark that never reported is a benchmark
+/// error; the run still fails through the `vm` outcome, since the runner
+/// did not finish.
 fn collect(summary: &mut Summary, report: &vm::BootReport) {
-    let mut open: Option<&str> = None;
+    // The case or benchmark (`true`) that started and has not reported.
+    let mut open: Option<(&str, bool)> = None;
     let mut done = false;
     for ev in &report.events {
         match ev {
-            Event::Start(c) => open = Some(c),
+            Event::Start(c) => open = Some((c, false)),
+            Event::BenchStart(c) => open = Some((c, true)),
             Event::Result(r) => {
                 open = None;
                 summary.push(r.case.clone(), r.result, r.detail.clone());
+            }
+            Event::Bench(r) => {
+                open = None;
+                summary.benchmarks.push(BenchOutcome {
+                    name: r.case.clone(),
+                    result: r.result,
+                    detail: r.detail.clone(),
+                });
             }
             Event::Done { .. } => done = true,
             Event::Write(_) | Event::Exit { .. } => {}
         }
     }
-    if let Some(c) = open {
-        summary.push(
-            c,
-            Verdict::Fail,
-            "started but never reported: hung or crashed the VM",
-        );
+    const HUNG: &str = "started but never reported: hung or crashed the VM";
+    match open {
+        Some((c, false)) => summary.push(c, Verdict::Fail, HUNG),
+        Some((c, true)) => summary.benchmarks.push(BenchOutcome {
+            name: c.to_string(),
+            result: BenchResult::Error,
+            detail: HUNG.to_string(),
+        }),
+        None => {}
     }
     for e in &report.protocol_errors {
         summary.push("protocol", Verdict::Fail, e.clone());
@@ -507,7 +566,7 @@ fn collect(summary: &mut Summary, report: &vm::BootReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::CaseRecord;
+    use crate::protocol::{BenchRecord, CaseRecord};
     use std::collections::VecDeque;
 
     fn report(events: Vec<Event>, killed: Option<&str>) -> vm::BootReport {
@@ -566,6 +625,59 @@ mod tests {
         let names: Vec<_> = s.outcomes.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(names, ["a", "vm"]);
         assert_eq!(s.count(Verdict::Fail), 2);
+    }
+
+    #[test]
+    fn benchmark_errors_are_reported_apart_from_the_verdict() {
+        let mut s = Summary::default();
+        let bench = |case: &str, result| {
+            Event::Bench(BenchRecord {
+                case: case.into(),
+                result,
+                detail: "L3-PERF-ERROR blk0: sector 3".into(),
+                ms: 1,
+            })
+        };
+
+        collect(
+            &mut s,
+            &report(
+                vec![
+                    pass("a"),
+                    Event::BenchStart("b".into()),
+                    bench("b", BenchResult::Error),
+                    Event::BenchStart("c".into()),
+                    bench("c", BenchResult::Measured),
+                    Event::Done { failed: 0 },
+                    Event::Exit { rc: 0 },
+                ],
+                None,
+            ),
+        );
+
+        assert_eq!((s.count(Verdict::Pass), s.count(Verdict::Fail)), (1, 0));
+        assert_eq!(s.outcomes.len(), 1);
+        assert_eq!(s.count_benchmarks(BenchResult::Error), 1);
+        assert_eq!(s.count_benchmarks(BenchResult::Measured), 1);
+        assert_eq!(s.benchmarks[0].detail, "L3-PERF-ERROR blk0: sector 3");
+    }
+
+    #[test]
+    fn benchmark_running_when_qemu_was_killed_is_a_benchmark_error_and_the_vm_fails() {
+        let mut s = Summary::default();
+
+        collect(
+            &mut s,
+            &report(
+                vec![Event::BenchStart("b".into())],
+                Some("timed out after 180 s"),
+            ),
+        );
+
+        let names: Vec<_> = s.outcomes.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["vm"]);
+        assert_eq!(s.benchmarks.len(), 1);
+        assert_eq!(s.benchmarks[0].result, BenchResult::Error);
     }
 
     #[test]

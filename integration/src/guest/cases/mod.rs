@@ -1,27 +1,46 @@
 //! The case registry. One file per suite, each with a `cases()` list;
-//! [`cases`] concatenates them in run order.
+//! [`all`] concatenates the test suites in run order, [`benchmarks`] the
+//! benchmark suites.
 //!
 //! To add a suite: create `cases/<suite>.rs` with
 //! `pub fn cases() -> Vec<Case>`, declare it below and append it in
-//! [`cases`]. Case names must be unique (a unit test checks that).
+//! [`all`] (tests: their verdict counts) or [`benchmarks`] (measurements:
+//! reported, never a pass or a failure; they run only with
+//! `VDPA_LAB_BENCH=1`). Case names must be unique (a unit test checks
+//! that).
 
-use super::Case;
+use super::{Case, Suite};
 use crate::manifest::Manifest;
 
 pub mod bench;
 pub mod bridge;
 pub mod ch;
+pub mod ch_bench;
 pub mod plugin;
 pub mod smoke;
 pub mod vhost_vdpa;
 
-/// The cases of this run, in run order: the benchmark alone when the
-/// manifest asks for it, else every test case.
-pub fn cases(manifest: &Manifest) -> Vec<Case> {
+/// The cases of this run: the benchmarks alone when the manifest asks for
+/// them, else every test case.
+pub fn cases(manifest: &Manifest) -> Suite {
     if manifest.bench {
-        return bench::cases();
+        Suite {
+            tests: Vec::new(),
+            benchmarks: benchmarks(),
+        }
+    } else {
+        Suite {
+            tests: all(),
+            benchmarks: Vec::new(),
+        }
     }
-    all()
+}
+
+/// Every benchmark, in run order.
+pub fn benchmarks() -> Vec<Case> {
+    let mut all = bench::cases();
+    all.extend(ch_bench::cases());
+    all
 }
 
 /// Every test case, in run order.
@@ -40,7 +59,8 @@ mod tests {
 
     #[test]
     fn case_names_are_unique_and_have_no_whitespace() {
-        let all = super::all();
+        let mut all = super::all();
+        all.extend(super::benchmarks());
         let names: HashSet<&str> = all.iter().map(|c| c.name.as_str()).collect();
 
         assert_eq!(names.len(), all.len());
