@@ -242,6 +242,25 @@ pub(crate) fn wire_kicks<B: VdpaOps>(
     Ok(relays)
 }
 
+/// Detach what earlier activations left: a reset keeps in-kernel kicks and
+/// (vhost-vdpa) call eventfds, because it runs on a VMM's vCPU thread that
+/// may not issue those ioctls; activation runs on the VMM thread, which
+/// may. Every queue of the device whose kick is not in-kernel now loses
+/// its kick eventfd, every queue not activated its call eventfd.
+pub(crate) fn detach_unused<B: VdpaOps>(b: &mut B, qidx: &[u16], wiring: &Wiring) -> Result<()> {
+    for q in 0..b.num_queues() {
+        if !wiring.direct_kicks.contains(&q) {
+            b.set_vring_kick(QueueIndex(q), None)
+                .map_err(backend_err("detach kick eventfd"))?;
+        }
+        if !qidx.contains(&q) {
+            b.set_vring_call(QueueIndex(q), None)
+                .map_err(backend_err("detach call eventfd"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Enable every queue.
 pub(crate) fn enable_queues<B: VdpaOps>(b: &mut B, qidx: &[u16]) -> Result<()> {
     for &qi in qidx {

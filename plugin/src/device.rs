@@ -351,6 +351,7 @@ where
         let irqs = activate::wire_interrupts(&mut *b, &interrupt, &qidx, &mut wiring)?;
         let kicks =
             activate::wire_kicks(&mut *b, queues, &qidx, self.opts.kick, acked, &mut wiring)?;
+        activate::detach_unused(&mut *b, &qidx, &wiring)?;
         activate::enable_queues(&mut *b, &qidx)?;
         let relay_plan = RelayPlan {
             kicks,

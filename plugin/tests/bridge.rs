@@ -829,3 +829,68 @@ fn with_64_kib_host_pages_a_64_kib_doorbell_page_is_too_large_for_a_4_kib_area()
     );
     assert!(dev.guest_notify_mapping(4, 0x1_0000).is_ok());
 }
+
+/// What a guest reset and an unplug (the device dropped) do runs on a
+/// VMM's vCPU thread: Cloud Hypervisor's filter there allows neither
+/// VFIO_DEVICE_IOEVENTFD nor VFIO_DEVICE_RESET.
+#[test]
+fn a_guest_reset_and_a_drop_change_no_ioeventfd_and_reset_no_function() {
+    let _serial = serial();
+    let mut g = guest();
+    let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    assert_eq!(dev.wiring().unwrap().direct_kicks, vec![0]);
+    let before = emu.stats();
+
+    dev.reset().unwrap();
+    let after_reset = emu.stats();
+    drop(dev);
+    let after_drop = emu.stats();
+
+    assert_eq!(after_reset.ioeventfd_changes, before.ioeventfd_changes);
+    assert_eq!(after_drop.ioeventfd_changes, before.ioeventfd_changes);
+    assert_eq!(after_drop.function_resets, before.function_resets);
+    assert_eq!(emu.device_status(), 0);
+}
+
+#[test]
+fn a_device_stuck_in_reset_is_recovered_by_a_function_reset_at_the_next_activation() {
+    let _serial = serial();
+    let mut g = guest();
+    let cfg = EmuConfig {
+        flr_recovers: true,
+        ..EmuConfig::default()
+    };
+    let (emu, mut dev) = device(cfg, DeviceOptions::default(), &g);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    emu.set_reset_stuck(true);
+    let flrs = emu.stats().function_resets;
+
+    // The guest's reset (a vCPU thread): bus mastering off, no FLR there.
+    let e = dev.reset().unwrap_err();
+    let cause = std::error::Error::source(&e).map(ToString::to_string);
+    assert!(
+        cause
+            .as_deref()
+            .is_some_and(|c| c.contains("tried when it next starts")),
+        "{e}: {cause:?}"
+    );
+    assert!(!emu.bus_master());
+    assert_eq!(emu.stats().function_resets, flrs);
+
+    // The next activation (the VMM thread) resets the function and runs.
+    ack_default(&mut dev);
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    assert_eq!(emu.stats().function_resets, flrs + 1);
+    assert!(emu.bus_master());
+    let mut data = pattern(9, 512);
+    assert_eq!(g.blk(0, 1, 3, &mut data, &irq.queues[0]).unwrap(), 0);
+    assert_eq!(emu.disk_read(3 * 512, 512), data);
+}

@@ -61,8 +61,9 @@ pub enum FunctionReset {
     DidNotHelp,
     /// The function has none.
     Unavailable,
-    /// Not tried again: the device already failed one.
-    NotRetried,
+    /// Not tried here: a reset may run on a thread that must not block or
+    /// issue it; it is tried when the device is next started.
+    Deferred,
 }
 
 impl std::fmt::Display for FunctionReset {
@@ -70,7 +71,7 @@ impl std::fmt::Display for FunctionReset {
         f.write_str(match self {
             FunctionReset::DidNotHelp => "a function-level reset did not help",
             FunctionReset::Unavailable => "no function-level reset is available",
-            FunctionReset::NotRetried => "the device already failed a function-level reset",
+            FunctionReset::Deferred => "a function-level reset is tried when it next starts",
         })
     }
 }
@@ -84,7 +85,7 @@ const AFTER_FLR: Duration = Duration::from_millis(100);
 /// happens), then a function-level reset where the function has one. The
 /// device is back only if that brings its status to 0; bus mastering is
 /// then on again. `timeout` bounds the virtio reset's wait; `flr: false`
-/// skips the function-level reset (a device that already failed one).
+/// stops after bus mastering (the function-level reset is deferred).
 fn reset_escalating<P: PciFunction + ?Sized>(
     t: &ModernTransport<P>,
     timeout: Duration,
@@ -100,7 +101,7 @@ fn reset_escalating<P: PciFunction + ?Sized>(
             }
             Err(VpVdpaError::ResetFailed {
                 waited,
-                function_reset: FunctionReset::NotRetried,
+                function_reset: FunctionReset::Deferred,
             })
         }
         Err(TransportError::ResetTimeout(waited)) => {
@@ -306,25 +307,51 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
         }
     }
 
-    /// Reset, escalating ([`reset_escalating`]). Stops the device first so
-    /// nothing fires while we unwire. A device that already failed a reset
-    /// is asked once more without waiting: a VMM resets on guest reset, on
-    /// unplug and at shutdown, and each would otherwise wait again.
+    /// Reset: stop the device first so nothing fires while we unwire. A
+    /// device that does not finish in time loses bus mastering
+    /// ([`reset_escalating`] without its function-level reset: a reset runs
+    /// where the guest asks for it, on a VMM's vCPU thread, which may
+    /// neither block for long nor issue `VFIO_DEVICE_RESET` under Cloud
+    /// Hypervisor's seccomp filter); the function-level reset is tried at
+    /// the next start ([`VpVdpa::recover`], from `set_status`). A device
+    /// that already failed is asked once more without waiting: a VMM resets
+    /// on guest reset, on unplug and at shutdown, and each would otherwise
+    /// wait again.
     fn reset_device(&mut self) -> Result<()> {
-        let (timeout, flr) = if self.reset_failed {
-            (Duration::ZERO, false)
+        let timeout = if self.reset_failed {
+            Duration::ZERO
         } else {
-            (self.transport.reset_timeout(), true)
+            self.transport.reset_timeout()
         };
-        let r = reset_escalating(&self.transport, timeout, flr);
+        let r = reset_escalating(&self.transport, timeout, false);
         self.reset_failed = r.is_err();
         self.teardown();
         self.status = 0;
         r
     }
 
-    /// Undo interrupt and kick wiring; keeps DMA mappings (like vhost-vdpa,
-    /// whose IOTLB survives a reset).
+    /// A device whose last reset failed, before it starts again: a virtio
+    /// reset, else a function-level reset ([`reset_escalating`]). Runs
+    /// where a VMM starts the device (its VMM thread, which may issue
+    /// `VFIO_DEVICE_RESET`).
+    fn recover(&mut self) -> Result<()> {
+        reset_escalating(&self.transport, Duration::ZERO, true)?;
+        log::info!(
+            "{}: usable again after a failed reset",
+            self.transport.function().describe()
+        );
+        self.reset_failed = false;
+        self.status = 0;
+        Ok(())
+    }
+
+    /// Undo interrupt wiring and forget the queues' setup; keeps DMA
+    /// mappings (like vhost-vdpa, whose IOTLB survives a reset) and the
+    /// in-kernel kicks: a reset runs where the guest asks for it (a VMM's
+    /// vCPU thread, whose seccomp filter in Cloud Hypervisor does not
+    /// allow `VFIO_DEVICE_IOEVENTFD`), and a kick reaching a reset device
+    /// is ignored by it. The next activation replaces or removes them
+    /// (`set_vring_kick`), closing the function releases them.
     fn teardown(&mut self) {
         if self.msix_enabled {
             if let Err(e) = self.transport.function().disable_msix() {
@@ -333,9 +360,6 @@ impl<P: PciFunction + ?Sized> VpVdpa<P> {
             self.msix_enabled = false;
         }
         for i in 0..self.queues.len() {
-            if let Some((_fd, off)) = self.queues[i].kick.take() {
-                self.unregister_kick(i as u16, off);
-            }
             self.queues[i].call = None;
             self.queues[i].size = 0;
             self.queues[i].enabled = false;
@@ -658,6 +682,9 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         if s == 0 {
             return self.reset();
         }
+        if self.reset_failed {
+            self.recover()?;
+        }
         let old = self.status;
         if s & old != old {
             // Bits can only be cleared by a reset (virtio 1.2 §2.1.2).
@@ -791,15 +818,14 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
     }
 
     fn set_vring_kick(&mut self, q: QueueIndex, fd: Option<&EventFd>) -> Result<()> {
-        self.queue(q)?;
+        if let Some((_old, off)) = self.queue(q)?.kick.take() {
+            self.unregister_kick(q.0, off);
+        }
         if self.negotiated(features::NOTIFICATION_DATA) && fd.is_some() {
             return Err(OpsError::Unsupported(
                 "in-kernel kicks with VIRTIO_F_NOTIFICATION_DATA (no per-kick data)",
             )
             .into());
-        }
-        if let Some((_old, off)) = self.queue(q)?.kick.take() {
-            self.unregister_kick(q.0, off);
         }
         let Some(fd) = fd else { return Ok(()) };
         let n = self.transport.queue_notify(q, 2)?;

@@ -234,14 +234,26 @@ fn a_device_stuck_while_running_stops_dma_and_later_resets_do_not_wait() {
     let mut drv = Driver::bring_up(&mut d, DriverOptions::default()).unwrap();
     drv.blk_write(0, 8, &pattern(5, 512)).unwrap();
     let requests = f.stats().requests;
+    let flrs = f.stats().function_resets;
     f.set_reset_stuck(true);
 
     let t = Instant::now();
     let e = d.reset().unwrap_err();
     let first = t.elapsed();
-    assert!(matches!(e, Error::ResetFailed { .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::ResetFailed {
+                function_reset: FunctionReset::Deferred,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert!(first < Duration::from_secs(1), "{first:?}");
     assert!(!f.bus_master());
+    // No function-level reset where a reset runs (a vCPU thread).
+    assert_eq!(f.stats().function_resets, flrs);
     // The device still believes it runs: a kick finds no bus mastering.
     d.kick(QueueIndex(0)).unwrap();
     assert!(f.stats().dma_refused >= 1);

@@ -220,9 +220,10 @@ struct IoeventKey {
 
 /// A PCI function claimed through vfio-pci.
 ///
-/// Dropping it disables MSI-X, removes the ioeventfds it registered, resets
-/// the function (or, without reset, clears bus mastering), removes its DMA
-/// mappings and unmaps its BARs; failures there are logged, never raised.
+/// Dropping it disables MSI-X, clears bus mastering, removes its DMA
+/// mappings, unmaps its BARs and closes it (the kernel then removes the
+/// ioeventfds and resets the function); failures there are logged, never
+/// raised.
 pub struct VfioFunction {
     bdf: String,
     bars: [Option<Bar>; NUM_BARS as usize],
@@ -707,33 +708,25 @@ unsafe impl PciFunction for VfioFunction {
 }
 
 impl Drop for VfioFunction {
+    /// Release the function: MSI-X off, bus mastering off (no more DMA),
+    /// DMA mappings removed, then every descriptor closed. Only ioctls a
+    /// VMM's vCPU thread may issue run here (Cloud Hypervisor's filter
+    /// allows `VFIO_DEVICE_SET_IRQS` and `VFIO_IOMMU_UNMAP_DMA` there, for
+    /// its own devices' unplug, which an ACPI eject runs on a vCPU): the
+    /// ioeventfds and the function-level reset are left to the kernel,
+    /// whose vfio-pci removes the ioeventfds, disables interrupts and
+    /// resets the function when its last user closes it
+    /// (`vfio_pci_core_disable`).
     fn drop(&mut self) {
         let bdf = self.bdf.clone();
         if let Err(e) = self.disable_msix() {
             log::warn!("{bdf}: disabling MSI-X failed: {e}");
         }
-        let keys = std::mem::take(&mut *lock(&self.ioevents));
-        for k in keys {
-            if let Err(e) = self.ioeventfd(k, -1) {
-                log::warn!(
-                    "{bdf}: removing ioeventfd at BAR {} +{:#x} failed: {e}",
-                    k.bar,
-                    k.offset
-                );
-            }
-        }
-        // Quiesce the device before its DMA mappings go away.
-        if self.reset_supported {
-            if let Err(e) = sys::device_reset(&self.device) {
-                log::warn!("{bdf}: reset on close failed: {e}");
-            }
-        } else {
-            let stop = self
-                .config_read_u16(cfg::COMMAND)
-                .and_then(|c| self.config_write_u16(cfg::COMMAND, c & !cfg::COMMAND_BUS_MASTER));
-            if let Err(e) = stop {
-                log::warn!("{bdf}: clearing bus master failed: {e}");
-            }
+        let stop = self
+            .config_read_u16(cfg::COMMAND)
+            .and_then(|c| self.config_write_u16(cfg::COMMAND, c & !cfg::COMMAND_BUS_MASTER));
+        if let Err(e) = stop {
+            log::warn!("{bdf}: clearing bus master failed: {e}");
         }
         let maps = lock(&self.dma).all();
         for (iova, size) in maps {
@@ -745,7 +738,8 @@ impl Drop for VfioFunction {
             }
         }
         // BAR mappings, the fd duplicate, the device and the container are
-        // released by their own Drop, in field order.
+        // released by their own Drop, in field order; the last close of the
+        // device makes the kernel reset the function.
     }
 }
 

@@ -322,15 +322,16 @@ impl VdpaOps for VhostVdpaDevice {
     }
 
     fn reset(&mut self) -> Result<()> {
+        // Status 0 only. The kernel keeps the kick and call eventfds across
+        // a reset, and so do we: a reset runs where the guest asks for it
+        // (a VMM's vCPU thread, whose filter in Cloud Hypervisor allows
+        // VHOST_VDPA_SET_STATUS but not the vring fd ioctls); a reset
+        // device neither takes kicks nor signals, the next activation
+        // replaces or detaches them (`set_vring_kick`/`_call(None)`), and
+        // closing the node releases them.
         self.vdpa
             .set_status(0)
             .map_err(ioctl("VHOST_VDPA_SET_STATUS(0)"))?;
-        for q in 0..self.num_queues {
-            // Detach eventfds: the kernel keeps them across a reset.
-            sys::set_vring_fd(&self.vdpa, sys::VringFd::Kick, q, None)?;
-            sys::set_vring_fd(&self.vdpa, sys::VringFd::Call, q, None)?;
-        }
-        sys::set_config_call(&self.vdpa, None)?;
         self.driver_features = 0;
         self.sizes.iter_mut().for_each(|s| *s = 0);
         Ok(())

@@ -151,6 +151,8 @@ pub struct EmuStats {
     /// Requests not processed because bus mastering was off (the device
     /// cannot DMA).
     pub dma_refused: u64,
+    /// ioeventfd registrations made or removed (`set_ioeventfd` calls).
+    pub ioeventfd_changes: u64,
 }
 
 #[derive(Default)]
@@ -1054,6 +1056,7 @@ unsafe impl PciFunction for EmulatedFunction {
             return Err(PciError::IoeventfdUnsupported { bar, offset });
         }
         let mut st = self.state();
+        st.stats.ioeventfd_changes += 1;
         st.ioeventfds
             .retain(|r| !(r.offset == offset && r.width == width && r.data == data));
         if let Some(fd) = fd {
