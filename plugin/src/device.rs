@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::activate::{self, QueueArg};
 use crate::dma::DmaHandle;
 use crate::error::{backend_err, Error, Result};
-use crate::interrupt::{InterruptType, VirtioInterrupt};
+use crate::interrupt::{InterruptType, ThreadHook, VirtioInterrupt};
 use crate::relay::{Relay, RelayPlan};
 
 /// How guest kicks reach the device.
@@ -155,6 +155,7 @@ pub struct BridgeDevice<B: VdpaOps + DmaMapper, M: GuestMemory> {
     opts: DeviceOptions,
     active: Option<Active>,
     name: String,
+    thread_hook: Option<ThreadHook>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -226,6 +227,7 @@ where
             opts,
             active: None,
             name,
+            thread_hook: None,
         })
     }
 
@@ -303,6 +305,12 @@ where
         self.dma.map_guest_memory()
     }
 
+    /// Run `hook` first in every thread the device starts (the relay):
+    /// where the VMM confines it (see [`ThreadHook`]).
+    pub fn set_thread_hook(&mut self, hook: ThreadHook) {
+        self.thread_hook = Some(hook);
+    }
+
     /// Run `f` on the backend (control path only).
     pub fn with_backend<R>(&self, f: impl FnOnce(&mut B) -> R) -> R {
         f(&mut lock(&self.backend))
@@ -362,7 +370,11 @@ where
         let relay = if relay_plan.is_empty() {
             None
         } else {
-            Some(Relay::start(relay_plan, self.name.clone())?)
+            Some(Relay::start(
+                relay_plan,
+                self.name.clone(),
+                self.thread_hook.clone(),
+            )?)
         };
         activate::driver_ok(&mut *b)?;
         log::info!(

@@ -66,6 +66,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A thread's setup hook refused it (see [`crate::ThreadHook`]).
+    #[error("the {role:?} thread could not be set up: {reason}")]
+    ThreadSetup {
+        /// Which thread.
+        role: crate::ThreadRole,
+        /// The hook's reason.
+        reason: String,
+    },
     /// The requested operation is not supported by this device.
     #[error("{0}")]
     Unsupported(&'static str),

@@ -24,3 +24,19 @@ pub trait VirtioInterrupt: Send + Sync {
     /// The device's interrupt is routed straight to it: no userspace hop.
     fn notifier(&self, int_type: InterruptType) -> Option<EventFd>;
 }
+
+/// A thread the device starts (see [`ThreadHook`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadRole {
+    /// The relay thread: kicks and interrupts that cannot be direct. It
+    /// waits on eventfds (epoll), reads and writes them, reads guest memory
+    /// and writes doorbells (a store to the mapped BAR, or a `pwrite` to
+    /// the VFIO device on the slow path).
+    Relay,
+}
+
+/// Runs first in every thread the device starts, before it touches
+/// anything: where a VMM confines the thread (Cloud Hypervisor applies a
+/// seccomp filter of its own for it). An error stops the thread and fails
+/// what started it.
+pub type ThreadHook = std::sync::Arc<dyn Fn(ThreadRole) -> Result<(), String> + Send + Sync>;

@@ -44,6 +44,6 @@ pub use device::{
 };
 pub use dma::DmaHandle;
 pub use error::{Error, Result};
-pub use interrupt::{InterruptType, VirtioInterrupt};
+pub use interrupt::{InterruptType, ThreadHook, ThreadRole, VirtioInterrupt};
 /// Every backend behind one type (what [`VdpaDeviceConfig::open`] returns).
 pub use vdpa_bridge::backend::AnyDevice;

@@ -26,8 +26,9 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemory
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::error::{io, Result};
+use crate::error::{io, Error, Result};
 use crate::interrupt::{InterruptType, VirtioInterrupt};
+use crate::interrupt::{ThreadHook, ThreadRole};
 
 const TOKEN_STOP: u64 = 0;
 const KIND_KICK: u64 = 1 << 32;
@@ -87,7 +88,10 @@ pub(crate) struct Relay {
 
 impl Relay {
     /// Start a relay thread for `plan`.
-    pub fn start<M>(plan: RelayPlan<M>, name: String) -> Result<Relay>
+    ///
+    /// `hook` runs first in the new thread (a VMM confines the thread
+    /// there); its error stops the thread and is returned here.
+    pub fn start<M>(plan: RelayPlan<M>, name: String, hook: Option<ThreadHook>) -> Result<Relay>
     where
         M: GuestMemory + Send + Sync + 'static,
     {
@@ -112,10 +116,34 @@ impl Relay {
         let stop_thread = stop.try_clone().map_err(io("dup eventfd"))?;
         let stopping = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stopping);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(epoll, stop_thread, &flag, plan))
+            .spawn(move || {
+                let ready = match hook {
+                    Some(h) => h(ThreadRole::Relay),
+                    None => Ok(()),
+                };
+                let go = ready.is_ok();
+                // The receiver waits for this; it cannot be gone.
+                let _ = ready_tx.send(ready);
+                if go {
+                    run(epoll, stop_thread, &flag, plan);
+                }
+            })
             .map_err(io("spawn relay thread"))?;
+        let ready = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err("the relay thread ended before it was ready".into()));
+        if let Err(reason) = ready {
+            if thread.join().is_err() {
+                log::error!("relay thread panicked");
+            }
+            return Err(Error::ThreadSetup {
+                role: ThreadRole::Relay,
+                reason,
+            });
+        }
         Ok(Relay {
             stop,
             stopping,
@@ -252,7 +280,44 @@ mod tests {
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             interrupt: Arc::new(NoInterrupt),
         };
-        Relay::start(plan, "relay-test".into()).unwrap()
+        Relay::start(plan, "relay-test".into(), None).unwrap()
+    }
+
+    fn plan() -> RelayPlan<GuestMemoryMmap<()>> {
+        RelayPlan {
+            kicks: Vec::new(),
+            irqs: Vec::new(),
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            interrupt: Arc::new(NoInterrupt),
+        }
+    }
+
+    #[test]
+    fn the_hook_runs_in_the_relay_thread_before_it_starts() {
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let s2 = Arc::clone(&seen);
+        let hook: ThreadHook = Arc::new(move |role| {
+            *s2.lock().unwrap() = Some((role, std::thread::current().name().map(str::to_owned)));
+            Ok(())
+        });
+        let mut r = Relay::start(plan(), "relay-hooked".into(), Some(hook)).unwrap();
+        r.stop();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            Some((ThreadRole::Relay, Some("relay-hooked".to_owned())))
+        );
+    }
+
+    #[test]
+    fn a_failing_hook_fails_the_start_and_leaves_no_thread() {
+        let hook: ThreadHook = Arc::new(|_| Err("no filter".into()));
+        let e = Relay::start(plan(), "relay-refused".into(), Some(hook))
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, Error::ThreadSetup { role: ThreadRole::Relay, reason } if reason == "no filter"),
+            "{e}"
+        );
     }
 
     #[test]
