@@ -154,14 +154,17 @@ impl<'a> Ch<'a> {
     }
 
     /// Open the API socket and give Landlock, up front, what a bridged
-    /// device hot-plugged later at `bdf` will open (Cloud Hypervisor asks
-    /// for that with any hot-plugged device).
-    pub fn hotplug_of(mut self, bdf: &str) -> Self {
+    /// device hot-plugged later at `bdf`, in IOMMU group `group`, will open
+    /// (Cloud Hypervisor asks for that with any hot-plugged device): the
+    /// four paths the patches derive for a device given at boot, that
+    /// group's only.
+    pub fn hotplug_of(mut self, bdf: &str, group: u32) -> Self {
         self.api_socket = true;
         self.landlock_rules = vec![
-            "path=/dev/vfio,access=rw".to_string(),
+            "path=/dev/vfio/vfio,access=rw".to_string(),
+            format!("path=/dev/vfio/{group},access=rw"),
             format!("path=/sys/bus/pci/devices/{bdf},access=r"),
-            "path=/sys/kernel/iommu_groups,access=r".to_string(),
+            format!("path=/sys/kernel/iommu_groups/{group},access=r"),
         ];
         self
     }
@@ -545,15 +548,16 @@ mod tests {
     fn hotplug_launch_has_the_api_socket_and_landlock_rules_for_the_device() {
         let lab = lab();
 
-        let a = args(&Ch::new(&lab, "hotplug").hotplug_of("0000:00:03.0"));
+        let a = args(&Ch::new(&lab, "hotplug").hotplug_of("0000:00:03.0", 7));
 
         assert_eq!(values(&a, "--api-socket"), ["path=/tmp/ch-l3/api.sock"]);
         assert_eq!(
             values(&a, "--landlock-rules"),
             [
-                "path=/dev/vfio,access=rw",
+                "path=/dev/vfio/vfio,access=rw",
+                "path=/dev/vfio/7,access=rw",
                 "path=/sys/bus/pci/devices/0000:00:03.0,access=r",
-                "path=/sys/kernel/iommu_groups,access=r",
+                "path=/sys/kernel/iommu_groups/7,access=r",
             ]
         );
         assert!(a.iter().any(|x| x == "--landlock"));

@@ -16,6 +16,7 @@
 //!
 //! Every case starts Cloud Hypervisor through [`crate::guest::ch`].
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
@@ -146,7 +147,10 @@ fn hotplug(ctx: &Ctx, mode: &str, queues: u16, io_done: &str, io_ok: &str) -> Ca
         return Ok(Outcome::Skip("CH_REMOTE is not set".into()));
     }
     let dev = ctx.dev()?;
-    let mut vm = Ch::new(lab, mode).hotplug_of(&dev.bdf).start()?;
+    let group =
+        vdpa_bridge::sysfs::iommu_group_of(&Path::new("/sys/bus/pci/devices").join(&dev.bdf))
+            .with_context(|| format!("{} has no IOMMU group", dev.bdf))?;
+    let mut vm = Ch::new(lab, mode).hotplug_of(&dev.bdf, group).start()?;
     vm.wait("L3-READY", BOOT_TIMEOUT)?;
     vm.remote(&["add-vdpa", &Vdpa::new(&dev.bdf, queues).id("hotvdpa").arg()])?;
     vm.wait("L3-PLUGGED", Duration::from_secs(90))?;
