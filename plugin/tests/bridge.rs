@@ -894,3 +894,117 @@ fn a_device_stuck_in_reset_is_recovered_by_a_function_reset_at_the_next_activati
     assert_eq!(g.blk(0, 1, 3, &mut data, &irq.queues[0]).unwrap(), 0);
     assert_eq!(emu.disk_read(3 * 512, 512), data);
 }
+
+/// An error and its sources, joined.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// Post a 4 KiB read of sector 0 on queue 0 and kick it, without waiting.
+fn post_read(g: &mut Guest) {
+    use vdpa_testkit::driver::ring::Buf;
+    let mem = g.mem.memory();
+    let base = Guest::buffer(0);
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&vdpa_testkit::driver::blk::T_IN.to_le_bytes());
+    vm_memory::Bytes::write_slice(&*mem, &hdr, GuestAddress(base)).unwrap();
+    let bufs = [
+        Buf {
+            addr: base,
+            len: 16,
+            write: false,
+        },
+        Buf {
+            addr: base + 512,
+            len: 4096,
+            write: true,
+        },
+        Buf {
+            addr: base + 16,
+            len: 1,
+            write: true,
+        },
+    ];
+    g.rings[0].post(&mem, &bufs).unwrap();
+    g.kicks[0].write(1).unwrap();
+}
+
+#[test]
+fn a_device_removed_with_requests_in_flight_resets_and_drops_at_once() {
+    let _serial = serial();
+    let idle = threads_settled(0);
+    let fds = open_fds();
+    let mut g = guest();
+    let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    emu.hold_requests(true);
+    post_read(&mut g);
+    let requests = emu.stats().requests;
+
+    emu.surprise_remove();
+    let t = std::time::Instant::now();
+    let e = dev.reset().unwrap_err();
+    let reset_took = t.elapsed();
+    let mut buf = [0u8; 8];
+    let config = dev.read_config(0, &mut buf);
+    drop(dev);
+    drop(emu);
+    drop(irq);
+    drop(g);
+
+    let chain = error_chain(&e);
+    assert!(chain.contains("all-ones"), "{chain}");
+    assert!(reset_took < Duration::from_millis(100), "{reset_took:?}");
+    assert!(config.is_err(), "config read from a removed device");
+    assert_eq!(requests, 0, "the held request was completed");
+    assert_eq!(threads_settled(idle), idle);
+    assert_eq!(open_fds(), fds);
+}
+
+#[test]
+fn a_device_removed_before_activation_refuses_it_and_leaves_nothing() {
+    let _serial = serial();
+    let idle = threads_settled(0);
+    let mut g = guest();
+    let (emu, mut dev) = device(
+        EmuConfig::default(),
+        DeviceOptions {
+            kick: KickPolicy::Relay,
+            ..DeviceOptions::default()
+        },
+        &g,
+    );
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+
+    emu.surprise_remove();
+    let t = std::time::Instant::now();
+    let e = dev
+        .activate(g.mem.clone(), irq.clone(), queues)
+        .unwrap_err();
+
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(!dev.is_active());
+    assert!(matches!(e, Error::Backend { .. }), "{e}");
+    assert_eq!(
+        threads_settled(idle + 1),
+        idle + 1,
+        "only the emulator's worker"
+    );
+    drop(dev);
+}

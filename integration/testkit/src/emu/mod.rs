@@ -199,6 +199,8 @@ struct State {
     stats: EmuStats,
     /// Resets (status 0) are ignored.
     reset_stuck: bool,
+    /// Requests are not processed (they stay in flight).
+    hold_requests: bool,
 }
 
 struct Shared {
@@ -356,6 +358,7 @@ impl EmulatedFunction {
             bump_reads: 0,
             stats: EmuStats::default(),
             reset_stuck: cfg.never_finish_reset,
+            hold_requests: false,
         };
         // An eventfd only fails without file descriptors left.
         let wake = EventFd::new(EFD_NONBLOCK).ok();
@@ -400,6 +403,13 @@ impl EmulatedFunction {
     /// From now on every access reads all-ones and writes are dropped.
     pub fn surprise_remove(&self) {
         self.shared.removed.store(true, Ordering::SeqCst);
+    }
+
+    /// While `on`, kicks are noted but requests are not processed: they
+    /// stay in flight (available, not used) until `on` is cleared and the
+    /// queue is kicked again.
+    pub fn hold_requests(&self, on: bool) {
+        self.state().hold_requests = on;
     }
 
     /// While `on`, every DMA unmap fails with EIO and leaves the mapping
@@ -713,6 +723,9 @@ impl State {
     /// Process queue `q`'s available requests.
     fn process(&mut self, q: u16) {
         if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        if self.hold_requests {
             return;
         }
         let command = u16::from_le_bytes([self.config[4], self.config[5]]);
