@@ -13,7 +13,7 @@ use std::sync::Arc;
 use vdpa_bridge::types::{features, status};
 use vdpa_bridge::{BackendCaps, QueueIndex, VdpaOps, VringAddrs};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{KickPolicy, Wiring};
@@ -53,6 +53,55 @@ pub(crate) fn check_queues(queues: &[QueueArg], max_sizes: &[u16], acked: u64) -
         out.push(qi);
     }
     Ok(out)
+}
+
+/// Check that every ring of every queue lies, whole and aligned, in guest
+/// RAM: with IOVA = GPA the device is handed these addresses as they are,
+/// and a ring the guest put over MMIO or a hole would have the device DMA
+/// to whatever the IOMMU maps there (nothing, or another device's window).
+///
+/// Sizes and alignments are the virtio 1.x ones (split: descriptors 16-byte
+/// aligned, available ring 2-byte with `used_event`, used ring 4-byte with
+/// `avail_event`; packed: descriptors 16-byte, both event suppression
+/// structures 4 bytes, 4-byte aligned). `virtio_queue::QueueT::is_valid`
+/// checks only each ring's end address, and logs at error level for what a
+/// guest controls, so it is not used here.
+pub(crate) fn check_rings<M: GuestMemory>(queues: &[QueueArg], mem: &M, acked: u64) -> Result<()> {
+    let packed = acked & features::bit(features::RING_PACKED) != 0;
+    for (index, q, _) in queues {
+        let n = u64::from(q.size());
+        let rings: [(&'static str, GuestAddress, u64, u64); 3] = if packed {
+            [
+                ("descriptor ring", GuestAddress(q.desc_table()), 16 * n, 16),
+                ("driver event area", GuestAddress(q.avail_ring()), 4, 4),
+                ("device event area", GuestAddress(q.used_ring()), 4, 4),
+            ]
+        } else {
+            [
+                ("descriptor table", GuestAddress(q.desc_table()), 16 * n, 16),
+                ("available ring", GuestAddress(q.avail_ring()), 6 + 2 * n, 2),
+                ("used ring", GuestAddress(q.used_ring()), 6 + 8 * n, 4),
+            ]
+        };
+        for (what, addr, len, align) in rings {
+            let reason = if addr.0 % align != 0 {
+                Some("is misaligned")
+            } else if !usize::try_from(len).is_ok_and(|l| mem.check_range(addr, l)) {
+                Some("is not inside guest RAM")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(Error::BadRing {
+                    index: *index,
+                    ring: what,
+                    addr: addr.0,
+                    reason,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// ACKNOWLEDGE | DRIVER, the acked features, FEATURES_OK (read back by

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vdpa_bridge::types::features;
 use vdpa_bridge::{ConfigRange, DmaMapper, DriverFeatures, NotifyArea, QueueIndex, VdpaOps};
 use virtio_queue::Queue;
-use vm_memory::{GuestMemory, GuestMemoryAtomic};
+use vm_memory::{GuestAddressSpace as _, GuestMemory, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::activate::{self, QueueArg};
@@ -352,6 +352,9 @@ where
     ) -> Result<Active> {
         let acked = self.acked;
         let qidx = activate::check_queues(queues, &self.queue_max_sizes, acked)?;
+        if !self.opts.iommu {
+            activate::check_rings(queues, &*mem.memory(), acked)?;
+        }
         let mut b = lock(&self.backend);
         activate::negotiate(&mut *b, acked)?;
         activate::program_queues(&mut *b, queues, &qidx)?;

@@ -36,6 +36,18 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// Activation was given a ring the device must not be pointed at.
+    #[error("queue {index}: {ring} at {addr:#x} {reason}")]
+    BadRing {
+        /// Queue index as given by the VMM.
+        index: usize,
+        /// Which ring.
+        ring: &'static str,
+        /// Its guest address.
+        addr: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// Activation while already active.
     #[error("device is already active")]
     AlreadyActive,

@@ -439,6 +439,70 @@ fn reset_and_reactivate_many_times_without_leaking() {
     assert_eq!(dev.dma().mappings().len(), 1);
 }
 
+/// A guest that puts a ring outside its RAM (past the end, straddling
+/// the end, above 4 GiB) is refused before the device is touched: the
+/// device stays reset, no doorbell or ioeventfd is wired, and a correct
+/// activation afterwards works.
+#[test]
+fn rings_outside_guest_ram_are_refused_before_the_device_sees_them() {
+    let _serial = serial();
+    let mut g = guest();
+    let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let max = dev.queue_max_sizes()[0];
+    let before = emu.stats();
+    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+    type Move = fn(&mut virtio_queue::Queue, (Option<u32>, Option<u32>));
+    let desc: Move = |q, (lo, hi)| q.set_desc_table_address(lo, hi);
+    let avail: Move = |q, (lo, hi)| q.set_avail_ring_address(lo, hi);
+    let used: Move = |q, (lo, hi)| q.set_used_ring_address(lo, hi);
+    let n = u64::from(RING_SIZE.min(max));
+    let cases: [(&str, Move, u64); 4] = [
+        ("descriptor table", desc, RAM + 0x1000),
+        ("descriptor table", desc, RAM - 16 * n + 16),
+        ("available ring", avail, 0x1_0000_0000),
+        ("used ring", used, RAM - 8),
+    ];
+    for (ring, set, addr) in cases {
+        ack_default(&mut dev);
+        let mut queues = g.queues(1, max).unwrap();
+        set(&mut queues[0].1, split(addr));
+        let e = dev
+            .activate(g.mem.clone(), irq.clone(), queues)
+            .unwrap_err();
+        match &e {
+            Error::BadRing {
+                index: 0,
+                ring: r,
+                addr: a,
+                ..
+            } => {
+                assert_eq!((*r, *a), (ring, addr), "{e}");
+            }
+            other => panic!("{ring} at {addr:#x}: {other}"),
+        }
+        assert!(!dev.is_active());
+        assert_eq!(emu.device_status(), 0);
+        let now = emu.stats();
+        assert_eq!(now.ioeventfd_changes, before.ioeventfd_changes);
+        assert_eq!(now.notifies, before.notifies);
+        assert_eq!(now.dma_refused, before.dma_refused);
+    }
+    // The last valid byte of RAM may end a ring.
+    ack_default(&mut dev);
+    let mut queues = g.queues(1, max).unwrap();
+    used(&mut queues[0].1, split(RAM - (6 + 8 * n)));
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    dev.reset().unwrap();
+    // And the plain layout round-trips I/O.
+    ack_default(&mut dev);
+    let queues = g.queues(1, max).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let mut data = pattern(7, 4096);
+    assert_eq!(g.blk(0, 1, 8, &mut data, &irq.queues[0]).unwrap(), 0);
+    assert_eq!(emu.disk_read(8 * 512, 4096), pattern(7, 4096));
+}
+
 #[test]
 fn failed_activation_rolls_back_and_a_later_one_succeeds() {
     let _serial = serial();
@@ -587,7 +651,27 @@ fn config_reads_come_from_the_device_and_out_of_range_is_an_error() {
         dev.read_config(u64::MAX, &mut b),
         Err(Error::Invalid(OpsError::ConfigOutOfRange { .. }))
     ));
-    assert!(dev.write_config(size, &[0]).is_err());
+    // Writes past the end, straddling it or wrapping are refused and
+    // change nothing.
+    let mut before = vec![0u8; size as usize];
+    dev.read_config(0, &mut before).unwrap();
+    for (offset, len) in [
+        (size, 1),
+        (size - 1, 2),
+        (u64::MAX, 4),
+        (0, size as usize + 1),
+    ] {
+        assert!(
+            matches!(
+                dev.write_config(offset, &vec![0xa5; len]),
+                Err(Error::Invalid(OpsError::ConfigOutOfRange { .. }))
+            ),
+            "write at {offset:#x} (+{len}) accepted"
+        );
+    }
+    let mut after = vec![0u8; size as usize];
+    dev.read_config(0, &mut after).unwrap();
+    assert_eq!(after, before);
 }
 
 #[test]

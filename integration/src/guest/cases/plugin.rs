@@ -8,9 +8,11 @@ use anyhow::{ensure, Context as _};
 use vdpa_bridge::types::features;
 use vdpa_bridge::vfio::VfioFunction;
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
+use vdpa_bridge::VdpaOps as _;
 use vdpa_plugin::{BridgeDevice, DeviceOptions, InterruptType, KickPolicy, NoNotifyMapping};
 use vdpa_testkit::driver::blk::{T_IN, T_OUT};
 use vdpa_testkit::harness::{Guest, Mem, TestInterrupt};
+use virtio_queue::QueueT as _;
 
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
 use crate::manifest::{Device, Variant};
@@ -55,6 +57,11 @@ pub fn cases() -> Vec<Case> {
         Variant::NetMq,
         "doorbell_page_covers_every_queue",
         net_doorbell_page,
+    );
+    add(
+        Variant::Blk0,
+        "misbehaving_guest_is_refused_and_io_still_works",
+        misbehaving_guest,
     );
     out
 }
@@ -123,6 +130,78 @@ fn activate(d: &mut Dev, g: &mut Guest) -> anyhow::Result<Arc<TestInterrupt>> {
     let queues = g.queues(n as u16, d.queue_max_sizes()[0])?;
     d.activate(g.mem.clone(), irq.clone(), queues)?;
     Ok(irq)
+}
+
+/// A guest that misbehaves towards QEMU's device: rings outside its RAM,
+/// sizes that are not powers of two or above the maximum, config writes
+/// past the end, a doorbell rung while the device is not started. Each is
+/// refused (or ignored by the device) and leaves it reset; the same
+/// device then does verified I/O.
+fn misbehaving_guest(ctx: &Ctx) -> CaseResult {
+    use vdpa_plugin::Error;
+    let mut g = Guest::new(GUEST_RAM, 128)?;
+    let (_f, mut d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
+    let max = d.queue_max_sizes()[0];
+    let irq = TestInterrupt::new(1, true)?;
+    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+    let mut refusals = Vec::new();
+    for (what, addr) in [
+        ("past the end", GUEST_RAM + 0x1000),
+        ("above 4 GiB", 0x1_0000_0000),
+        ("straddling the end", GUEST_RAM - 16),
+    ] {
+        ack(&mut d)?;
+        let mut queues = g.queues(1, max)?;
+        let (lo, hi) = split(addr);
+        queues[0].1.set_desc_table_address(lo, hi);
+        match d.activate(g.mem.clone(), irq.clone(), queues) {
+            Err(Error::BadRing { .. }) => {}
+            other => anyhow::bail!("descriptor table {what}: {other:?}"),
+        }
+        refusals.push(what);
+    }
+    for (what, size) in [
+        ("not a power of two", 96u16),
+        ("above the maximum", max * 2),
+    ] {
+        ack(&mut d)?;
+        let mut queues = g.queues(1, max)?;
+        queues[0].1.set_size(size);
+        if queues[0].1.size() != size {
+            // virtio-queue itself refused it (size above the VMM's maximum).
+            continue;
+        }
+        match d.activate(g.mem.clone(), irq.clone(), queues) {
+            Err(Error::BadQueue { .. }) => {}
+            other => anyhow::bail!("queue size {size} ({what}): {other:?}"),
+        }
+        refusals.push(what);
+    }
+    let status = d.with_backend(|b| b.status())?;
+    ensure!(status == 0, "device left with status {status:#x}");
+    // A doorbell rung before DRIVER_OK (a guest with the doorbell page
+    // mapped can do that at any time): the reset device has no ring.
+    d.with_backend(|b| b.kick(vdpa_bridge::QueueIndex(0)))?;
+    let size = d.config_size() as u64;
+    let mut before = vec![0u8; size as usize];
+    d.read_config(0, &mut before)?;
+    for (offset, len) in [(size, 1usize), (size - 1, 2), (u64::MAX, 4)] {
+        ensure!(
+            d.write_config(offset, &vec![0xa5; len]).is_err(),
+            "config write at {offset:#x} (+{len}) accepted"
+        );
+    }
+    let mut after = vec![0u8; size as usize];
+    d.read_config(0, &mut after)?;
+    ensure!(after == before, "config changed by refused writes");
+    ack(&mut d)?;
+    let irq = activate(&mut d, &mut g)?;
+    blk_io_every_queue(ctx, &mut g, &irq, 1, 1000)?;
+    d.reset()?;
+    Ok(Outcome::PassWith(format!(
+        "refused: {}",
+        refusals.join(", ")
+    )))
 }
 
 /// Read the image's pattern and write+read the written pattern on every
