@@ -375,7 +375,7 @@ fn run(cli: Cli) -> Result<bool> {
             }
             for n in &vdpa {
                 println!(
-                    "{:<20} vDPA device {:<10} type {:<8} {}",
+                    "{:<20} vDPA device {:<10} type {:<14} {}",
                     n.node,
                     n.vdpa_device,
                     n.device_type.unwrap_or("?"),
@@ -385,13 +385,14 @@ fn run(cli: Cli) -> Result<bool> {
             if list.is_empty() {
                 println!("no virtio-pci functions");
             } else {
+                // TYPE fits the longest name (`mac80211-hwsim`).
                 println!(
-                    "{:<14} {:<10} {:<8} {:<8} {:<12} GROUP",
+                    "{:<14} {:<10} {:<14} {:<8} {:<12} GROUP",
                     "ADDRESS", "ID", "TYPE", "MODERN", "DRIVER"
                 );
                 for f in &list {
                     println!(
-                        "{:<14} {:04x}:{:04x} {:<8} {:<8} {:<12} {}",
+                        "{:<14} {:04x}:{:04x} {:<14} {:<8} {:<12} {}",
                         f.address,
                         f.vendor,
                         f.device,
