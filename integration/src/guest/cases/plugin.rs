@@ -82,7 +82,7 @@ fn net_arp(ctx: &Ctx) -> CaseResult {
     d.ack_features(d.features() & want)?;
     // The guest enables rx and tx only (no control queue).
     let irq = TestInterrupt::new(2, true)?;
-    let queues = g.queues(2, d.queue_max_sizes()[0])?;
+    let queues = g.queues_sized(&d.queue_max_sizes()[..2])?;
     d.activate(g.mem.clone(), irq.clone(), queues)?;
     g.net_fill_rx(0)?;
     let peer = [10, 0, 2, 2];
@@ -120,7 +120,7 @@ fn ack(d: &mut Dev) -> anyhow::Result<()> {
 fn activate(d: &mut Dev, g: &mut Guest) -> anyhow::Result<Arc<TestInterrupt>> {
     let n = d.queue_max_sizes().len();
     let irq = TestInterrupt::new(n, true)?;
-    let queues = g.queues(n as u16, d.queue_max_sizes()[0])?;
+    let queues = g.queues_sized(d.queue_max_sizes())?;
     d.activate(g.mem.clone(), irq.clone(), queues)?;
     Ok(irq)
 }

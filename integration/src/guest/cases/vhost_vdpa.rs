@@ -197,7 +197,7 @@ fn vduse_plugin(ctx: &Ctx) -> CaseResult {
     for i in 0..10u64 {
         d.ack_features(d.features() & want)?;
         let irq = TestInterrupt::new(1, true)?;
-        let queues = g.queues(1, d.queue_max_sizes()[0])?;
+        let queues = g.queues_sized(&d.queue_max_sizes()[..1])?;
         d.activate(g.mem.clone(), irq.clone(), queues)
             .with_context(|| format!("activation {i}"))?;
         let w = d.wiring().context("not active")?.clone();
