@@ -113,7 +113,14 @@ impl Ctx<'_> {
     }
 
     /// Declare that the case wrote `len` bytes at `offset` of its blk
-    /// device's image, so the host's after-exit pattern check skips them.
+    /// device's image, so the host's after-exit check expects the written
+    /// pattern there (and the image's own pattern everywhere else).
+    ///
+    /// Declare a write once it can have happened: right after the request
+    /// was handed to the device (whatever its result), or after the inner
+    /// guest reached the point where it writes. A write declared before
+    /// that, when the case then fails first, makes the host's image check
+    /// fail as well, for a write that never happened.
     ///
     /// # Errors
     /// The case has no device.
@@ -124,7 +131,7 @@ impl Ctx<'_> {
 }
 
 /// Declare a write of `len` bytes at `offset` of the image named
-/// `image` (a device variant name, or `vduse`).
+/// `image` (a device variant name, or `vduse`); see [`Ctx::declare_write`].
 pub fn declare_write_to(image: &str, offset: u64, len: u64) {
     emit(&Event::Write(WriteRecord {
         device: image.to_string(),

@@ -111,22 +111,32 @@ impl Summary {
 /// which QEMU's virtio-blk offers).
 pub const CH_MASKED_BIT: u32 = 9;
 
-/// `CLOUD_HYPERVISOR` (and `CH_REMOTE`) and the innermost guest's boot
-/// files, or `None` when the variable is unset.
+/// The Cloud Hypervisor binaries `CLOUD_HYPERVISOR` and `CH_REMOTE`
+/// name, as absolute paths the guest can open, or `None` when
+/// `CLOUD_HYPERVISOR` is unset.
+///
+/// # Errors
+/// A variable is set but names no file the guest can see: the run stops
+/// before booting, with that message (a skip would hide the mistake).
+fn ch_binaries() -> anyhow::Result<Option<(PathBuf, Option<PathBuf>)>> {
+    let Some(binary) = std::env::var_os("CLOUD_HYPERVISOR") else {
+        return Ok(None);
+    };
+    let binary = guest_visible_file("CLOUD_HYPERVISOR", Path::new(&binary))?;
+    let remote = std::env::var_os("CH_REMOTE")
+        .map(|r| guest_visible_file("CH_REMOTE", Path::new(&r)))
+        .transpose()?;
+    Ok(Some((binary, remote)))
+}
+
+/// The Cloud Hypervisor run: its binaries (from [`ch_binaries`]) and the
+/// innermost guest's boot files.
 fn cloud_hypervisor(
+    (binary, remote): (PathBuf, Option<PathBuf>),
     kernel: &kernel::Kernel,
     lab_dir: &Path,
     perf_tool: &Path,
-) -> anyhow::Result<Option<crate::manifest::ChRun>> {
-    let Some(binary) = std::env::var_os("CLOUD_HYPERVISOR").map(std::path::PathBuf::from) else {
-        return Ok(None);
-    };
-    ensure!(
-        binary.is_file(),
-        "CLOUD_HYPERVISOR={} is not a file",
-        binary.display()
-    );
-    let remote = std::env::var_os("CH_REMOTE").map(std::path::PathBuf::from);
+) -> anyhow::Result<crate::manifest::ChRun> {
     let modules = kernel.resolve(&["virtio_pci", "virtio_blk", "virtio_net"])?;
     let initramfs = lab_dir.join("l3.cpio.gz");
     let image = devices::DEVICES
@@ -156,13 +166,40 @@ fn cloud_hypervisor(
         initramfs::L3_INIT,
         &files,
     )?;
-    Ok(Some(crate::manifest::ChRun {
+    Ok(crate::manifest::ChRun {
         binary,
         remote,
         kernel: kernel.vmlinuz.clone(),
         initramfs,
         masked_bit: CH_MASKED_BIT,
-    }))
+    })
+}
+
+/// The absolute path of the file `path` names (relative to the current
+/// directory), as the lab guest will open it: the guest runs chrooted at
+/// the host's root, from another directory, with a tmpfs over `/tmp`. So a
+/// relative path is resolved here, and a file the guest cannot see is
+/// refused, naming `var`.
+///
+/// # Errors
+/// `path` names no file, or one under `/tmp`.
+fn guest_visible_file(var: &str, path: &Path) -> anyhow::Result<PathBuf> {
+    let abs = std::fs::canonicalize(path).with_context(|| {
+        format!(
+            "{var}={}: no such file (relative paths are taken from {})",
+            path.display(),
+            std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| "the current directory".into())
+        )
+    })?;
+    ensure!(abs.is_file(), "{var}={}: not a file", path.display());
+    ensure!(
+        !abs.starts_with("/tmp"),
+        "{var}={} is under /tmp, which the lab guest covers with a tmpfs: put it elsewhere",
+        abs.display()
+    );
+    Ok(abs)
 }
 
 /// Name (pattern seed) of the image the guest exports through VDUSE.
@@ -297,6 +334,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         "{} missing: cargo build --release -p vdpa-integration --bins",
         opts.guest_bin.display()
     );
+    let ch_bins = ch_binaries()?;
     std::fs::create_dir_all(&lab_dir)?;
     std::fs::create_dir_all(&cache)?;
     let _lock = lock(&opts.target_dir.join("lab.lock"))?;
@@ -359,9 +397,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
     )
     .with_context(|| format!("write {}", vduse_image.display()))?;
     let perf_tool = opts.guest_bin.with_file_name("l3-blkperf");
-    let (ch, ch_skip) = match cloud_hypervisor(&kernel, &lab_dir, &perf_tool) {
-        Ok(Some(run)) => (Some(run), None),
-        Ok(None) => (
+    let (ch, ch_skip) = match ch_bins.map(|b| cloud_hypervisor(b, &kernel, &lab_dir, &perf_tool)) {
+        Some(Ok(run)) => (Some(run), None),
+        None => (
             None,
             Some(
                 "CLOUD_HYPERVISOR is not set: set it (and CH_REMOTE) to a Cloud Hypervisor \
@@ -369,7 +407,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
                     .to_string(),
             ),
         ),
-        Err(e) => (
+        Some(Err(e)) => (
             None,
             Some(format!("cannot prepare the Cloud Hypervisor run: {e:#}")),
         ),
@@ -678,6 +716,33 @@ mod tests {
         assert_eq!(names, ["vm"]);
         assert_eq!(s.benchmarks.len(), 1);
         assert_eq!(s.benchmarks[0].result, BenchResult::Error);
+    }
+
+    #[test]
+    fn relative_binary_path_is_made_absolute_for_the_guest() {
+        // Unit tests run in the package directory.
+        let got = guest_visible_file("CLOUD_HYPERVISOR", Path::new("../integration/Cargo.toml"));
+
+        let got = got.unwrap();
+        assert!(got.is_absolute(), "{}", got.display());
+        assert!(got.ends_with("integration/Cargo.toml"), "{}", got.display());
+    }
+
+    #[test]
+    fn missing_or_tmp_binary_is_refused_naming_the_variable() {
+        let in_tmp = std::env::temp_dir().join(format!("lab-ch-{}", std::process::id()));
+        std::fs::write(&in_tmp, "").unwrap();
+
+        let missing = guest_visible_file("CH_REMOTE", Path::new("../no/such/ch-remote"));
+        let tmp = guest_visible_file("CLOUD_HYPERVISOR", &in_tmp);
+        let _ = std::fs::remove_file(&in_tmp);
+
+        let missing = format!("{:#}", missing.unwrap_err());
+        assert!(
+            missing.starts_with("CH_REMOTE=../no/such/ch-remote: no such file"),
+            "{missing}"
+        );
+        assert!(format!("{:#}", tmp.unwrap_err()).contains("under /tmp"));
     }
 
     #[test]

@@ -282,8 +282,9 @@ pub fn blk_io_on<B: VdpaOps + vdpa_bridge::DmaMapper>(
         );
         let sector = first_sector + 4 * u64::from(q);
         let data = pattern::written(image, sector * 512, 2048);
+        let written = drv.blk_write(q, sector, &data);
         crate::guest::declare_write_to(image, sector * 512, 2048);
-        drv.blk_write(q, sector, &data)?;
+        written?;
         let back = drv.blk_read(q, sector, 2048)?;
         ensure!(
             back == data,

@@ -149,11 +149,9 @@ fn blk_io_every_queue(
         );
         let sector = first_sector + 8 * u64::from(q);
         let mut data = pattern::written(image, sector * 512, 4096);
+        let written = g.blk(q, T_OUT, sector, &mut data, fd);
         ctx.declare_write(sector * 512, 4096)?;
-        ensure!(
-            g.blk(q, T_OUT, sector, &mut data, fd)? == 0,
-            "queue {q}: write failed"
-        );
+        ensure!(written? == 0, "queue {q}: write failed");
         let mut back = vec![0u8; 4096];
         ensure!(
             g.blk(q, T_IN, sector, &mut back, fd)? == 0,
