@@ -37,7 +37,9 @@ use std::time::Instant;
 use anyhow::Context as _;
 
 use crate::manifest::{Device, Manifest, Variant};
-use crate::protocol::{BenchRecord, BenchResult, CaseRecord, Event, Verdict, WriteRecord};
+use crate::protocol::{
+    BenchRecord, BenchResult, CaseRecord, Event, SentRecord, Verdict, WriteRecord,
+};
 
 /// What a case returns when it did not fail.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,6 +128,20 @@ impl Ctx<'_> {
     /// The case has no device.
     pub fn declare_write(&self, offset: u64, len: u64) -> anyhow::Result<()> {
         declare_write_to(self.dev()?.variant.name(), offset, len);
+        Ok(())
+    }
+
+    /// Declare that the case sent `text` to its console device, which the
+    /// host then expects in the device's chardev file (see
+    /// [`Ctx::declare_write`] for when to declare).
+    ///
+    /// # Errors
+    /// The case has no device.
+    pub fn declare_sent(&self, text: &str) -> anyhow::Result<()> {
+        emit(&Event::Sent(SentRecord {
+            device: self.dev()?.variant.name().to_string(),
+            text: text.to_string(),
+        }));
         Ok(())
     }
 }
@@ -274,6 +290,7 @@ mod tests {
                 num_queues: 2,
                 msix_vectors: 3,
                 qemu_device: String::new(),
+                console: None,
             }],
             skipped: vec![Skipped {
                 variant: Variant::NetMq,
