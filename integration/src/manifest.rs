@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change, so a stale runner fails loudly.
-pub const MANIFEST_VERSION: u32 = 3;
+pub const MANIFEST_VERSION: u32 = 4;
 
 /// PCI vendor id of every virtio device.
 pub const VIRTIO_VENDOR_ID: u16 = 0x1af4;
@@ -35,11 +35,21 @@ pub enum Variant {
     /// A second virtio-blk configured like `Blk0`, so one inner guest can
     /// compare two paths side by side.
     Blk1,
+    /// virtio-rng on QEMU's builtin entropy source.
+    Rng,
+    /// virtio-serial with one port (no MULTIPORT): a virtconsole on a file
+    /// chardev the host fills and reads.
+    Console,
+    /// virtio-balloon with free page reporting: queues of different
+    /// maximum sizes (128 and 32).
+    Balloon,
+    /// virtio-crypto on QEMU's builtin crypto backend.
+    Crypto,
 }
 
 impl Variant {
     /// Every variant, in PCI slot order.
-    pub const ALL: [Variant; 7] = [
+    pub const ALL: [Variant; 11] = [
         Variant::Blk0,
         Variant::BlkMq,
         Variant::BlkPpv,
@@ -47,6 +57,10 @@ impl Variant {
         Variant::Blk1,
         Variant::NetUser,
         Variant::NetMq,
+        Variant::Rng,
+        Variant::Console,
+        Variant::Balloon,
+        Variant::Crypto,
     ];
 
     /// Stable name, as in JSON and case names.
@@ -59,6 +73,10 @@ impl Variant {
             Variant::NetMq => "net_mq",
             Variant::Legacy => "legacy",
             Variant::Blk1 => "blk1",
+            Variant::Rng => "rng",
+            Variant::Console => "console",
+            Variant::Balloon => "balloon",
+            Variant::Crypto => "crypto",
         }
     }
 }
@@ -71,25 +89,70 @@ pub enum Kind {
     Blk,
     /// virtio-net
     Net,
+    /// virtio-rng (entropy)
+    Rng,
+    /// virtio-serial (console)
+    Console,
+    /// virtio-balloon (traditional)
+    Balloon,
+    /// virtio-crypto
+    Crypto,
 }
 
 impl Kind {
-    /// PCI device id of a modern device (virtio 1.0 section 4.1.2.1:
-    /// 0x1040 + virtio device id).
-    pub fn modern_device_id(self) -> u16 {
+    /// Virtio device id (virtio 1.3 §5).
+    pub fn virtio_id(self) -> u16 {
         match self {
-            Kind::Net => 0x1041,
-            Kind::Blk => 0x1042,
+            Kind::Net => 1,
+            Kind::Blk => 2,
+            Kind::Console => 3,
+            Kind::Rng => 4,
+            Kind::Balloon => 5,
+            Kind::Crypto => 20,
         }
     }
 
-    /// PCI device id of a transitional or legacy-only device.
-    pub fn transitional_device_id(self) -> u16 {
+    /// PCI device id of a modern device (virtio 1.0 section 4.1.2.1:
+    /// 0x1040 + virtio device id).
+    pub fn modern_device_id(self) -> u16 {
+        0x1040 + self.virtio_id()
+    }
+
+    /// PCI device id of a transitional or legacy-only device (virtio 1.0
+    /// section 4.1.2.1's table; crypto came after it and has none).
+    pub fn transitional_device_id(self) -> Option<u16> {
         match self {
-            Kind::Net => 0x1000,
-            Kind::Blk => 0x1001,
+            Kind::Net => Some(0x1000),
+            Kind::Blk => Some(0x1001),
+            Kind::Balloon => Some(0x1002),
+            Kind::Console => Some(0x1003),
+            Kind::Rng => Some(0x1005),
+            Kind::Crypto => None,
         }
     }
+
+    /// The type name `vdpa-bridge list`/`info` print for it.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Kind::Blk => "block",
+            Kind::Net => "net",
+            Kind::Rng => "rng",
+            Kind::Console => "console",
+            Kind::Balloon => "balloon",
+            Kind::Crypto => "crypto",
+        }
+    }
+}
+
+/// The host-side files of a console's chardev.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConsoleFiles {
+    /// What QEMU feeds the guest (`input-path=`), written by the host
+    /// before boot.
+    pub input: PathBuf,
+    /// What the guest sent (`path=`), checked by the host after the VM
+    /// exits.
+    pub output: PathBuf,
 }
 
 /// One QEMU virtio-pci device in the VM.
@@ -106,22 +169,25 @@ pub struct Device {
     pub legacy: bool,
     /// Backing image (blk only), a host path.
     pub image: Option<PathBuf>,
-    /// blk: request queues; net: queue pairs (what QEMU will offer).
+    /// blk: request queues; net: queue pairs; other kinds: virtqueues
+    /// (what QEMU will offer).
     pub num_queues: u32,
     /// MSI-X table size QEMU gives the device (explicit `vectors=` or
     /// QEMU's default formula).
     pub msix_vectors: u32,
     /// The QEMU `-device` string, for diagnostics.
     pub qemu_device: String,
+    /// A console's chardev files.
+    #[serde(default)]
+    pub console: Option<ConsoleFiles>,
 }
 
 impl Device {
     /// Expected PCI device id.
     pub fn pci_device_id(&self) -> u16 {
-        if self.legacy {
-            self.kind.transitional_device_id()
-        } else {
-            self.kind.modern_device_id()
+        match (self.legacy, self.kind.transitional_device_id()) {
+            (true, Some(id)) => id,
+            _ => self.kind.modern_device_id(),
         }
     }
 
@@ -242,6 +308,35 @@ mod tests {
             assert_eq!(
                 serde_json::to_string(&v).unwrap(),
                 format!("\"{}\"", v.name())
+            );
+        }
+    }
+
+    #[test]
+    fn modern_device_ids_are_0x1040_plus_the_virtio_id() {
+        assert_eq!(Kind::Net.modern_device_id(), 0x1041);
+        assert_eq!(Kind::Blk.modern_device_id(), 0x1042);
+        assert_eq!(Kind::Console.modern_device_id(), 0x1043);
+        assert_eq!(Kind::Rng.modern_device_id(), 0x1044);
+        assert_eq!(Kind::Balloon.modern_device_id(), 0x1045);
+        assert_eq!(Kind::Crypto.modern_device_id(), 0x1054);
+        assert_eq!(Kind::Crypto.transitional_device_id(), None);
+    }
+
+    /// The names the CLI prints are the library's names for the ids.
+    #[test]
+    fn type_names_are_the_library_s() {
+        for k in [
+            Kind::Blk,
+            Kind::Net,
+            Kind::Rng,
+            Kind::Console,
+            Kind::Balloon,
+            Kind::Crypto,
+        ] {
+            assert_eq!(
+                vdpa_bridge::types::DeviceType::from_id(u32::from(k.virtio_id())).name(),
+                k.type_name()
             );
         }
     }

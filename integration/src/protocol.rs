@@ -12,6 +12,7 @@
 //! | `@@LAB-BENCH-START {"case":..}` | `lab-guest` | a benchmark begins |
 //! | `@@LAB-BENCH {"case":..,"result":"measured"\|"error"\|"skip","detail":..,"ms":N}` | `lab-guest` | a benchmark ended: its figures, or why it has none |
 //! | `@@LAB-WRITE {"device":..,"offset":N,"len":N}` | `lab-guest` | a case wrote that byte range of a blk device's image |
+//! | `@@LAB-SENT {"device":..,"text":..}` | `lab-guest` | a case sent that text to a console device's host side |
 //! | `@@LAB-DONE {"failed":N}` | `lab-guest` | every case reported; `N` counts failed cases, never benchmarks |
 //! | `@@LAB-EXIT {"rc":N}` | `/init` | `lab-guest`'s exit code; the VM powers off next |
 //!
@@ -87,6 +88,17 @@ pub struct WriteRecord {
     pub len: u64,
 }
 
+/// Text a case sent to a console device, which QEMU writes to the
+/// device's chardev file. The host checks after the VM exits that the file
+/// holds exactly the texts declared, in order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SentRecord {
+    /// Device variant name (`console`).
+    pub device: String,
+    /// The text.
+    pub text: String,
+}
+
 /// One console event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -100,6 +112,8 @@ pub enum Event {
     Bench(BenchRecord),
     /// `@@LAB-WRITE`: a case wrote to an image.
     Write(WriteRecord),
+    /// `@@LAB-SENT`: a case sent text to a console device.
+    Sent(SentRecord),
     /// `@@LAB-DONE`: the runner finished, with this many failures.
     Done {
         /// Failed cases (benchmarks never count).
@@ -151,6 +165,7 @@ impl fmt::Display for Event {
             }
             Event::Bench(r) => write!(f, "{PREFIX}-BENCH {}", json(r)),
             Event::Write(w) => write!(f, "{PREFIX}-WRITE {}", json(w)),
+            Event::Sent(t) => write!(f, "{PREFIX}-SENT {}", json(t)),
             Event::Done { failed } => {
                 write!(f, "{PREFIX}-DONE {}", json(&DoneBody { failed: *failed }))
             }
@@ -178,6 +193,7 @@ pub fn parse(line: &str) -> Result<Option<Event>, String> {
         }
         "@@LAB-BENCH" => Event::Bench(serde_json::from_str(body).map_err(bad)?),
         "@@LAB-WRITE" => Event::Write(serde_json::from_str(body).map_err(bad)?),
+        "@@LAB-SENT" => Event::Sent(serde_json::from_str(body).map_err(bad)?),
         "@@LAB-DONE" => Event::Done {
             failed: serde_json::from_str::<DoneBody>(body).map_err(bad)?.failed,
         },
@@ -218,6 +234,10 @@ mod tests {
             device: "blk0".into(),
             offset: 4096,
             len: 512,
+        }));
+        roundtrip(Event::Sent(SentRecord {
+            device: "console".into(),
+            text: "lab 1\n\"x\"".into(),
         }));
         roundtrip(Event::Done { failed: 0 });
         roundtrip(Event::Exit { rc: -1 });

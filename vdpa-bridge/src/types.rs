@@ -125,9 +125,20 @@ pub mod features {
     }
 }
 
-/// Virtio device types (virtio 1.2 §5), by device id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// Virtio device types: every device id of the virtio 1.3 spec's table
+/// (§5, "Device Types"), by device id, plus `Other` for any other id.
+///
+/// The ids are virtio-bindings' `VIRTIO_ID_*` (Linux's `virtio_ids.h`),
+/// which has all but RDMA. Names ([`DeviceType::name`]) are those
+/// constants' suffixes in lower case with `-` for `_`: `net`, `block`,
+/// `9p`, `mac80211-wlan`. They are what `vdpa-bridge list`/`info` print
+/// and what the type serializes as (a string; `Other(n)` as
+/// `{"other": n}`).
+///
+/// Non-exhaustive: the spec keeps assigning ids, and a new one becomes a
+/// variant here instead of `Other`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum DeviceType {
     /// Network card (1).
     Net,
@@ -137,22 +148,94 @@ pub enum DeviceType {
     Console,
     /// Entropy source (4).
     Rng,
+    /// Memory ballooning, traditional (5).
+    Balloon,
+    /// ioMemory (6).
+    IoMem,
+    /// rpmsg (7).
+    Rpmsg,
     /// SCSI host (8).
     Scsi,
-    /// File system (26).
+    /// 9P transport (9).
+    NineP,
+    /// mac80211 wlan (10).
+    Mac80211Wlan,
+    /// rproc serial (11).
+    RprocSerial,
+    /// virtio CAIF (12).
+    Caif,
+    /// Memory balloon (13).
+    MemoryBalloon,
+    /// GPU device (16).
+    Gpu,
+    /// Timer/clock device (17).
+    Clock,
+    /// Input device (18).
+    Input,
+    /// Socket device (19).
+    Vsock,
+    /// Crypto device (20).
+    Crypto,
+    /// Signal distribution module (21).
+    SignalDist,
+    /// pstore device (22).
+    Pstore,
+    /// IOMMU device (23).
+    Iommu,
+    /// Memory device (24).
+    Mem,
+    /// Sound device (25).
+    Sound,
+    /// File system device (26).
     Fs,
+    /// PMEM device (27).
+    Pmem,
+    /// RPMB device (28).
+    Rpmb,
+    /// mac80211 hwsim wireless simulation device (29).
+    Mac80211Hwsim,
+    /// Video encoder device (30).
+    VideoEncoder,
+    /// Video decoder device (31).
+    VideoDecoder,
+    /// SCMI device (32).
+    Scmi,
+    /// Nitro secure module (33).
+    NitroSecMod,
+    /// I2C adapter (34).
+    I2cAdapter,
+    /// Watchdog (35).
+    Watchdog,
+    /// CAN device (36).
+    Can,
+    /// dmabuf device (37): in Linux's `virtio_ids.h`, not in the spec's
+    /// table.
+    Dmabuf,
+    /// Parameter server (38).
+    ParamServ,
+    /// Audio policy device (39).
+    AudioPolicy,
+    /// Bluetooth device (40).
+    Bt,
+    /// GPIO device (41).
+    Gpio,
+    /// RDMA device (42).
+    Rdma,
     /// Any other id.
     Other(u32),
 }
 
+/// VIRTIO_ID_RDMA (virtio 1.3 §5): not in virtio-bindings 0.2.7.
+const VIRTIO_ID_RDMA: u32 = 42;
+
 impl DeviceType {
-    /// Device type for a virtio device id. Derived in one place so the
-    /// forward and reverse maps cannot disagree.
+    /// Device type for a virtio device id. Derived from the one table, so
+    /// the forward and reverse maps cannot disagree.
     pub fn from_id(id: u32) -> Self {
         Self::ALL
             .iter()
-            .find(|(_, n)| *n == id)
-            .map(|(t, _)| *t)
+            .find(|(_, n, _)| *n == id)
+            .map(|(t, _, _)| *t)
             .unwrap_or(DeviceType::Other(id))
     }
 
@@ -160,38 +243,107 @@ impl DeviceType {
     pub fn id(self) -> u32 {
         match self {
             DeviceType::Other(id) => id,
-            t => Self::ALL
-                .iter()
-                .find(|(k, _)| *k == t)
-                .map(|(_, n)| *n)
-                .unwrap_or(0),
+            t => Self::entry(t).map_or(0, |(_, n, _)| n),
         }
     }
 
-    /// Short name, as iproute2's `vdpa` prints it.
+    /// Short name (see the type's docs); `unknown` for [`DeviceType::Other`].
     pub fn name(self) -> &'static str {
-        match self {
-            DeviceType::Net => "net",
-            DeviceType::Block => "block",
-            DeviceType::Console => "console",
-            DeviceType::Rng => "rng",
-            DeviceType::Scsi => "scsi",
-            DeviceType::Fs => "fs",
-            DeviceType::Other(_) => "unknown",
-        }
+        Self::entry(self).map_or("unknown", |(_, _, name)| name)
     }
 
-    const ALL: [(DeviceType, u32); 6] = {
+    /// Every named type with its id and name, in id order.
+    pub fn all() -> impl Iterator<Item = (DeviceType, u32, &'static str)> {
+        Self::ALL.iter().copied()
+    }
+
+    fn entry(t: DeviceType) -> Option<(DeviceType, u32, &'static str)> {
+        Self::ALL.iter().copied().find(|(k, _, _)| *k == t)
+    }
+
+    const ALL: [(DeviceType, u32, &'static str); 40] = {
         use virtio_bindings::virtio_ids as id;
+        use DeviceType as T;
         [
-            (DeviceType::Net, id::VIRTIO_ID_NET),
-            (DeviceType::Block, id::VIRTIO_ID_BLOCK),
-            (DeviceType::Console, id::VIRTIO_ID_CONSOLE),
-            (DeviceType::Rng, id::VIRTIO_ID_RNG),
-            (DeviceType::Scsi, id::VIRTIO_ID_SCSI),
-            (DeviceType::Fs, id::VIRTIO_ID_FS),
+            (T::Net, id::VIRTIO_ID_NET, "net"),
+            (T::Block, id::VIRTIO_ID_BLOCK, "block"),
+            (T::Console, id::VIRTIO_ID_CONSOLE, "console"),
+            (T::Rng, id::VIRTIO_ID_RNG, "rng"),
+            (T::Balloon, id::VIRTIO_ID_BALLOON, "balloon"),
+            (T::IoMem, id::VIRTIO_ID_IOMEM, "iomem"),
+            (T::Rpmsg, id::VIRTIO_ID_RPMSG, "rpmsg"),
+            (T::Scsi, id::VIRTIO_ID_SCSI, "scsi"),
+            (T::NineP, id::VIRTIO_ID_9P, "9p"),
+            (
+                T::Mac80211Wlan,
+                id::VIRTIO_ID_MAC80211_WLAN,
+                "mac80211-wlan",
+            ),
+            (T::RprocSerial, id::VIRTIO_ID_RPROC_SERIAL, "rproc-serial"),
+            (T::Caif, id::VIRTIO_ID_CAIF, "caif"),
+            (
+                T::MemoryBalloon,
+                id::VIRTIO_ID_MEMORY_BALLOON,
+                "memory-balloon",
+            ),
+            (T::Gpu, id::VIRTIO_ID_GPU, "gpu"),
+            (T::Clock, id::VIRTIO_ID_CLOCK, "clock"),
+            (T::Input, id::VIRTIO_ID_INPUT, "input"),
+            (T::Vsock, id::VIRTIO_ID_VSOCK, "vsock"),
+            (T::Crypto, id::VIRTIO_ID_CRYPTO, "crypto"),
+            (T::SignalDist, id::VIRTIO_ID_SIGNAL_DIST, "signal-dist"),
+            (T::Pstore, id::VIRTIO_ID_PSTORE, "pstore"),
+            (T::Iommu, id::VIRTIO_ID_IOMMU, "iommu"),
+            (T::Mem, id::VIRTIO_ID_MEM, "mem"),
+            (T::Sound, id::VIRTIO_ID_SOUND, "sound"),
+            (T::Fs, id::VIRTIO_ID_FS, "fs"),
+            (T::Pmem, id::VIRTIO_ID_PMEM, "pmem"),
+            (T::Rpmb, id::VIRTIO_ID_RPMB, "rpmb"),
+            (
+                T::Mac80211Hwsim,
+                id::VIRTIO_ID_MAC80211_HWSIM,
+                "mac80211-hwsim",
+            ),
+            (
+                T::VideoEncoder,
+                id::VIRTIO_ID_VIDEO_ENCODER,
+                "video-encoder",
+            ),
+            (
+                T::VideoDecoder,
+                id::VIRTIO_ID_VIDEO_DECODER,
+                "video-decoder",
+            ),
+            (T::Scmi, id::VIRTIO_ID_SCMI, "scmi"),
+            (T::NitroSecMod, id::VIRTIO_ID_NITRO_SEC_MOD, "nitro-sec-mod"),
+            (T::I2cAdapter, id::VIRTIO_ID_I2C_ADAPTER, "i2c-adapter"),
+            (T::Watchdog, id::VIRTIO_ID_WATCHDOG, "watchdog"),
+            (T::Can, id::VIRTIO_ID_CAN, "can"),
+            (T::Dmabuf, id::VIRTIO_ID_DMABUF, "dmabuf"),
+            (T::ParamServ, id::VIRTIO_ID_PARAM_SERV, "param-serv"),
+            (T::AudioPolicy, id::VIRTIO_ID_AUDIO_POLICY, "audio-policy"),
+            (T::Bt, id::VIRTIO_ID_BT, "bt"),
+            (T::Gpio, id::VIRTIO_ID_GPIO, "gpio"),
+            (T::Rdma, VIRTIO_ID_RDMA, "rdma"),
         ]
     };
+}
+
+/// A named type serializes as its name (`"block"`), as the derived
+/// `rename_all = "lowercase"` did for the first six; `Other(n)` as
+/// `{"other": n}`, as before.
+impl Serialize for DeviceType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            DeviceType::Other(id) => {
+                s.serialize_newtype_variant("DeviceType", Self::ALL.len() as u32, "other", &id)
+            }
+            t => {
+                let index = Self::ALL.iter().position(|(k, _, _)| *k == t).unwrap_or(0);
+                s.serialize_unit_variant("DeviceType", index as u32, t.name())
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -204,7 +356,57 @@ mod tests {
             assert_eq!(DeviceType::from_id(id).id(), id);
         }
         assert_eq!(DeviceType::from_id(2), DeviceType::Block);
-        assert_eq!(DeviceType::from_id(5), DeviceType::Other(5));
+        assert_eq!(DeviceType::from_id(5), DeviceType::Balloon);
+        assert_eq!(DeviceType::from_id(14), DeviceType::Other(14));
+    }
+
+    /// Ids 1..=42 of the virtio 1.3 table are named, except the two the
+    /// spec leaves out (14, 15); ids the table does not have are not.
+    #[test]
+    fn every_id_of_the_spec_table_is_named() {
+        let unnamed: Vec<u32> = (0..64)
+            .filter(|&id| matches!(DeviceType::from_id(id), DeviceType::Other(_)))
+            .collect();
+        let mut want = vec![0, 14, 15];
+        want.extend(43..64);
+
+        assert_eq!(unnamed, want);
+    }
+
+    #[test]
+    fn names_are_unique_and_other_ids_are_unknown() {
+        let mut names: Vec<&str> = DeviceType::all().map(|(_, _, n)| n).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+
+        assert_eq!(names.len(), n);
+        assert_eq!(DeviceType::from_id(9).name(), "9p");
+        assert_eq!(DeviceType::from_id(20).name(), "crypto");
+        assert_eq!(DeviceType::from_id(42).name(), "rdma");
+        assert_eq!(DeviceType::Other(99).name(), "unknown");
+    }
+
+    /// The six names serialized before the table grew keep their form, and
+    /// every named type serializes as its name.
+    #[test]
+    fn serialization_is_the_name_and_other_keeps_its_shape() {
+        let json = |t: DeviceType| serde_json::to_string(&t).unwrap();
+
+        for (t, name) in [
+            (DeviceType::Net, "net"),
+            (DeviceType::Block, "block"),
+            (DeviceType::Console, "console"),
+            (DeviceType::Rng, "rng"),
+            (DeviceType::Scsi, "scsi"),
+            (DeviceType::Fs, "fs"),
+        ] {
+            assert_eq!(json(t), format!("\"{name}\""));
+        }
+        for (t, _, name) in DeviceType::all() {
+            assert_eq!(json(t), format!("\"{name}\""));
+        }
+        assert_eq!(json(DeviceType::Other(14)), r#"{"other":14}"#);
     }
 
     #[test]

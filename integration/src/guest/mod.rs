@@ -37,7 +37,9 @@ use std::time::Instant;
 use anyhow::Context as _;
 
 use crate::manifest::{Device, Manifest, Variant};
-use crate::protocol::{BenchRecord, BenchResult, CaseRecord, Event, Verdict, WriteRecord};
+use crate::protocol::{
+    BenchRecord, BenchResult, CaseRecord, Event, SentRecord, Verdict, WriteRecord,
+};
 
 /// What a case returns when it did not fail.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,7 +115,14 @@ impl Ctx<'_> {
     }
 
     /// Declare that the case wrote `len` bytes at `offset` of its blk
-    /// device's image, so the host's after-exit pattern check skips them.
+    /// device's image, so the host's after-exit check expects the written
+    /// pattern there (and the image's own pattern everywhere else).
+    ///
+    /// Declare a write once it can have happened: right after the request
+    /// was handed to the device (whatever its result), or after the inner
+    /// guest reached the point where it writes. A write declared before
+    /// that, when the case then fails first, makes the host's image check
+    /// fail as well, for a write that never happened.
     ///
     /// # Errors
     /// The case has no device.
@@ -121,10 +130,24 @@ impl Ctx<'_> {
         declare_write_to(self.dev()?.variant.name(), offset, len);
         Ok(())
     }
+
+    /// Declare that the case sent `text` to its console device, which the
+    /// host then expects in the device's chardev file (see
+    /// [`Ctx::declare_write`] for when to declare).
+    ///
+    /// # Errors
+    /// The case has no device.
+    pub fn declare_sent(&self, text: &str) -> anyhow::Result<()> {
+        emit(&Event::Sent(SentRecord {
+            device: self.dev()?.variant.name().to_string(),
+            text: text.to_string(),
+        }));
+        Ok(())
+    }
 }
 
 /// Declare a write of `len` bytes at `offset` of the image named
-/// `image` (a device variant name, or `vduse`).
+/// `image` (a device variant name, or `vduse`); see [`Ctx::declare_write`].
 pub fn declare_write_to(image: &str, offset: u64, len: u64) {
     emit(&Event::Write(WriteRecord {
         device: image.to_string(),
@@ -267,6 +290,7 @@ mod tests {
                 num_queues: 2,
                 msix_vectors: 3,
                 qemu_device: String::new(),
+                console: None,
             }],
             skipped: vec![Skipped {
                 variant: Variant::NetMq,

@@ -8,7 +8,8 @@
 //! | 00.0 | q35 host bridge (fixed by QEMU) |
 //! | 02.0 | virtio-9p-pci `hostroot` (the guest's view of the host root) |
 //! | 03.0 - 0f.0 | virtio-blk variants |
-//! | 10.0 - 1b.0 | virtio-net variants |
+//! | 10.0 - 17.0 | virtio-net variants |
+//! | 18.0 - 1e.0 | other device types (rng, console, balloon, crypto) |
 //! | 1f.x | q35 ICH9 LPC / SATA / SMBus (fixed by QEMU) |
 //!
 //! Devices on the root bus are integrated endpoints; with the vIOMMU each
@@ -16,7 +17,7 @@
 
 use std::path::Path;
 
-use crate::manifest::{Device, Kind, Variant};
+use crate::manifest::{ConsoleFiles, Device, Kind, Variant};
 
 /// vCPUs the lab VM gets; QEMU's default virtio-blk queue count follows it.
 pub const SMP: u32 = 2;
@@ -42,7 +43,20 @@ pub enum Backend {
         /// Queue pairs (`queues=` of the tap netdev).
         queues: u32,
     },
+    /// virtio-rng on an `rng-builtin` object.
+    Rng,
+    /// virtio-serial with a `virtconsole` on port 0, backed by a `file`
+    /// chardev: QEMU feeds [`CONSOLE_INPUT`] from `<variant>.in` and
+    /// writes what the guest sends to `<variant>.out`.
+    ConsoleFile,
+    /// virtio-crypto on a `cryptodev-backend-builtin` object.
+    CryptoBuiltin,
+    /// Nothing behind the device (virtio-balloon works on guest RAM).
+    BalloonOnly,
 }
+
+/// What QEMU feeds a console device's guest side.
+pub const CONSOLE_INPUT: &str = "vdpa-lab: hello from the host side\n";
 
 /// One row of the device table.
 #[derive(Clone, Copy, Debug)]
@@ -133,6 +147,44 @@ pub const DEVICES: &[DeviceSpec] = &[
         backend: Backend::Tap { queues: 4 },
         extra: "mq=on,mac=52:54:00:12:34:57",
     },
+    DeviceSpec {
+        variant: Variant::Rng,
+        slot: 0x18,
+        num_queues: None,
+        vectors: Some(2),
+        legacy: false,
+        backend: Backend::Rng,
+        extra: "",
+    },
+    DeviceSpec {
+        variant: Variant::Console,
+        slot: 0x19,
+        num_queues: None,
+        vectors: Some(3),
+        legacy: false,
+        backend: Backend::ConsoleFile,
+        // One port: no MULTIPORT, port 0 on queues 0 and 1.
+        extra: "max_ports=1",
+    },
+    DeviceSpec {
+        variant: Variant::Balloon,
+        slot: 0x1a,
+        num_queues: None,
+        vectors: Some(5),
+        legacy: false,
+        backend: Backend::BalloonOnly,
+        // The reporting queue (32 entries) next to the others (128).
+        extra: "free-page-reporting=on,deflate-on-oom=on",
+    },
+    DeviceSpec {
+        variant: Variant::Crypto,
+        slot: 0x1b,
+        num_queues: None,
+        vectors: Some(3),
+        legacy: false,
+        backend: Backend::CryptoBuiltin,
+        extra: "",
+    },
 ];
 
 /// Escape a value for a QEMU option string (`,` doubles).
@@ -141,11 +193,15 @@ pub fn qemu_escape(s: &str) -> String {
 }
 
 impl DeviceSpec {
-    /// blk or net.
+    /// The kind of device, from what backs it.
     pub fn kind(&self) -> Kind {
         match self.backend {
             Backend::Image { .. } => Kind::Blk,
             Backend::UserNet | Backend::Tap { .. } => Kind::Net,
+            Backend::Rng => Kind::Rng,
+            Backend::ConsoleFile => Kind::Console,
+            Backend::CryptoBuiltin => Kind::Crypto,
+            Backend::BalloonOnly => Kind::Balloon,
         }
     }
 
@@ -160,7 +216,18 @@ impl DeviceSpec {
             .then(|| format!("{}.img", self.variant.name()))
     }
 
-    /// Queues (blk) or queue pairs (net) QEMU offers.
+    /// The console's chardev files (input, output) in `lab_dir`, if it is
+    /// one.
+    pub fn console_files(&self, lab_dir: &Path) -> Option<ConsoleFiles> {
+        let name = self.variant.name();
+        (self.backend == Backend::ConsoleFile).then(|| ConsoleFiles {
+            input: lab_dir.join(format!("{name}.in")),
+            output: lab_dir.join(format!("{name}.out")),
+        })
+    }
+
+    /// Queues (blk), queue pairs (net) or virtqueues (other kinds) QEMU
+    /// offers.
     pub fn effective_queues(&self) -> u32 {
         match (self.num_queues, self.backend) {
             (Some(n), _) => n,
@@ -169,30 +236,46 @@ impl DeviceSpec {
             // hw/block/virtio-blk.c: num-queues=auto is
             // virtio_pci_optimal_num_queues(), one per vCPU.
             (None, Backend::Image { .. }) => SMP,
+            // hw/virtio/virtio-rng.c: one requestq.
+            (None, Backend::Rng) => 1,
+            // hw/char/virtio-serial-bus.c: port 0's two queues and the two
+            // control queues, whatever max_ports is.
+            (None, Backend::ConsoleFile) => 4,
+            // hw/virtio/virtio-crypto.c: one data queue (queues=1) and the
+            // control queue.
+            (None, Backend::CryptoBuiltin) => 2,
+            // hw/virtio/virtio-balloon.c: inflate, deflate, stats, and the
+            // reporting queue with free-page-reporting=on.
+            (None, Backend::BalloonOnly) => 4,
         }
     }
 
     /// MSI-X table size: `vectors=`, or QEMU's default (hw/virtio/virtio-blk-pci.c:
     /// queues + 1 config vector; hw/virtio/virtio-net-pci.c: 2 per queue pair
-    /// + control queue + config).
+    /// + control queue + config). The other kinds set `vectors=` in their row.
     pub fn msix_vectors(&self) -> u32 {
         if let Some(v) = self.vectors {
             return v;
         }
         match self.kind() {
-            Kind::Blk => self.effective_queues() + 1,
             Kind::Net => 2 * self.effective_queues() + 2,
+            _ => self.effective_queues() + 1,
         }
     }
 
     /// The `-device` string.
     pub fn qemu_device(&self) -> String {
         let name = self.variant.name();
+        let model = match self.kind() {
+            Kind::Blk => "virtio-blk-pci",
+            Kind::Net => "virtio-net-pci",
+            Kind::Rng => "virtio-rng-pci",
+            Kind::Console => "virtio-serial-pci",
+            Kind::Balloon => "virtio-balloon-pci",
+            Kind::Crypto => "virtio-crypto-pci",
+        };
         let mut p = vec![
-            match self.kind() {
-                Kind::Blk => "virtio-blk-pci".to_string(),
-                Kind::Net => "virtio-net-pci".to_string(),
-            },
+            model.to_string(),
             format!("id={name}"),
             format!("bus=pcie.0,addr={:#04x}", self.slot),
         ];
@@ -203,6 +286,9 @@ impl DeviceSpec {
             // No option ROM: the lab boots with -kernel, and this avoids
             // needing the ipxe-qemu package.
             Kind::Net => p.push(format!("netdev=netdev-{name},romfile=")),
+            Kind::Rng => p.push(format!("rng=rng-{name}")),
+            Kind::Crypto => p.push(format!("cryptodev=cryptodev-{name}")),
+            Kind::Console | Kind::Balloon => {}
         }
         if let (Some(n), Kind::Blk) = (self.num_queues, self.kind()) {
             p.push(format!("num-queues={n}"));
@@ -224,10 +310,10 @@ impl DeviceSpec {
     /// All QEMU arguments for this device (backend and device).
     pub fn qemu_args(&self, lab_dir: &Path) -> Vec<String> {
         let name = self.variant.name();
-        let backend = match self.backend {
+        let mut args: Vec<String> = match self.backend {
             Backend::Image { .. } => {
                 let img = lab_dir.join(self.image_name().unwrap_or_default());
-                [
+                vec![
                     "-drive".to_string(),
                     format!(
                         "if=none,id=drive-{name},format=raw,file={}",
@@ -235,18 +321,42 @@ impl DeviceSpec {
                     ),
                 ]
             }
-            Backend::UserNet => ["-netdev".to_string(), format!("user,id=netdev-{name}")],
-            Backend::Tap { queues } => [
+            Backend::UserNet => vec!["-netdev".to_string(), format!("user,id=netdev-{name}")],
+            Backend::Tap { queues } => vec![
                 "-netdev".to_string(),
                 format!(
                     "tap,id=netdev-{name},ifname={TAP_NAME},queues={queues},\
                      script=no,downscript=no,vhost=off"
                 ),
             ],
+            Backend::Rng => vec!["-object".to_string(), format!("rng-builtin,id=rng-{name}")],
+            Backend::CryptoBuiltin => vec![
+                "-object".to_string(),
+                format!("cryptodev-backend-builtin,id=cryptodev-{name}"),
+            ],
+            Backend::ConsoleFile => {
+                let f = self.console_files(lab_dir).unwrap_or_else(|| ConsoleFiles {
+                    input: lab_dir.join("console.in"),
+                    output: lab_dir.join("console.out"),
+                });
+                vec![
+                    "-chardev".to_string(),
+                    format!(
+                        "file,id=chr-{name},path={},input-path={}",
+                        qemu_escape(&f.output.to_string_lossy()),
+                        qemu_escape(&f.input.to_string_lossy())
+                    ),
+                ]
+            }
+            Backend::BalloonOnly => Vec::new(),
         };
-        let mut args = backend.to_vec();
         args.push("-device".to_string());
         args.push(self.qemu_device());
+        if self.backend == Backend::ConsoleFile {
+            // The console on port 0 of the device's bus.
+            args.push("-device".to_string());
+            args.push(format!("virtconsole,chardev=chr-{name},bus={name}.0"));
+        }
         args
     }
 
@@ -261,6 +371,7 @@ impl DeviceSpec {
             num_queues: self.effective_queues(),
             msix_vectors: self.msix_vectors(),
             qemu_device: self.qemu_device(),
+            console: self.console_files(lab_dir),
         }
     }
 }
@@ -278,7 +389,7 @@ mod tests {
         assert_eq!(variants.len(), Variant::ALL.len());
         assert_eq!(slots.len(), DEVICES.len());
         assert!(!slots.contains(&HOSTROOT_SLOT) && !slots.contains(&LABRW_SLOT));
-        assert!(DEVICES.iter().all(|d| (0x03..=0x1b).contains(&d.slot)));
+        assert!(DEVICES.iter().all(|d| (0x03..=0x1e).contains(&d.slot)));
     }
 
     #[test]
@@ -289,6 +400,43 @@ mod tests {
             blk0.qemu_device(),
             "virtio-blk-pci,id=blk0,bus=pcie.0,addr=0x03,drive=drive-blk0,serial=blk0,\
              disable-legacy=on,iommu_platform=on"
+        );
+    }
+
+    /// Every kind the lab has is modern-only behind the vIOMMU, but the
+    /// one legacy variant.
+    #[test]
+    fn every_modern_device_is_modern_only_with_iommu_platform() {
+        for d in DEVICES.iter().filter(|d| !d.legacy) {
+            assert!(
+                d.qemu_device()
+                    .contains("disable-legacy=on,iommu_platform=on"),
+                "{}",
+                d.variant.name()
+            );
+        }
+    }
+
+    #[test]
+    fn console_is_a_virtconsole_on_a_file_chardev_with_one_port() {
+        let c = DEVICES
+            .iter()
+            .find(|d| d.variant == Variant::Console)
+            .unwrap();
+
+        let a = c.qemu_args(Path::new("/lab"));
+
+        assert_eq!(
+            a,
+            [
+                "-chardev",
+                "file,id=chr-console,path=/lab/console.out,input-path=/lab/console.in",
+                "-device",
+                "virtio-serial-pci,id=console,bus=pcie.0,addr=0x19,vectors=3,\
+                 disable-legacy=on,iommu_platform=on,max_ports=1",
+                "-device",
+                "virtconsole,chardev=chr-console,bus=console.0",
+            ]
         );
     }
 

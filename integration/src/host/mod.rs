@@ -111,22 +111,32 @@ impl Summary {
 /// which QEMU's virtio-blk offers).
 pub const CH_MASKED_BIT: u32 = 9;
 
-/// `CLOUD_HYPERVISOR` (and `CH_REMOTE`) and the innermost guest's boot
-/// files, or `None` when the variable is unset.
+/// The Cloud Hypervisor binaries `CLOUD_HYPERVISOR` and `CH_REMOTE`
+/// name, as absolute paths the guest can open, or `None` when
+/// `CLOUD_HYPERVISOR` is unset.
+///
+/// # Errors
+/// A variable is set but names no file the guest can see: the run stops
+/// before booting, with that message (a skip would hide the mistake).
+fn ch_binaries() -> anyhow::Result<Option<(PathBuf, Option<PathBuf>)>> {
+    let Some(binary) = std::env::var_os("CLOUD_HYPERVISOR") else {
+        return Ok(None);
+    };
+    let binary = guest_visible_file("CLOUD_HYPERVISOR", Path::new(&binary))?;
+    let remote = std::env::var_os("CH_REMOTE")
+        .map(|r| guest_visible_file("CH_REMOTE", Path::new(&r)))
+        .transpose()?;
+    Ok(Some((binary, remote)))
+}
+
+/// The Cloud Hypervisor run: its binaries (from [`ch_binaries`]) and the
+/// innermost guest's boot files.
 fn cloud_hypervisor(
+    (binary, remote): (PathBuf, Option<PathBuf>),
     kernel: &kernel::Kernel,
     lab_dir: &Path,
     perf_tool: &Path,
-) -> anyhow::Result<Option<crate::manifest::ChRun>> {
-    let Some(binary) = std::env::var_os("CLOUD_HYPERVISOR").map(std::path::PathBuf::from) else {
-        return Ok(None);
-    };
-    ensure!(
-        binary.is_file(),
-        "CLOUD_HYPERVISOR={} is not a file",
-        binary.display()
-    );
-    let remote = std::env::var_os("CH_REMOTE").map(std::path::PathBuf::from);
+) -> anyhow::Result<crate::manifest::ChRun> {
     let modules = kernel.resolve(&["virtio_pci", "virtio_blk", "virtio_net"])?;
     let initramfs = lab_dir.join("l3.cpio.gz");
     let image = devices::DEVICES
@@ -156,13 +166,40 @@ fn cloud_hypervisor(
         initramfs::L3_INIT,
         &files,
     )?;
-    Ok(Some(crate::manifest::ChRun {
+    Ok(crate::manifest::ChRun {
         binary,
         remote,
         kernel: kernel.vmlinuz.clone(),
         initramfs,
         masked_bit: CH_MASKED_BIT,
-    }))
+    })
+}
+
+/// The absolute path of the file `path` names (relative to the current
+/// directory), as the lab guest will open it: the guest runs chrooted at
+/// the host's root, from another directory, with a tmpfs over `/tmp`. So a
+/// relative path is resolved here, and a file the guest cannot see is
+/// refused, naming `var`.
+///
+/// # Errors
+/// `path` names no file, or one under `/tmp`.
+fn guest_visible_file(var: &str, path: &Path) -> anyhow::Result<PathBuf> {
+    let abs = std::fs::canonicalize(path).with_context(|| {
+        format!(
+            "{var}={}: no such file (relative paths are taken from {})",
+            path.display(),
+            std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| "the current directory".into())
+        )
+    })?;
+    ensure!(abs.is_file(), "{var}={}: not a file", path.display());
+    ensure!(
+        !abs.starts_with("/tmp"),
+        "{var}={} is under /tmp, which the lab guest covers with a tmpfs: put it elsewhere",
+        abs.display()
+    );
+    Ok(abs)
 }
 
 /// Name (pattern seed) of the image the guest exports through VDUSE.
@@ -178,6 +215,39 @@ fn make_image(spec: &DeviceSpec, lab_dir: &Path) -> anyhow::Result<()> {
     let data = pattern::region(spec.variant.name(), 0, (mib * 1024 * 1024) as usize);
     let path = lab_dir.join(name);
     std::fs::write(&path, data).with_context(|| format!("write {}", path.display()))
+}
+
+/// Write a console's input file ([`devices::CONSOLE_INPUT`]) and empty
+/// its output file.
+fn make_console_files(spec: &DeviceSpec, lab_dir: &Path) -> anyhow::Result<()> {
+    let Some(f) = spec.console_files(lab_dir) else {
+        return Ok(());
+    };
+    for (path, text) in [(&f.input, devices::CONSOLE_INPUT), (&f.output, "")] {
+        std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Why a console's output file does not hold exactly the texts the guest
+/// declared it sent, in order; `None` when it does.
+fn console_mismatch(got: &[u8], sent: &[&str]) -> Option<String> {
+    let want = sent.concat();
+    if got == want.as_bytes() {
+        return None;
+    }
+    let at = got
+        .iter()
+        .zip(want.as_bytes())
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    Some(format!(
+        "holds {} bytes, the {} declared texts make {}; first difference at byte {at}: {:?}",
+        got.len(),
+        sent.len(),
+        want.len(),
+        String::from_utf8_lossy(&got[at.min(got.len())..got.len().min(at + 40)])
+    ))
 }
 
 /// The QEMU command line (without the netns wrapper).
@@ -297,6 +367,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         "{} missing: cargo build --release -p vdpa-integration --bins",
         opts.guest_bin.display()
     );
+    let ch_bins = ch_binaries()?;
     std::fs::create_dir_all(&lab_dir)?;
     std::fs::create_dir_all(&cache)?;
     let _lock = lock(&opts.target_dir.join("lab.lock"))?;
@@ -351,6 +422,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         .collect();
     for spec in &specs {
         make_image(spec, &lab_dir)?;
+        make_console_files(spec, &lab_dir)?;
     }
     let vduse_image = lab_dir.join("vduse.img");
     std::fs::write(
@@ -359,9 +431,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
     )
     .with_context(|| format!("write {}", vduse_image.display()))?;
     let perf_tool = opts.guest_bin.with_file_name("l3-blkperf");
-    let (ch, ch_skip) = match cloud_hypervisor(&kernel, &lab_dir, &perf_tool) {
-        Ok(Some(run)) => (Some(run), None),
-        Ok(None) => (
+    let (ch, ch_skip) = match ch_bins.map(|b| cloud_hypervisor(b, &kernel, &lab_dir, &perf_tool)) {
+        Some(Ok(run)) => (Some(run), None),
+        None => (
             None,
             Some(
                 "CLOUD_HYPERVISOR is not set: set it (and CH_REMOTE) to a Cloud Hypervisor \
@@ -369,7 +441,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
                     .to_string(),
             ),
         ),
-        Err(e) => (
+        Some(Err(e)) => (
             None,
             Some(format!("cannot prepare the Cloud Hypervisor run: {e:#}")),
         ),
@@ -387,8 +459,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
     let manifest_path = lab_dir.join("manifest.json");
     manifest.store(&manifest_path)?;
 
+    // Debian's kernel has virtio_console built in: at boot it would drive
+    // the console device to DRIVER_OK and swallow what QEMU feeds it
+    // before the case binds the device to vfio-pci. Its init is kept from
+    // running (the lab's own console is ttyS0).
     let cmdline = format!(
-        "console=ttyS0 intel_iommu=on iommu=pt panic=-1 quiet lab.guest={} lab.manifest={} lab.rw={}",
+        "console=ttyS0 intel_iommu=on iommu=pt panic=-1 quiet \
+         initcall_blacklist=virtio_console_init \
+         lab.guest={} lab.manifest={} lab.rw={}",
         opts.guest_bin.display(),
         manifest_path.display(),
         opts.target_dir.display()
@@ -484,6 +562,33 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         }
     }
 
+    // Host-side checks of the consoles' chardev files: exactly what the
+    // guest declared it sent, in order.
+    for d in &manifest.devices {
+        let Some(files) = &d.console else { continue };
+        let device = d.variant.name();
+        let name = format!("host_{device}_chardev_holds_what_the_guest_sent");
+        let sent: Vec<&str> = report
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Sent(t) if t.device == device => Some(t.text.as_str()),
+                _ => None,
+            })
+            .collect();
+        match std::fs::read(&files.output) {
+            Ok(data) => match console_mismatch(&data, &sent) {
+                None => summary.push(name, Verdict::Pass, ""),
+                Some(why) => summary.push(name, Verdict::Fail, why),
+            },
+            Err(e) => summary.push(
+                name,
+                Verdict::Fail,
+                format!("read {}: {e}", files.output.display()),
+            ),
+        }
+    }
+
     // A benchmark error gets the console tail too: it is reported, not
     // counted, so it must be as easy to see as a failure.
     if summary.count(Verdict::Fail) > 0
@@ -530,7 +635,7 @@ fn collect(summary: &mut Summary, report: &vm::BootReport) {
                 });
             }
             Event::Done { .. } => done = true,
-            Event::Write(_) | Event::Exit { .. } => {}
+            Event::Write(_) | Event::Sent(_) | Event::Exit { .. } => {}
         }
     }
     const HUNG: &str = "started but never reported: hung or crashed the VM";
@@ -678,6 +783,47 @@ mod tests {
         assert_eq!(names, ["vm"]);
         assert_eq!(s.benchmarks.len(), 1);
         assert_eq!(s.benchmarks[0].result, BenchResult::Error);
+    }
+
+    #[test]
+    fn relative_binary_path_is_made_absolute_for_the_guest() {
+        // Unit tests run in the package directory.
+        let got = guest_visible_file("CLOUD_HYPERVISOR", Path::new("../integration/Cargo.toml"));
+
+        let got = got.unwrap();
+        assert!(got.is_absolute(), "{}", got.display());
+        assert!(got.ends_with("integration/Cargo.toml"), "{}", got.display());
+    }
+
+    #[test]
+    fn missing_or_tmp_binary_is_refused_naming_the_variable() {
+        let in_tmp = std::env::temp_dir().join(format!("lab-ch-{}", std::process::id()));
+        std::fs::write(&in_tmp, "").unwrap();
+
+        let missing = guest_visible_file("CH_REMOTE", Path::new("../no/such/ch-remote"));
+        let tmp = guest_visible_file("CLOUD_HYPERVISOR", &in_tmp);
+        let _ = std::fs::remove_file(&in_tmp);
+
+        let missing = format!("{:#}", missing.unwrap_err());
+        assert!(
+            missing.starts_with("CH_REMOTE=../no/such/ch-remote: no such file"),
+            "{missing}"
+        );
+        assert!(format!("{:#}", tmp.unwrap_err()).contains("under /tmp"));
+    }
+
+    #[test]
+    fn console_output_must_be_exactly_the_declared_texts() {
+        assert_eq!(console_mismatch(b"", &[]), None);
+        assert_eq!(console_mismatch(b"ab\ncd", &["ab\n", "cd"]), None);
+
+        let undeclared = console_mismatch(b"ab\n", &[]).unwrap();
+        let missing = console_mismatch(b"", &["ab\n"]).unwrap();
+        let garbled = console_mismatch(b"aX\n", &["ab\n"]).unwrap();
+
+        assert!(undeclared.contains("holds 3 bytes"), "{undeclared}");
+        assert!(missing.contains("holds 0 bytes"), "{missing}");
+        assert!(garbled.contains("at byte 1"), "{garbled}");
     }
 
     #[test]

@@ -82,8 +82,8 @@ pub struct Guest {
     /// The guest's kick eventfds (what the VMM signals on a notify write).
     pub kicks: Vec<EventFd>,
     ring_size: u16,
-    /// Receive buffer address per head id, per queue (net).
-    rx: Vec<Vec<u64>>,
+    /// Device-writable buffers in flight, per queue.
+    rx: Vec<Posted>,
 }
 
 /// Guest-physical layout: rings from 1 MiB, 64 KiB apart; buffers from
@@ -95,6 +95,18 @@ const BUF_STRIDE: u64 = 0x4_0000;
 
 /// Errors of the harness.
 pub type Result<T> = std::result::Result<T, DriverError>;
+
+/// The size of a queue whose maximum is `max` when the harness wants
+/// `wanted`: the smaller, rounded down to a power of two (a split ring's
+/// size must be one; a device's maximum need not be, for packed rings).
+fn ring_size_for(wanted: u16, max: u16) -> u16 {
+    let n = wanted.min(max);
+    if n == 0 {
+        0
+    } else {
+        1 << (15 - n.leading_zeros())
+    }
+}
 
 impl Guest {
     /// Guest RAM of `size` bytes at GPA 0 (at least 16 MiB is sensible).
@@ -116,14 +128,24 @@ impl Guest {
     }
 
     /// Lay out `n` queues as a guest driver would and return them as CH's
-    /// transport passes them to `activate` (`max` is the device's maximum).
+    /// transport passes them to `activate`, every one with the same
+    /// maximum `max`. For a device's own maxima (which may differ per
+    /// queue) use [`Guest::queues_sized`].
     pub fn queues(&mut self, n: u16, max: u16) -> Result<Vec<(usize, Queue, EventFd)>> {
+        self.queues_sized(&vec![max; usize::from(n)])
+    }
+
+    /// Lay out one queue per entry of `max_sizes` (queue `q`'s maximum,
+    /// e.g. `BridgeDevice::queue_max_sizes()`), each sized by its own
+    /// maximum: the harness's ring size, or the maximum if smaller.
+    pub fn queues_sized(&mut self, max_sizes: &[u16]) -> Result<Vec<(usize, Queue, EventFd)>> {
         self.rings.clear();
         self.kicks.clear();
+        self.rx.clear();
         let mem = self.mem.memory();
         let mut out = Vec::new();
-        let size = self.ring_size.min(max);
-        for q in 0..n {
+        for (q, &max) in (0u16..).zip(max_sizes) {
+            let size = ring_size_for(self.ring_size, max);
             let ring = SplitRing::new(q, size, RING_BASE + u64::from(q) * RING_STRIDE);
             ring.init(&mem)?;
             let a = ring.addrs();
@@ -145,6 +167,11 @@ impl Guest {
             out.push((usize::from(q), queue, kick));
         }
         Ok(out)
+    }
+
+    /// The ring sizes of the queues laid out last, by queue.
+    pub fn ring_sizes(&self) -> Vec<u16> {
+        self.rings.iter().map(SplitRing::size).collect()
     }
 
     fn kick(&self, q: u16) -> Result<()> {
@@ -282,54 +309,120 @@ impl Guest {
 
 use crate::driver::net::{NET_HDR, RX_BUF};
 
+/// Device-writable buffers in flight on one queue: `(address, length)`
+/// per head id.
+type Posted = Vec<Option<(u64, u32)>>;
+
 impl Guest {
-    /// Post receive buffers (2 KiB each, from the queue's buffer area) on
-    /// receive queue `q` and kick it.
-    pub fn net_fill_rx(&mut self, q: u16) -> Result<usize> {
+    /// Post one device-writable buffer of `len` bytes on queue `q`, from
+    /// the queue's buffer area (a slot of `len` bytes no buffer in flight
+    /// uses; post one length per queue), and kick the queue.
+    ///
+    /// # Errors
+    /// `len` is 0 or above the area, no slot or descriptor is free, or
+    /// the kick fails.
+    pub fn post_receive(&mut self, q: u16, len: u32) -> Result<()> {
+        self.post_receive_no_kick(q, len)?;
+        self.kick(q)
+    }
+
+    fn post_receive_no_kick(&mut self, q: u16, len: u32) -> Result<()> {
+        if len == 0 || u64::from(len) > BUF_STRIDE {
+            return Err(DriverError::TooLarge {
+                len: u64::from(len),
+                max: BUF_STRIDE,
+            });
+        }
         let mem = self.mem.memory();
         let qi = usize::from(q);
+        let ring = self.rings.get_mut(qi).ok_or(DriverError::RingFull(q))?;
         if self.rx.len() <= qi {
             self.rx.resize(qi + 1, Vec::new());
         }
-        let ring = &mut self.rings[qi];
-        self.rx[qi].resize(usize::from(ring.size()), 0);
-        let slots = (BUF_STRIDE / RX_BUF) as usize;
-        let mut posted = 0;
-        for slot in 0..slots.min(usize::from(ring.size())) {
-            if ring.free_descriptors() == 0 {
-                break;
-            }
-            let addr = Self::buffer(q) + slot as u64 * RX_BUF;
-            if self.rx[qi].contains(&addr) {
-                continue;
-            }
-            let head = ring.post(
-                &mem,
-                &[Buf {
-                    addr,
-                    len: RX_BUF as u32,
-                    write: true,
-                }],
-            )?;
-            self.rx[qi][usize::from(head)] = addr;
-            posted += 1;
-        }
-        self.kick(q)?;
-        Ok(posted)
+        let posted = &mut self.rx[qi];
+        posted.resize(usize::from(ring.size()), None);
+        let addr = (0..BUF_STRIDE / u64::from(len))
+            .map(|slot| Self::buffer(q) + slot * u64::from(len))
+            .find(|a| !posted.iter().flatten().any(|(p, _)| p == a))
+            .ok_or(DriverError::RingFull(q))?;
+        let head = ring.post(
+            &mem,
+            &[Buf {
+                addr,
+                len,
+                write: true,
+            }],
+        )?;
+        posted[usize::from(head)] = Some((addr, len));
+        Ok(())
     }
 
-    /// Send `frame` on transmit queue `q`; waits on `irq` until consumed.
-    pub fn net_send(&mut self, q: u16, frame: &[u8], irq: &EventFd) -> Result<()> {
+    /// The data of the first buffer posted with [`Guest::post_receive`]
+    /// that the device returns on queue `q` within `timeout` (as many
+    /// bytes as it says it wrote, at most the buffer's length), or `None`.
+    /// Waits on `irq`.
+    ///
+    /// # Errors
+    /// The device returns a buffer that was not posted for receiving, or
+    /// memory or the eventfd fail.
+    pub fn wait_receive(
+        &mut self,
+        q: u16,
+        irq: &EventFd,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>> {
+        let deadline = Instant::now() + timeout;
+        let qi = usize::from(q);
+        loop {
+            let mem = self.mem.memory();
+            let ring = self.rings.get_mut(qi).ok_or(DriverError::RingFull(q))?;
+            if let Some((head, len)) = ring.pop_used(&mem)? {
+                let (addr, posted_len) = self
+                    .rx
+                    .get_mut(qi)
+                    .and_then(|r| r.get_mut(usize::from(head)))
+                    .and_then(Option::take)
+                    .ok_or(DriverError::BadUsedId {
+                        queue: q,
+                        id: u32::from(head),
+                    })?;
+                let mut buf = vec![0u8; len.min(posted_len) as usize];
+                mem.read_slice(&mut buf, GuestAddress(addr))
+                    .map_err(|_| DriverError::Memory { addr })?;
+                return Ok(Some(buf));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            wait_eventfd(irq, Duration::from_millis(20))?;
+        }
+    }
+
+    /// Send `data` as one device-readable buffer on queue `q` (from the
+    /// queue's buffer area) and wait on `irq` until the device has used
+    /// it.
+    ///
+    /// # Errors
+    /// `data` does not fit the area, the ring is full, or the device does
+    /// not use the buffer within 10 s.
+    pub fn send(&mut self, q: u16, data: &[u8], irq: &EventFd) -> Result<()> {
+        let too_large = || DriverError::TooLarge {
+            len: data.len() as u64,
+            max: BUF_STRIDE,
+        };
+        let len = u32::try_from(data.len()).map_err(|_| too_large())?;
+        if data.is_empty() || u64::from(len) > BUF_STRIDE {
+            return Err(too_large());
+        }
         let mem = self.mem.memory();
         let base = Self::buffer(q);
-        let werr = |addr| DriverError::Memory { addr };
-        mem.write_slice(&[0u8; NET_HDR], GuestAddress(base))
-            .map_err(|_| werr(base))?;
-        let at = base + NET_HDR as u64;
-        mem.write_slice(frame, GuestAddress(at))
-            .map_err(|_| werr(at))?;
-        let len = (NET_HDR + frame.len()) as u32;
-        self.rings[usize::from(q)].post(
+        mem.write_slice(data, GuestAddress(base))
+            .map_err(|_| DriverError::Memory { addr: base })?;
+        let ring = self
+            .rings
+            .get_mut(usize::from(q))
+            .ok_or(DriverError::RingFull(q))?;
+        ring.post(
             &mem,
             &[Buf {
                 addr: base,
@@ -349,37 +442,91 @@ impl Guest {
         Ok(())
     }
 
-    /// A frame from receive queue `q` within `timeout` (the buffer is
-    /// re-posted), or `None`.
+    /// Post receive buffers (2 KiB each) on receive queue `q`, as many as
+    /// fit its buffer area and ring, and kick it; how many were posted.
+    pub fn net_fill_rx(&mut self, q: u16) -> Result<usize> {
+        let mut posted = 0;
+        loop {
+            match self.post_receive_no_kick(q, RX_BUF as u32) {
+                Ok(()) => posted += 1,
+                Err(DriverError::RingFull(_)) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        self.kick(q)?;
+        Ok(posted)
+    }
+
+    /// Send `frame` (behind a zeroed virtio-net header) on transmit queue
+    /// `q`; waits on `irq` until consumed.
+    pub fn net_send(&mut self, q: u16, frame: &[u8], irq: &EventFd) -> Result<()> {
+        let mut data = vec![0u8; NET_HDR];
+        data.extend_from_slice(frame);
+        self.send(q, &data, irq)
+    }
+
+    /// A frame from receive queue `q` within `timeout` (the receive
+    /// buffers are topped up again), or `None`.
     pub fn net_recv(
         &mut self,
         q: u16,
         irq: &EventFd,
         timeout: Duration,
     ) -> Result<Option<Vec<u8>>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mem = self.mem.memory();
-            let qi = usize::from(q);
-            if let Some((head, len)) = self.rings[qi].pop_used(&mem)? {
-                let addr = self
-                    .rx
-                    .get_mut(qi)
-                    .and_then(|r| r.get_mut(usize::from(head)))
-                    .map(std::mem::take)
-                    .unwrap_or(0);
-                let len = u64::from(len).min(RX_BUF) as usize;
-                let mut buf = vec![0u8; len];
-                mem.read_slice(&mut buf, GuestAddress(addr))
-                    .map_err(|_| DriverError::Memory { addr })?;
-                drop(mem);
-                self.net_fill_rx(q)?;
-                return Ok(Some(buf.get(NET_HDR..).unwrap_or_default().to_vec()));
-            }
-            if Instant::now() > deadline {
-                return Ok(None);
-            }
-            wait_eventfd(irq, Duration::from_millis(20))?;
-        }
+        let Some(buf) = self.wait_receive(q, irq, timeout)? else {
+            return Ok(None);
+        };
+        self.net_fill_rx(q)?;
+        Ok(Some(buf.get(NET_HDR..).unwrap_or_default().to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_sized_gives_each_queue_its_own_maximum() {
+        let mut g = Guest::new(16 << 20, 128).unwrap();
+
+        let q = g.queues_sized(&[256, 32, 8]).unwrap();
+
+        let got: Vec<(u16, u16)> = q.iter().map(|(_, q, _)| (q.max_size(), q.size())).collect();
+        assert_eq!(got, [(256, 128), (32, 32), (8, 8)]);
+        assert_eq!(g.ring_sizes(), [128, 32, 8]);
+    }
+
+    #[test]
+    fn receive_buffers_must_fit_and_nothing_returned_is_none() {
+        let mut g = Guest::new(16 << 20, 128).unwrap();
+        let _q = g.queues_sized(&[8]).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+
+        assert!(matches!(
+            g.post_receive(0, 0),
+            Err(DriverError::TooLarge { .. })
+        ));
+        assert!(g.post_receive(0, BUF_STRIDE as u32 + 1).is_err());
+        g.post_receive(0, 64).unwrap();
+        assert_eq!(
+            g.wait_receive(0, &irq, Duration::from_millis(10)).unwrap(),
+            None
+        );
+        assert!(g.post_receive(5, 64).is_err());
+    }
+
+    #[test]
+    fn each_queue_gets_the_wanted_size_capped_by_its_own_maximum() {
+        assert_eq!(ring_size_for(128, 256), 128);
+        assert_eq!(ring_size_for(128, 32), 32);
+        assert_eq!(ring_size_for(128, 8), 8);
+    }
+
+    #[test]
+    fn sizes_round_down_to_a_power_of_two() {
+        assert_eq!(ring_size_for(128, 100), 64);
+        assert_eq!(ring_size_for(128, 1), 1);
+        assert_eq!(ring_size_for(128, 0), 0);
+        assert_eq!(ring_size_for(u16::MAX, u16::MAX), 0x8000);
     }
 }

@@ -1,6 +1,7 @@
 //! The `vdpa-bridge` command's library: what `info` reports ([`info`]),
-//! what `list` shows and how `bind` rebinds ([`sysfs`], [`vhost`]). The
-//! binary (`src/main.rs`) adds `selftest` and the output.
+//! what `list` shows and how `bind` rebinds ([`sysfs`], [`vhost`]), and
+//! its logger ([`logging`]), what `selftest` does ([`selftest`]). The
+//! binary (`src/main.rs`) adds the command line and the output.
 //!
 //! This package sits on top of the others: it opens devices with
 //! `vdpa-bridge`, brings them up through `vdpa-plugin` exactly as a VMM
@@ -10,5 +11,7 @@
 
 pub mod features;
 pub mod info;
+pub mod logging;
+pub mod selftest;
 pub mod sysfs;
 pub mod vhost;

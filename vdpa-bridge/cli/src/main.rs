@@ -2,19 +2,15 @@
 //! the userspace vDPA bridge.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use serde::Serialize;
 
 use vdpa_bridge::backend::AnyDevice;
-use vdpa_bridge::types::{features, DeviceType};
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
-use vdpa_bridge::{DmaMapper, VdpaOps};
 use vdpa_bridge_cli::info::{self, ConfigInfo, DeviceInfo};
-use vdpa_bridge_cli::{sysfs, vhost};
-use vdpa_testkit::driver::net;
+use vdpa_bridge_cli::{selftest, sysfs, vhost};
 use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
 
 #[derive(Parser)]
@@ -56,7 +52,10 @@ enum Cmd {
     },
     /// Bring the device up through the plugin, as a VMM would, and do real
     /// I/O through guest rings (blk: reads, writes only with --allow-write;
-    /// net: ARP for --arp-target). Without a device, the emulated device.
+    /// net: ARP for --arp-target; rng: read entropy; console: send
+    /// --console-text on port 0, read what arrives). Other device types
+    /// are brought up only: outcome "bring-up only", exit status 0.
+    /// Without a device, the emulated device.
     Selftest {
         /// PCI address or sysfs path.
         device: Option<String>,
@@ -73,6 +72,12 @@ enum Cmd {
         /// them to the kernel.
         #[arg(long)]
         relay_kicks: bool,
+        /// Text sent on a console device's port 0.
+        #[arg(long, default_value = "vdpa-bridge selftest\n")]
+        console_text: String,
+        /// How long to wait for data from a console's other side, in ms.
+        #[arg(long, default_value_t = 1000)]
+        console_wait_ms: u64,
         /// JSON output.
         #[arg(short, long)]
         json: bool,
@@ -165,197 +170,52 @@ fn print_info(i: &DeviceInfo) {
     }
 }
 
-#[derive(Serialize)]
-struct Check {
-    name: String,
-    ok: bool,
-    detail: String,
-}
-
-#[derive(Serialize)]
-struct SelftestReport {
-    device: String,
-    backend: &'static str,
-    device_type: &'static str,
-    negotiated_features: String,
-    queues: usize,
-    /// How the plugin wired kicks and interrupts.
-    wiring: String,
-    checks: Vec<Check>,
-    passed: usize,
-    failed: usize,
-}
-
-fn selftest(
-    device: &Option<String>,
-    allow_write: bool,
-    arp: (std::net::Ipv4Addr, std::net::Ipv4Addr),
-    relay_kicks: bool,
-) -> Result<SelftestReport> {
+fn selftest(device: &Option<String>, opts: &selftest::Options) -> Result<selftest::Report> {
     let (name, dev) = open(device, None)?;
     match dev {
         Opened::Real(d) => {
             let backend = d.backend_name();
-            selftest_on(name, backend, d, allow_write, arp, relay_kicks)
+            selftest::run(name, backend, d, opts)
         }
-        Opened::Emulated(d) => selftest_on(name, EMULATED, d, true, arp, relay_kicks),
+        Opened::Emulated(d) => {
+            let opts = selftest::Options {
+                allow_write: true,
+                ..opts.clone()
+            };
+            selftest::run(name, EMULATED, d, &opts)
+        }
     }
 }
 
-/// Bring `dev` up through the plugin and do real I/O.
-fn selftest_on<B: VdpaOps + DmaMapper + Send + 'static>(
-    name: String,
-    backend: &'static str,
-    dev: B,
-    allow_write: bool,
-    arp: (std::net::Ipv4Addr, std::net::Ipv4Addr),
-    relay_kicks: bool,
-) -> Result<SelftestReport> {
-    use vdpa_plugin::{BridgeDevice, DeviceOptions, KickPolicy};
-    use vdpa_testkit::driver::blk::{T_GET_ID, T_IN, T_OUT};
-    use vdpa_testkit::harness::{Guest, TestInterrupt};
-
-    let t = DeviceType::from_id(dev.device_id());
-    // Exactly what a VMM does: guest memory (shared, 32 MiB), the device
-    // through the plugin's BridgeDevice, guest rings, kick eventfds in and
-    // irqfd-like eventfds out.
-    let mut g = Guest::new(32 << 20, 128)?;
-    let opts = DeviceOptions {
-        kick: if relay_kicks {
-            KickPolicy::Relay
-        } else {
-            KickPolicy::Auto
-        },
-        ..DeviceOptions::default()
-    };
-    let mut d = BridgeDevice::new(dev, g.mem.clone(), opts).context("open through the plugin")?;
-    let mut want = features::bit(features::VERSION_1) | features::bit(features::ACCESS_PLATFORM);
-    if t == DeviceType::Net {
-        want |= features::bit(net::F_MAC);
-    }
-    d.ack_features(d.features() & want)?;
-    let nq = match t {
-        DeviceType::Net => 2,
-        _ => d.queue_max_sizes().len() as u16,
-    };
-    let irq = TestInterrupt::new(usize::from(nq), true)?;
-    let queues = g.queues(nq, d.queue_max_sizes()[0])?;
-    d.activate(g.mem.clone(), irq.clone(), queues)
-        .context("activation (DRIVER_OK) failed")?;
-    let wiring = d.wiring().map(|w| format!("{w:?}")).unwrap_or_default();
-    let mut checks = Vec::new();
-    let mut check = |name: &str, r: Result<String>| {
-        let (ok, detail) = match r {
-            Ok(d) => (true, d),
-            Err(e) => (false, format!("{e:#}")),
-        };
-        checks.push(Check {
-            name: name.to_owned(),
-            ok,
-            detail,
-        });
-    };
-    match t {
-        DeviceType::Block => {
-            for q in 0..nq {
-                let fd = &irq.queues[usize::from(q)];
-                let start = Instant::now();
-                let mut buf = vec![0u8; 4096];
-                let r = g
-                    .blk(q, T_IN, 0, &mut buf, fd)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|st| match st {
-                        0 => Ok(format!(
-                            "4 KiB at sector 0 in {:?}, first bytes {:02x?}",
-                            start.elapsed(),
-                            &buf[..8]
-                        )),
-                        s => Err(anyhow::anyhow!("status {s}")),
-                    });
-                check(&format!("blk read queue {q}"), r);
-            }
-            let mut id = vec![0u8; 20];
-            let r = g.blk(0, T_GET_ID, 0, &mut id, &irq.queues[0]);
-            match r {
-                Ok(0) => {
-                    let end = id.iter().position(|&b| b == 0).unwrap_or(id.len());
-                    check(
-                        "blk get id",
-                        Ok(String::from_utf8_lossy(&id[..end]).into_owned()),
-                    )
-                }
-                Ok(2) => check("blk get id", Ok("unsupported by the device".into())),
-                Ok(s) => check("blk get id", Err(anyhow::anyhow!("status {s}"))),
-                Err(e) => check("blk get id", Err(e.into())),
-            }
-            if allow_write {
-                let fd = &irq.queues[0];
-                let r = (|| -> Result<String> {
-                    let sector = 8;
-                    let mut orig = vec![0u8; 512];
-                    ensure_ok(g.blk(0, T_IN, sector, &mut orig, fd)?)?;
-                    let mut pattern: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
-                    ensure_ok(g.blk(0, T_OUT, sector, &mut pattern, fd)?)?;
-                    let mut back = vec![0u8; 512];
-                    ensure_ok(g.blk(0, T_IN, sector, &mut back, fd)?)?;
-                    ensure_ok(g.blk(0, T_OUT, sector, &mut orig, fd)?)?;
-                    if back != pattern {
-                        bail!("read back differs from what was written");
-                    }
-                    Ok(format!("sector {sector} written, read back, restored"))
-                })();
-                check("blk write/read", r);
-            } else {
-                check(
-                    "blk write/read",
-                    Ok("skipped: read-only without --allow-write".into()),
-                );
-            }
+fn print_selftest(r: &selftest::Report) {
+    let sizes: Vec<String> = r.queue_sizes.iter().map(u16::to_string).collect();
+    println!(
+        "{} ({}, {}): features {}, {} queues (sizes {})",
+        r.device,
+        r.backend,
+        r.device_type,
+        r.negotiated_features,
+        r.queues,
+        sizes.join(",")
+    );
+    println!("  wiring: {}", r.wiring);
+    for c in &r.checks {
+        println!(
+            "  {} {}: {}",
+            if c.ok { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
+        if let Some(data) = &c.data {
+            println!("       {data:?}");
         }
-        DeviceType::Net => {
-            let r = (|| -> Result<String> {
-                let mut mac = [0u8; 6];
-                d.read_config(0, &mut mac)?;
-                g.net_fill_rx(0)?;
-                let req = net::arp_request(mac, arp.1.octets(), arp.0.octets());
-                for _ in 0..10 {
-                    g.net_send(1, &req, &irq.queues[1])?;
-                    if let Some(f) = g.net_recv(0, &irq.queues[0], Duration::from_millis(500))? {
-                        if let Some(peer) = net::parse_arp_reply(&f, arp.0.octets()) {
-                            return Ok(format!("{} is at {:02x?}", arp.0, peer));
-                        }
-                    }
-                }
-                bail!("no ARP reply from {} within 5 s", arp.0)
-            })();
-            check("net arp", r);
-        }
-        other => check(
-            "io",
-            Err(anyhow::anyhow!("no self test for {} devices", other.name())),
-        ),
     }
-    let negotiated = d.acked_features();
-    d.reset().context("reset")?;
-    let failed = checks.iter().filter(|c| !c.ok).count();
-    Ok(SelftestReport {
-        device: name,
-        backend,
-        device_type: t.name(),
-        negotiated_features: format!("{negotiated:#x}"),
-        queues: usize::from(nq),
-        wiring,
-        passed: checks.len() - failed,
-        failed,
-        checks,
-    })
-}
-
-fn ensure_ok(status: u8) -> Result<()> {
-    match status {
-        0 => Ok(()),
-        s => bail!("blk request failed with status {s}"),
-    }
+    println!(
+        "{}: {} passed, {} failed",
+        r.outcome.as_str(),
+        r.passed,
+        r.failed
+    );
 }
 
 fn run(cli: Cli) -> Result<bool> {
@@ -375,7 +235,7 @@ fn run(cli: Cli) -> Result<bool> {
             }
             for n in &vdpa {
                 println!(
-                    "{:<20} vDPA device {:<10} type {:<8} {}",
+                    "{:<20} vDPA device {:<10} type {:<14} {}",
                     n.node,
                     n.vdpa_device,
                     n.device_type.unwrap_or("?"),
@@ -385,13 +245,14 @@ fn run(cli: Cli) -> Result<bool> {
             if list.is_empty() {
                 println!("no virtio-pci functions");
             } else {
+                // TYPE fits the longest name (`mac80211-hwsim`).
                 println!(
-                    "{:<14} {:<10} {:<8} {:<8} {:<12} GROUP",
+                    "{:<14} {:<10} {:<14} {:<8} {:<12} GROUP",
                     "ADDRESS", "ID", "TYPE", "MODERN", "DRIVER"
                 );
                 for f in &list {
                     println!(
-                        "{:<14} {:04x}:{:04x} {:<8} {:<8} {:<12} {}",
+                        "{:<14} {:04x}:{:04x} {:<14} {:<8} {:<12} {}",
                         f.address,
                         f.vendor,
                         f.device,
@@ -435,34 +296,31 @@ fn run(cli: Cli) -> Result<bool> {
             arp_target,
             arp_source,
             relay_kicks,
+            console_text,
+            console_wait_ms,
             json,
         } => {
-            let r = selftest(&device, allow_write, (arp_target, arp_source), relay_kicks)?;
+            let opts = selftest::Options {
+                allow_write,
+                arp_target,
+                arp_source,
+                relay_kicks,
+                console_text,
+                console_wait: Duration::from_millis(console_wait_ms),
+            };
+            let r = selftest(&device, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
-                    "{} ({}, {}): features {:#}, {} queues",
-                    r.device, r.backend, r.device_type, r.negotiated_features, r.queues
-                );
-                println!("  wiring: {}", r.wiring);
-                for c in &r.checks {
-                    println!(
-                        "  {} {}: {}",
-                        if c.ok { "ok  " } else { "FAIL" },
-                        c.name,
-                        c.detail
-                    );
-                }
-                println!("{} passed, {} failed", r.passed, r.failed);
+                print_selftest(&r);
             }
-            Ok(r.failed == 0)
+            Ok(r.outcome.is_success())
         }
     }
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    vdpa_bridge_cli::logging::init();
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

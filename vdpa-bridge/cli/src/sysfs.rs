@@ -395,6 +395,14 @@ mod tests {
         assert_eq!(virtio_type(0x1001, 2), Some(DeviceType::Block));
         assert_eq!(virtio_type(0x105a, 0), Some(DeviceType::Fs));
         assert_eq!(virtio_type(0x10d3, 0), None);
+        // What QEMU's balloon, crypto and 9p devices are (modern, modern,
+        // transitional).
+        assert_eq!(
+            virtio_type(0x1045, 0).map(DeviceType::name),
+            Some("balloon")
+        );
+        assert_eq!(virtio_type(0x1054, 0).map(DeviceType::name), Some("crypto"));
+        assert_eq!(virtio_type(0x1009, 9).map(DeviceType::name), Some("9p"));
     }
 
     #[test]

@@ -79,7 +79,7 @@ fn plugin(bdf: &str, kick: KickPolicy, l: &ReadLoad) -> anyhow::Result<ReadStats
     )?;
     d.ack_features(features::bit(features::VERSION_1) | features::bit(features::ACCESS_PLATFORM))?;
     let irq = TestInterrupt::new(1, true)?;
-    let queues = g.queues(1, d.queue_max_sizes()[0])?;
+    let queues = g.queues_sized(&d.queue_max_sizes()[..1])?;
     d.activate(g.mem.clone(), irq.clone(), queues)?;
     let s = g.blk_read_load(0, &irq.queues[0], l)?;
     d.reset()?;

@@ -73,6 +73,11 @@ pub fn cases() -> Vec<Case> {
         "cli_selftest_through_the_plugin",
         cli_selftest,
     );
+    add(
+        Variant::Blk0,
+        "cli_quiet_by_default_rust_log_still_works",
+        cli_log_level,
+    );
     out.push(Case {
         name: "bridge_cli_list_json".to_string(),
         needs: None,
@@ -101,13 +106,14 @@ fn image_sectors(dev: &Device) -> anyhow::Result<u64> {
         / 512)
 }
 
-/// Queues QEMU gives the device: blk num-queues, net 2 per pair + ctrl.
-fn expected_queues(dev: &Device) -> u16 {
+/// Queues QEMU gives the device: blk num-queues, net 2 per pair + ctrl,
+/// the other kinds their virtqueues.
+pub(crate) fn expected_queues(dev: &Device) -> u16 {
     match dev.kind {
-        Kind::Blk => dev.num_queues as u16,
         Kind::Net if dev.num_queues > 1 => 2 * dev.num_queues as u16 + 1,
         // QEMU's virtio-net without mq: rx, tx and the control queue.
         Kind::Net => 3,
+        _ => dev.num_queues as u16,
     }
 }
 
@@ -139,8 +145,8 @@ fn info_matches_qemu(ctx: &Ctx) -> CaseResult {
     );
     // QEMU's data queues are 256 entries; virtio-net's control queue 64.
     let data_queues = match dev.kind {
-        Kind::Blk => info.queues.len(),
         Kind::Net => info.queues.len() - 1,
+        _ => info.queues.len(),
     };
     ensure!(
         info.queues[..data_queues].iter().all(|q| q.max_size == 256)
@@ -191,7 +197,7 @@ fn info_matches_qemu(ctx: &Ctx) -> CaseResult {
 }
 
 /// The `vdpa-bridge` binary next to this runner (same target dir).
-fn cli() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn cli() -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
     let p = exe.with_file_name("vdpa-bridge");
     ensure!(p.exists(), "{} not built", p.display());
@@ -221,10 +227,7 @@ fn cli_info_json(ctx: &Ctx) -> CaseResult {
     ] {
         ensure!(v.get(key).is_some(), "key {key} missing: {v}");
     }
-    let want = match dev.kind {
-        Kind::Blk => "block",
-        Kind::Net => "net",
-    };
+    let want = dev.kind.type_name();
     ensure!(v["device_type"] == want, "device_type {}", v["device_type"]);
     ensure!(v["emulated"] == false, "claims to be emulated");
     ensure!(
@@ -282,8 +285,9 @@ pub fn blk_io_on<B: VdpaOps + vdpa_bridge::DmaMapper>(
         );
         let sector = first_sector + 4 * u64::from(q);
         let data = pattern::written(image, sector * 512, 2048);
+        let written = drv.blk_write(q, sector, &data);
         crate::guest::declare_write_to(image, sector * 512, 2048);
-        drv.blk_write(q, sector, &data)?;
+        written?;
         let back = drv.blk_read(q, sector, 2048)?;
         ensure!(
             back == data,
@@ -585,7 +589,52 @@ fn cli_list(ctx: &Ctx) -> CaseResult {
         ensure!(e["modern"] == !dev.legacy, "{}: {e}", dev.bdf);
         ensure!(e["iommu_group"].is_u64(), "{}: {e}", dev.bdf);
         ensure!(e["device"] == dev.pci_device_id(), "{}: {e}", dev.bdf);
+        ensure!(
+            e["virtio_type"] == dev.kind.type_name(),
+            "{}: type {}, want {}",
+            dev.bdf,
+            e["virtio_type"],
+            dev.kind.type_name()
+        );
     }
+    // The 9p share of the host's root: a transitional virtio-9p-pci, named
+    // from its subsystem id.
+    let share = format!("0000:00:{:02x}.0", crate::host::devices::HOSTROOT_SLOT);
+    let e = pci
+        .iter()
+        .find(|e| e["address"] == share.as_str())
+        .with_context(|| format!("{share} (9p share) not listed"))?;
+    ensure!(e["virtio_type"] == "9p", "{share}: {e}");
+    Ok(Outcome::Pass)
+}
+
+/// At the default log level the CLI prints no vfio-ioctls noise about IRQ
+/// indices; with `RUST_LOG=warn` the same command prints it (so it is the
+/// logger that keeps it out, and `RUST_LOG` still rules).
+fn cli_log_level(ctx: &Ctx) -> CaseResult {
+    use crate::guest::cases::types::run_cli;
+    const NOISE: &str = "Could not get VFIO IRQ info for index";
+    let dev = ctx.dev()?;
+    let quiet = run_cli(&["info", &dev.bdf], None)?;
+    let loud = run_cli(&["info", &dev.bdf], Some("warn"))?;
+    ensure!(
+        quiet.status.success() && loud.status.success(),
+        "exit {} / {}: {}{}",
+        quiet.status,
+        loud.status,
+        quiet.stderr,
+        loud.stderr
+    );
+    ensure!(
+        !quiet.stderr.contains("vfio_ioctls"),
+        "default level: {}",
+        quiet.stderr
+    );
+    ensure!(
+        loud.stderr.contains(NOISE),
+        "RUST_LOG=warn shows no {NOISE:?} (so the default proves nothing): {}",
+        loud.stderr
+    );
     Ok(Outcome::Pass)
 }
 

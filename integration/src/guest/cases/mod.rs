@@ -18,6 +18,7 @@ pub mod ch;
 pub mod ch_bench;
 pub mod plugin;
 pub mod smoke;
+pub mod types;
 pub mod vhost_vdpa;
 
 /// The cases of this run: the benchmarks alone when the manifest asks for
@@ -47,6 +48,7 @@ pub fn benchmarks() -> Vec<Case> {
 pub fn all() -> Vec<Case> {
     let mut all = smoke::cases();
     all.extend(bridge::cases());
+    all.extend(types::cases());
     all.extend(plugin::cases());
     all.extend(vhost_vdpa::cases());
     all.extend(ch::cases());

@@ -89,7 +89,7 @@ fn net_arp(ctx: &Ctx) -> CaseResult {
     d.ack_features(d.features() & want)?;
     // The guest enables rx and tx only (no control queue).
     let irq = TestInterrupt::new(2, true)?;
-    let queues = g.queues(2, d.queue_max_sizes()[0])?;
+    let queues = g.queues_sized(&d.queue_max_sizes()[..2])?;
     d.activate(g.mem.clone(), irq.clone(), queues)?;
     g.net_fill_rx(0)?;
     let peer = [10, 0, 2, 2];
@@ -127,7 +127,7 @@ fn ack(d: &mut Dev) -> anyhow::Result<()> {
 fn activate(d: &mut Dev, g: &mut Guest) -> anyhow::Result<Arc<TestInterrupt>> {
     let n = d.queue_max_sizes().len();
     let irq = TestInterrupt::new(n, true)?;
-    let queues = g.queues(n as u16, d.queue_max_sizes()[0])?;
+    let queues = g.queues_sized(d.queue_max_sizes())?;
     d.activate(g.mem.clone(), irq.clone(), queues)?;
     Ok(irq)
 }
@@ -228,11 +228,9 @@ fn blk_io_every_queue(
         );
         let sector = first_sector + 8 * u64::from(q);
         let mut data = pattern::written(image, sector * 512, 4096);
+        let written = g.blk(q, T_OUT, sector, &mut data, fd);
         ctx.declare_write(sector * 512, 4096)?;
-        ensure!(
-            g.blk(q, T_OUT, sector, &mut data, fd)? == 0,
-            "queue {q}: write failed"
-        );
+        ensure!(written? == 0, "queue {q}: write failed");
         let mut back = vec![0u8; 4096];
         ensure!(
             g.blk(q, T_IN, sector, &mut back, fd)? == 0,

@@ -27,6 +27,10 @@ pub fn cases() -> Vec<Case> {
         Variant::Blk1,
         Variant::NetUser,
         Variant::NetMq,
+        Variant::Rng,
+        Variant::Console,
+        Variant::Balloon,
+        Variant::Crypto,
     ];
     let mut out = Vec::new();
     for v in modern {

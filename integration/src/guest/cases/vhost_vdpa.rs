@@ -197,7 +197,7 @@ fn vduse_plugin(ctx: &Ctx) -> CaseResult {
     for i in 0..10u64 {
         d.ack_features(d.features() & want)?;
         let irq = TestInterrupt::new(1, true)?;
-        let queues = g.queues(1, d.queue_max_sizes()[0])?;
+        let queues = g.queues_sized(&d.queue_max_sizes()[..1])?;
         d.activate(g.mem.clone(), irq.clone(), queues)
             .with_context(|| format!("activation {i}"))?;
         let w = d.wiring().context("not active")?.clone();
@@ -217,11 +217,9 @@ fn vduse_plugin(ctx: &Ctx) -> CaseResult {
         );
         let sector = 200 + 8 * i;
         let mut data = pattern::written(IMAGE, sector * 512, 4096);
+        let written = g.blk(0, T_OUT, sector, &mut data, &irq.queues[0]);
         crate::guest::declare_write_to(IMAGE, sector * 512, 4096);
-        ensure!(
-            g.blk(0, T_OUT, sector, &mut data, &irq.queues[0])? == 0,
-            "cycle {i}: write"
-        );
+        ensure!(written? == 0, "cycle {i}: write");
         let mut back = vec![0u8; 4096];
         ensure!(
             g.blk(0, T_IN, sector, &mut back, &irq.queues[0])? == 0,

@@ -55,6 +55,10 @@ pub struct EmuConfig {
     pub num_queues: u16,
     /// Maximum size of each queue (0 simulates a broken device).
     pub queue_max_size: u16,
+    /// The last queue's maximum when it differs from the others' (a
+    /// device whose queues differ, as virtio-balloon's reporting queue
+    /// or virtio-net's control queue do).
+    pub last_queue_max_size: Option<u16>,
     /// MSI-X vectors (`None`: one per queue plus config).
     pub msix_vectors: Option<u32>,
     /// `notify_off_multiplier` of the notify capability.
@@ -89,6 +93,7 @@ impl Default for EmuConfig {
         EmuConfig {
             num_queues: 1,
             queue_max_size: 256,
+            last_queue_max_size: None,
             msix_vectors: None,
             notify_off_multiplier: 4,
             never_finish_reset: false,
@@ -109,6 +114,14 @@ impl Default for EmuConfig {
 }
 
 impl EmuConfig {
+    /// Maximum size of queue `q`.
+    fn max_size_of(&self, q: usize) -> u16 {
+        match self.last_queue_max_size {
+            Some(last) if q + 1 == usize::from(self.num_queues) => last,
+            _ => self.queue_max_size,
+        }
+    }
+
     fn vectors(&self) -> u32 {
         self.msix_vectors
             .unwrap_or(u32::from(self.num_queues) + 1)
@@ -341,8 +354,8 @@ impl EmulatedFunction {
             generation: 0,
             isr: 0,
             queues: (0..nq)
-                .map(|_| VqState {
-                    size: cfg.queue_max_size,
+                .map(|q| VqState {
+                    size: cfg.max_size_of(q),
                     msix: NO_VECTOR,
                     ..VqState::default()
                 })
@@ -514,9 +527,9 @@ impl State {
         self.config_msix = NO_VECTOR;
         self.queue_select = 0;
         self.isr = 0;
-        for q in &mut self.queues {
+        for (i, q) in self.queues.iter_mut().enumerate() {
             *q = VqState {
-                size: c.queue_max_size,
+                size: c.max_size_of(i),
                 msix: NO_VECTOR,
                 ..VqState::default()
             };
@@ -637,7 +650,7 @@ impl State {
         if touched(common::QUEUE_SELECT, 2) {
             self.queue_select = self.shadow16(common::QUEUE_SELECT);
         }
-        let max = c.queue_max_size;
+        let max = c.max_size_of(usize::from(self.queue_select));
         let (size, msix) = (
             self.shadow16(common::QUEUE_SIZE),
             self.shadow16(common::QUEUE_MSIX_VECTOR),
