@@ -180,6 +180,10 @@ pub struct Device {
     /// A console's chardev files.
     #[serde(default)]
     pub console: Option<ConsoleFiles>,
+    /// The `pcie-root-port` the device sits behind (its guest PCI
+    /// address), or `None` for an integrated endpoint on `pcie.0`.
+    #[serde(default)]
+    pub root_port: Option<String>,
 }
 
 impl Device {

@@ -291,6 +291,7 @@ mod tests {
                 msix_vectors: 3,
                 qemu_device: String::new(),
                 console: None,
+                root_port: None,
             }],
             skipped: vec![Skipped {
                 variant: Variant::NetMq,

@@ -2,7 +2,7 @@
 //! PCI address. QEMU arguments, disk images and the manifest all follow
 //! from it; a later suite that needs another knob adds a row.
 //!
-//! # Address plan (all on the q35 root bus `pcie.0`, function 0)
+//! # Address plan (slots of the q35 root bus `pcie.0`, function 0)
 //! | slot | device |
 //! | --- | --- |
 //! | 00.0 | q35 host bridge (fixed by QEMU) |
@@ -12,8 +12,12 @@
 //! | 18.0 - 1e.0 | other device types (rng, console, balloon, crypto) |
 //! | 1f.x | q35 ICH9 LPC / SATA / SMBus (fixed by QEMU) |
 //!
-//! Devices on the root bus are integrated endpoints; with the vIOMMU each
-//! one lands in an IOMMU group of its own.
+//! Devices on the root bus are integrated endpoints: no FLR, no hot-plug
+//! slot. Rows with `root_port` put the device behind a `pcie-root-port` in
+//! its slot instead, as real VFs sit behind ports: a PCIe endpoint with
+//! FLR in a hot-plug slot, on the bus the firmware gives that port (one
+//! per port, in slot order, from 1: see [`DeviceSpec::bdf`]). With the
+//! vIOMMU each device lands in an IOMMU group of its own.
 
 use std::path::Path;
 
@@ -75,6 +79,9 @@ pub struct DeviceSpec {
     pub backend: Backend,
     /// Further `-device` properties, comma separated (`page-per-vq=on`).
     pub extra: &'static str,
+    /// Behind a `pcie-root-port` in `slot` (PCIe FLR, a hot-plug slot)
+    /// instead of on `pcie.0`.
+    pub root_port: bool,
 }
 
 /// The tap device's name inside the suite's network namespace.
@@ -92,6 +99,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         legacy: false,
         backend: Backend::Image { mib: 16 },
         extra: "",
+        root_port: true,
     },
     DeviceSpec {
         variant: Variant::BlkMq,
@@ -101,6 +109,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         legacy: false,
         backend: Backend::Image { mib: 1 },
         extra: "",
+        root_port: false,
     },
     DeviceSpec {
         variant: Variant::BlkPpv,
@@ -110,6 +119,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         legacy: false,
         backend: Backend::Image { mib: 1 },
         extra: "page-per-vq=on",
+        root_port: false,
     },
     DeviceSpec {
         variant: Variant::Legacy,
@@ -119,6 +129,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         legacy: true,
         backend: Backend::Image { mib: 1 },
         extra: "",
+        root_port: false,
     },
     DeviceSpec {
         variant: Variant::Blk1,
@@ -128,6 +139,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         legacy: false,
         backend: Backend::Image { mib: 16 },
         extra: "",
+        root_port: true,
     },
     DeviceSpec {
         variant: Variant::NetUser,
@@ -137,6 +149,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         legacy: false,
         backend: Backend::UserNet,
         extra: "mac=52:54:00:12:34:56",
+        root_port: true,
     },
     DeviceSpec {
         variant: Variant::NetMq,
@@ -146,6 +159,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         legacy: false,
         backend: Backend::Tap { queues: 4 },
         extra: "mq=on,mac=52:54:00:12:34:57",
+        root_port: false,
     },
     DeviceSpec {
         variant: Variant::Rng,
@@ -155,6 +169,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         legacy: false,
         backend: Backend::Rng,
         extra: "",
+        root_port: false,
     },
     DeviceSpec {
         variant: Variant::Console,
@@ -165,6 +180,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         backend: Backend::ConsoleFile,
         // One port: no MULTIPORT, port 0 on queues 0 and 1.
         extra: "max_ports=1",
+        root_port: false,
     },
     DeviceSpec {
         variant: Variant::Balloon,
@@ -175,6 +191,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         backend: Backend::BalloonOnly,
         // The reporting queue (32 entries) next to the others (128).
         extra: "free-page-reporting=on,deflate-on-oom=on",
+        root_port: false,
     },
     DeviceSpec {
         variant: Variant::Crypto,
@@ -184,6 +201,7 @@ pub const DEVICES: &[DeviceSpec] = &[
         legacy: false,
         backend: Backend::CryptoBuiltin,
         extra: "",
+        root_port: false,
     },
 ];
 
@@ -205,9 +223,34 @@ impl DeviceSpec {
         }
     }
 
-    /// Guest PCI address.
+    /// Guest PCI address. Behind a root port, the device is function 0 of
+    /// the port's secondary bus, which the firmware (SeaBIOS) numbers depth
+    /// first in slot order: the n-th port of the table gets bus n (the
+    /// smoke cases read each device's ids at this address, so a different
+    /// numbering fails there, loudly).
     pub fn bdf(&self) -> String {
-        format!("0000:00:{:02x}.0", self.slot)
+        if self.root_port {
+            let bus = 1 + DEVICES
+                .iter()
+                .filter(|d| d.root_port && d.slot < self.slot)
+                .count();
+            format!("0000:{bus:02x}:00.0")
+        } else {
+            format!("0000:00:{:02x}.0", self.slot)
+        }
+    }
+
+    /// The `pcie-root-port` the device sits behind, if any: its id and
+    /// `-device` string (chassis and slot numbers from the slot, unique).
+    pub fn root_port_device(&self) -> Option<(String, String)> {
+        self.root_port.then(|| {
+            let id = format!("rp-{}", self.variant.name());
+            let dev = format!(
+                "pcie-root-port,id={id},bus=pcie.0,addr={:#04x},chassis={},slot={}",
+                self.slot, self.slot, self.slot
+            );
+            (id, dev)
+        })
     }
 
     /// Image file name, if backed by one.
@@ -277,7 +320,10 @@ impl DeviceSpec {
         let mut p = vec![
             model.to_string(),
             format!("id={name}"),
-            format!("bus=pcie.0,addr={:#04x}", self.slot),
+            match self.root_port_device() {
+                Some((port, _)) => format!("bus={port},addr=0x0"),
+                None => format!("bus=pcie.0,addr={:#04x}", self.slot),
+            },
         ];
         match self.kind() {
             Kind::Blk => {
@@ -350,6 +396,10 @@ impl DeviceSpec {
             }
             Backend::BalloonOnly => Vec::new(),
         };
+        if let Some((_, port)) = self.root_port_device() {
+            args.push("-device".to_string());
+            args.push(port);
+        }
         args.push("-device".to_string());
         args.push(self.qemu_device());
         if self.backend == Backend::ConsoleFile {
@@ -372,6 +422,9 @@ impl DeviceSpec {
             msix_vectors: self.msix_vectors(),
             qemu_device: self.qemu_device(),
             console: self.console_files(lab_dir),
+            root_port: self
+                .root_port
+                .then(|| format!("0000:00:{:02x}.0", self.slot)),
         }
     }
 }
@@ -394,13 +447,42 @@ mod tests {
 
     #[test]
     fn modern_device_string_carries_iommu_platform() {
-        let blk0 = &DEVICES[0];
+        let mq = DEVICES
+            .iter()
+            .find(|d| d.variant == Variant::BlkMq)
+            .unwrap();
 
         assert_eq!(
-            blk0.qemu_device(),
-            "virtio-blk-pci,id=blk0,bus=pcie.0,addr=0x03,drive=drive-blk0,serial=blk0,\
-             disable-legacy=on,iommu_platform=on"
+            mq.qemu_device(),
+            "virtio-blk-pci,id=blk_mq,bus=pcie.0,addr=0x04,drive=drive-blk_mq,serial=blk_mq,\
+             num-queues=4,vectors=2,disable-legacy=on,iommu_platform=on"
         );
+    }
+
+    /// blk0, blk1 and net_user sit behind root ports (as VFs do), one port per
+    /// device, each on the bus the firmware numbers in slot order; the rest
+    /// stay integrated endpoints on pcie.0.
+    #[test]
+    fn root_port_devices_sit_on_their_ports_secondary_bus() {
+        let by = |v| DEVICES.iter().find(|d| d.variant == v).unwrap();
+        let blk0 = by(Variant::Blk0);
+
+        assert_eq!(
+            blk0.qemu_args(Path::new("/lab"))[2..],
+            [
+                "-device",
+                "pcie-root-port,id=rp-blk0,bus=pcie.0,addr=0x03,chassis=3,slot=3",
+                "-device",
+                "virtio-blk-pci,id=blk0,bus=rp-blk0,addr=0x0,drive=drive-blk0,serial=blk0,\
+                 disable-legacy=on,iommu_platform=on",
+            ]
+        );
+        assert_eq!(blk0.bdf(), "0000:01:00.0");
+        assert_eq!(by(Variant::Blk1).bdf(), "0000:02:00.0");
+        assert_eq!(by(Variant::NetUser).bdf(), "0000:03:00.0");
+        assert_eq!(by(Variant::BlkMq).bdf(), "0000:00:04.0");
+        let bdfs: HashSet<_> = DEVICES.iter().map(|d| d.bdf()).collect();
+        assert_eq!(bdfs.len(), DEVICES.len());
     }
 
     /// Every kind the lab has is modern-only behind the vIOMMU, but the

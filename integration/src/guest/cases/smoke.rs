@@ -2,7 +2,8 @@
 //! device variant: its VFIO group is viable and holds only that device,
 //! config space read through the VFIO device fd shows virtio's ids and the
 //! four virtio capabilities, and VFIO reports the MSI-X vector count QEMU
-//! was configured with. For the legacy device: legacy ids and no modern
+//! was configured with, and the PCIe topology is the table's (behind a
+//! root port: an endpoint with FLR; on pcie.0: no FLR). For the legacy device: legacy ids and no modern
 //! common-cfg capability, which is what the bridge must refuse on.
 
 use std::path::Path;
@@ -45,6 +46,7 @@ pub fn cases() -> Vec<Case> {
             config_ids_and_virtio_caps,
         ));
         out.push(named("msix_vectors", msix_vectors));
+        out.push(named("pcie_topology_as_the_table_says", pcie_topology));
     }
     out.push(Case {
         name: "legacy_has_no_modern_common_cfg".to_string(),
@@ -114,6 +116,61 @@ fn msix_vectors(ctx: &Ctx) -> CaseResult {
         dev.num_queues
     );
     Ok(Outcome::Pass)
+}
+
+/// PCI Express capability id.
+const CAP_ID_EXP: u8 = 0x10;
+/// Device/port type (Express capability flags, bits 7:4) of a PCIe endpoint.
+const EXP_TYPE_ENDPOINT: u16 = 0x0;
+/// Device capabilities: function-level reset.
+const EXP_DEVCAP_FLR: u32 = 1 << 28;
+
+/// A device the table puts behind a root port is a PCIe endpoint on that
+/// port's secondary bus with FLR, and the kernel would reset it by FLR;
+/// a device on `pcie.0` has no FLR (what real VFs have and integrated
+/// endpoints lack: the reset path the bridge must take safely).
+fn pcie_topology(ctx: &Ctx) -> CaseResult {
+    let dev = ctx.dev()?;
+    let cfg = VfioDevice::open(&dev.bdf)?.config_space()?;
+    let exp = config::capabilities(&cfg)
+        .into_iter()
+        .find(|&(_, id)| id == CAP_ID_EXP)
+        .map(|(off, _)| off);
+    let flr = exp
+        .and_then(|off| cfg.get(off + 4..off + 8))
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & EXP_DEVCAP_FLR != 0)
+        .unwrap_or(false);
+    let Some(port) = &dev.root_port else {
+        ensure!(!flr, "an integrated endpoint on pcie.0 reports FLR");
+        return Ok(Outcome::PassWith("integrated endpoint, no FLR".into()));
+    };
+    let real = std::fs::canonicalize(dev.sysfs()).context("resolve the sysfs path")?;
+    let parent = real
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    ensure!(
+        parent.as_deref() == Some(port.as_str()),
+        "{} sits under {parent:?}, want the root port {port}",
+        dev.bdf
+    );
+    let off = exp.context("no PCI Express capability behind a root port")?;
+    let flags = config::u16_at(&cfg, off + 2).context("short Express capability")?;
+    ensure!(
+        (flags >> 4) & 0xf == EXP_TYPE_ENDPOINT,
+        "device/port type {:#x}, want an endpoint",
+        (flags >> 4) & 0xf
+    );
+    ensure!(flr, "no FLR in the device capabilities");
+    let methods = std::fs::read_to_string(dev.sysfs().join("reset_method")).unwrap_or_default();
+    ensure!(
+        methods.split_whitespace().any(|m| m == "flr"),
+        "the kernel's reset methods are {methods:?}, want flr among them"
+    );
+    Ok(Outcome::PassWith(format!(
+        "behind {port}, FLR, reset methods: {}",
+        methods.trim()
+    )))
 }
 
 /// The legacy-only device has the transitional id and no common-cfg
