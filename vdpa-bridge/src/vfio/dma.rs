@@ -28,11 +28,13 @@ impl IovaRanges {
 
     /// The smallest single range covering every usable IOVA. The holes in
     /// it (such as the x86 MSI window) are refused by [`Self::contains`].
+    /// Sorted by start only: a range may end past the next one's end (a
+    /// malformed reply's nested ranges), so the last ends are compared too.
     pub(crate) fn envelope(&self) -> IovaRange {
-        match (self.0.first(), self.0.last()) {
-            (Some(f), Some(l)) => IovaRange {
+        match (self.0.first(), self.0.iter().map(|r| r.last).max()) {
+            (Some(f), Some(last)) => IovaRange {
                 first: f.first,
-                last: l.last,
+                last,
             },
             _ => Self::FALLBACK,
         }
@@ -139,6 +141,32 @@ mod tests {
             }
         );
         assert_eq!(IovaRanges::new(vec![]).envelope().last, (1 << 39) - 1);
+    }
+
+    #[test]
+    fn envelope_covers_a_range_nested_in_an_earlier_one() {
+        // Found by the `dma` fuzz target (corpus: regress-envelope-nested):
+        // the envelope ended at the last range's end, 0x1fff.
+        let r = IovaRanges::new(vec![
+            IovaRange {
+                first: 0,
+                last: 0xffff_ffff,
+            },
+            IovaRange {
+                first: 0x1000,
+                last: 0x1fff,
+            },
+        ]);
+
+        let env = r.envelope();
+
+        assert_eq!(
+            env,
+            IovaRange {
+                first: 0,
+                last: 0xffff_ffff
+            }
+        );
     }
 
     #[test]
