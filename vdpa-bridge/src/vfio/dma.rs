@@ -7,18 +7,18 @@ use crate::types::IovaRange;
 
 /// The IOVA ranges the IOMMU accepts, sorted and disjoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct IovaRanges(Vec<IovaRange>);
+pub struct IovaRanges(Vec<IovaRange>);
 
 impl IovaRanges {
     /// Fallback when the kernel does not report ranges: 39 address bits,
     /// the smallest width of Intel VT-d (and of QEMU's intel-iommu default).
-    pub(crate) const FALLBACK: IovaRange = IovaRange {
+    pub const FALLBACK: IovaRange = IovaRange {
         first: 0,
         last: (1 << 39) - 1,
     };
 
     /// Ranges as the kernel reported them (sorted by start).
-    pub(crate) fn new(ranges: Vec<IovaRange>) -> Self {
+    pub fn new(ranges: Vec<IovaRange>) -> Self {
         if ranges.is_empty() {
             Self(vec![Self::FALLBACK])
         } else {
@@ -28,31 +28,33 @@ impl IovaRanges {
 
     /// The smallest single range covering every usable IOVA. The holes in
     /// it (such as the x86 MSI window) are refused by [`Self::contains`].
-    pub(crate) fn envelope(&self) -> IovaRange {
-        match (self.0.first(), self.0.last()) {
-            (Some(f), Some(l)) => IovaRange {
+    /// Sorted by start only: a range may end past the next one's end (a
+    /// malformed reply's nested ranges), so the last ends are compared too.
+    pub fn envelope(&self) -> IovaRange {
+        match (self.0.first(), self.0.iter().map(|r| r.last).max()) {
+            (Some(f), Some(last)) => IovaRange {
                 first: f.first,
-                last: l.last,
+                last,
             },
             _ => Self::FALLBACK,
         }
     }
 
     /// Whether `[iova, iova + size)` lies inside one usable range.
-    pub(crate) fn contains(&self, iova: u64, size: u64) -> bool {
+    pub fn contains(&self, iova: u64, size: u64) -> bool {
         self.0.iter().any(|r| r.contains(iova, size))
     }
 }
 
 /// Live mappings, by IOVA → size.
 #[derive(Debug, Default)]
-pub(crate) struct DmaTracker {
+pub struct DmaTracker {
     maps: BTreeMap<u64, u64>,
 }
 
 impl DmaTracker {
     /// Whether a new mapping may be added: inside `ranges`, no overlap.
-    pub(crate) fn may_map(&self, ranges: &IovaRanges, iova: u64, size: u64) -> bool {
+    pub fn may_map(&self, ranges: &IovaRanges, iova: u64, size: u64) -> bool {
         if !ranges.contains(iova, size) {
             return false;
         }
@@ -65,19 +67,19 @@ impl DmaTracker {
     }
 
     /// Record a mapping (after the kernel accepted it).
-    pub(crate) fn insert(&mut self, iova: u64, size: u64) {
+    pub fn insert(&mut self, iova: u64, size: u64) {
         self.maps.insert(iova, size);
     }
 
     /// Forget a mapping (after the kernel removed it).
-    pub(crate) fn remove(&mut self, iova: u64) {
+    pub fn remove(&mut self, iova: u64) {
         self.maps.remove(&iova);
     }
 
     /// The mappings that `[iova, iova + size)` removes. `None` when it
     /// covers none, wraps, or cuts a mapping in two (type1v2 cannot split
     /// mappings).
-    pub(crate) fn unmap_plan(&self, iova: u64, size: u64) -> Option<Vec<(u64, u64)>> {
+    pub fn unmap_plan(&self, iova: u64, size: u64) -> Option<Vec<(u64, u64)>> {
         if size == 0 {
             return None;
         }
@@ -99,7 +101,7 @@ impl DmaTracker {
     }
 
     /// Every live mapping.
-    pub(crate) fn all(&self) -> Vec<(u64, u64)> {
+    pub fn all(&self) -> Vec<(u64, u64)> {
         self.maps.iter().map(|(&s, &l)| (s, l)).collect()
     }
 }
@@ -139,6 +141,32 @@ mod tests {
             }
         );
         assert_eq!(IovaRanges::new(vec![]).envelope().last, (1 << 39) - 1);
+    }
+
+    #[test]
+    fn envelope_covers_a_range_nested_in_an_earlier_one() {
+        // Found by the `dma` fuzz target (corpus: regress-envelope-nested):
+        // the envelope ended at the last range's end, 0x1fff.
+        let r = IovaRanges::new(vec![
+            IovaRange {
+                first: 0,
+                last: 0xffff_ffff,
+            },
+            IovaRange {
+                first: 0x1000,
+                last: 0x1fff,
+            },
+        ]);
+
+        let env = r.envelope();
+
+        assert_eq!(
+            env,
+            IovaRange {
+                first: 0,
+                last: 0xffff_ffff
+            }
+        );
     }
 
     #[test]

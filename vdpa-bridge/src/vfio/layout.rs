@@ -23,7 +23,7 @@ const MAX_CAP_HOPS: usize = 64;
 /// A `vfio_irq_set` with `fds` as its eventfd data, as u32 words
 /// (argsz, flags, index, start, count, fds...). `fds` empty gives a
 /// header-only set (`count` 0, for `DATA_NONE` disabling).
-pub(crate) fn irq_set_words(flags: u32, index: u32, start: u32, fds: &[i32]) -> Vec<u32> {
+pub fn irq_set_words(flags: u32, index: u32, start: u32, fds: &[i32]) -> Vec<u32> {
     let count = fds.len() as u32;
     let mut w = Vec::with_capacity(5 + fds.len());
     w.push(((5 + fds.len()) * size_of::<u32>()) as u32);
@@ -36,7 +36,7 @@ pub(crate) fn irq_set_words(flags: u32, index: u32, start: u32, fds: &[i32]) -> 
 /// The `VFIO_DEVICE_IOEVENTFD` argument for a doorbell at `bar_offset` of a
 /// BAR whose region starts at `region_offset` on the device fd. `None` when
 /// the offset overflows.
-pub(crate) fn ioeventfd_arg(
+pub fn ioeventfd_arg(
     region_offset: u64,
     bar_offset: u64,
     width: IoWidth,
@@ -57,7 +57,7 @@ pub(crate) fn ioeventfd_arg(
 
 /// The device-fd position of `[offset, offset + len)` in a window of
 /// `size` bytes at `base`, or `None` when it leaves the window.
-pub(crate) fn window_pos(base: u64, size: u64, offset: u64, len: usize) -> Option<u64> {
+pub fn window_pos(base: u64, size: u64, offset: u64, len: usize) -> Option<u64> {
     let end = offset.checked_add(u64::try_from(len).ok()?)?;
     if end > size {
         return None;
@@ -66,7 +66,7 @@ pub(crate) fn window_pos(base: u64, size: u64, offset: u64, len: usize) -> Optio
 }
 
 /// Validate an MSI-X routing request of `requested` vectors.
-pub(crate) fn msix_request(available: u32, requested: usize) -> Result<u32, PciError> {
+pub fn msix_request(available: u32, requested: usize) -> Result<u32, PciError> {
     let requested = u32::try_from(requested).unwrap_or(u32::MAX);
     if requested > available {
         return Err(PciError::MsixVectors {
@@ -80,7 +80,7 @@ pub(crate) fn msix_request(available: u32, requested: usize) -> Result<u32, PciE
 /// The [`PciError`] for a failed `VFIO_DEVICE_IOEVENTFD`: ENOTTY (no
 /// support) and EINVAL (offset refused, e.g. inside the MSI-X table) mean
 /// no ioeventfd can serve here.
-pub(crate) fn ioeventfd_error(bar: u8, offset: u64, e: std::io::Error) -> PciError {
+pub fn ioeventfd_error(bar: u8, offset: u64, e: std::io::Error) -> PciError {
     match e.raw_os_error() {
         Some(libc::ENOTTY) | Some(libc::EINVAL) => PciError::IoeventfdUnsupported { bar, offset },
         _ => PciError::Io {
@@ -91,7 +91,7 @@ pub(crate) fn ioeventfd_error(bar: u8, offset: u64, e: std::io::Error) -> PciErr
 }
 
 /// Byte width of an [`IoWidth`].
-pub(crate) fn io_width_bytes(width: IoWidth) -> u64 {
+pub fn io_width_bytes(width: IoWidth) -> u64 {
     match width {
         IoWidth::U16 => 2,
         IoWidth::U32 => 4,
@@ -103,7 +103,7 @@ pub(crate) fn io_width_bytes(width: IoWidth) -> u64 {
 /// areas (the kernel leaves the MSI-X table out of them), kept only when
 /// page-aligned, non-empty and inside the region; otherwise the whole
 /// region (page-aligned size only).
-pub(crate) fn mmap_areas(
+pub fn mmap_areas(
     region_size: u64,
     flags: u32,
     caps: &[VfioRegionInfoCap],
@@ -146,7 +146,7 @@ pub(crate) fn mmap_areas(
 }
 
 /// What a BAR decodes, from its config-space register (bit 0 set = I/O).
-pub(crate) fn bar_kind(bar_register: u32) -> BarKind {
+pub fn bar_kind(bar_register: u32) -> BarKind {
     if bar_register & 1 != 0 {
         BarKind::Io
     } else {
@@ -175,7 +175,7 @@ fn u64_at(b: &[u8], off: usize) -> Option<u64> {
 /// The usable IOVA ranges in a `VFIO_IOMMU_GET_INFO` reply (header plus
 /// capability chain). `None` when the reply has no IOVA-range capability
 /// or it is malformed.
-pub(crate) fn parse_iova_ranges(info: &[u8]) -> Option<Vec<IovaRange>> {
+pub fn parse_iova_ranges(info: &[u8]) -> Option<Vec<IovaRange>> {
     let header = size_of::<vfio_iommu_type1_info>();
     let flags = u32_at(info, 4)?;
     if flags & VFIO_IOMMU_INFO_CAPS == 0 {

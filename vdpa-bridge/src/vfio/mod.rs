@@ -27,6 +27,20 @@ mod dma;
 mod layout;
 mod sys;
 
+/// The backend's pure parts, for other packages' tests and fuzz targets
+/// (feature `test-utils`, which Cloud Hypervisor never enables): the
+/// parsers of what the kernel reports (IOVA ranges, sparse mmap areas),
+/// the argument layouts and the DMA book-keeping. Without the feature they
+/// stay private to this module.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing {
+    pub use super::dma::{DmaTracker, IovaRanges};
+    pub use super::layout::{
+        bar_kind, io_width_bytes, ioeventfd_arg, irq_set_words, mmap_areas, msix_request,
+        parse_iova_ranges, window_pos,
+    };
+}
+
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
