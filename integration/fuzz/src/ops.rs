@@ -149,6 +149,10 @@ fn emu_config(r: &mut Reader) -> EmuConfig {
     EmuConfig {
         num_queues: u16::from(r.u8() % 5),
         queue_max_size: r.choose(&[256, 256, 64, 2, 1, 0, 3, 1024]),
+        // From the 4 bits of `bits` FEATURE_BITS leaves unused, so the
+        // checked-in corpus decodes as before.
+        last_queue_max_size: [None, None, None, None, Some(32), Some(1), Some(0), Some(3)]
+            [usize::from(bits >> 13)],
         msix_vectors: r.choose(&[None, None, Some(0), Some(1), Some(2), Some(3)]),
         notify_off_multiplier: r.choose(&[4, 4, 0, 2, 8, 3, 0x1000]),
         never_finish_reset: r.one_in(8),
