@@ -73,8 +73,10 @@ pub fn build(kernel: &Kernel, modules: &Resolution, work: &Path, out: &Path) -> 
 
 /// The `/init` of the innermost guest of the Cloud Hypervisor cases (L3,
 /// booted by Cloud Hypervisor inside the lab VM): load the virtio modules,
-/// check sector 0 of `/dev/vda` against `/expect0.bin`, write
-/// `/write8.bin` to sector 8, print the device's negotiated features, and
+/// check sector 0 of `/dev/vda` against `/expect0-<serial>.bin`, write
+/// `/write8-<serial>.bin` to sector 8 (the files of the image whose name
+/// the disk carries as its virtio-blk serial, so any lab disk can be the
+/// one bridged), print the device's negotiated features, and
 /// power off; other modes (`l3=` on the command line) measure read
 /// throughput of one disk (`perf`) or of the disks with serials `blk0` and
 /// `blk1` side by side (`perfpair`), or wait for a hot-plugged device.
@@ -93,15 +95,22 @@ reps=6
 for w in $(cat /proc/cmdline); do case "$w" in l3=*) mode=${w#l3=} ;; l3.reps=*) reps=${w#l3.reps=} ;; esac; done
 cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
 wait_for() { i=0; while [ ! -e "$1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; }
+# The pattern files of vda's image, named by its virtio-blk serial.
+pat() { s=$(cat /sys/block/vda/serial 2>/dev/null); exp0=/expect0-$s.bin; w8=/write8-$s.bin; }
 case "$mode" in
 blk)
 	wait_for /dev/vda
 	if [ -b /dev/vda ]; then
+		pat
 		dd if=/dev/vda of=/tmp/s0 bs=512 count=1 2>/dev/null
-		if cmp -s /tmp/s0 /expect0.bin; then echo "L3-READ-OK"; else echo "L3-READ-BAD $(od -An -tx1 /tmp/s0 | head -1)"; fi
-		dd if=/write8.bin of=/dev/vda bs=512 seek=8 count=1 conv=fsync 2>/dev/null && sync
-		dd if=/dev/vda of=/tmp/s8 bs=512 skip=8 count=1 iflag=direct 2>/dev/null
-		if cmp -s /tmp/s8 /write8.bin; then echo "L3-WRITE-OK"; else echo "L3-WRITE-BAD"; fi
+		if cmp -s /tmp/s0 "$exp0"; then echo "L3-READ-OK"; else echo "L3-READ-BAD serial '$s' $(od -An -tx1 /tmp/s0 | head -1)"; fi
+		if [ -f "$w8" ]; then
+			dd if="$w8" of=/dev/vda bs=512 seek=8 count=1 conv=fsync 2>/dev/null && sync
+			dd if=/dev/vda of=/tmp/s8 bs=512 skip=8 count=1 iflag=direct 2>/dev/null
+			if cmp -s /tmp/s8 "$w8"; then echo "L3-WRITE-OK"; else echo "L3-WRITE-BAD"; fi
+		else
+			echo "L3-WRITE-BAD no pattern for serial '$s'"
+		fi
 	else
 		echo "L3-NO-DISK"
 	fi
@@ -109,8 +118,9 @@ blk)
 reboot)
 	# Read, then reboot: Cloud Hypervisor rebuilds the VM and its devices.
 	wait_for /dev/vda
+	pat
 	dd if=/dev/vda of=/tmp/s0 bs=512 count=1 2>/dev/null
-	if cmp -s /tmp/s0 /expect0.bin; then echo "L3-READ-OK"; else echo "L3-READ-BAD"; fi
+	if cmp -s /tmp/s0 "$exp0"; then echo "L3-READ-OK"; else echo "L3-READ-BAD"; fi
 	echo "L3-REBOOTING"
 	reboot -f
 	;;
@@ -138,8 +148,9 @@ hotplug)
 	i=0; while [ ! -b /dev/vda ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 	if [ -b /dev/vda ]; then
 		echo "L3-PLUGGED"
+		pat
 		dd if=/dev/vda of=/tmp/s0 bs=512 count=1 2>/dev/null
-		if cmp -s /tmp/s0 /expect0.bin; then echo "L3-READ-OK"; else echo "L3-READ-BAD"; fi
+		if cmp -s /tmp/s0 "$exp0"; then echo "L3-READ-OK"; else echo "L3-READ-BAD"; fi
 		i=0; while [ -b /dev/vda ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 		[ -b /dev/vda ] && echo "L3-STILL-PLUGGED" || echo "L3-UNPLUGGED"
 	else

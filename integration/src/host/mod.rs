@@ -139,21 +139,23 @@ fn cloud_hypervisor(
 ) -> anyhow::Result<crate::manifest::ChRun> {
     let modules = kernel.resolve(&["virtio_pci", "virtio_blk", "virtio_net"])?;
     let initramfs = lab_dir.join("l3.cpio.gz");
-    let image = devices::DEVICES
+    // Sector 0 and the sector-8 write of every disk image, by the name the
+    // disk carries as its serial (`serial=<variant>`).
+    let mut files = Vec::new();
+    for image in devices::DEVICES
         .iter()
-        .find(|d| d.variant == crate::manifest::Variant::Blk0)
+        .filter(|d| d.image_name().is_some())
         .map(|d| d.variant.name())
-        .unwrap_or("blk0");
-    let mut files = vec![
-        (
-            "expect0.bin".to_string(),
+    {
+        files.push((
+            format!("expect0-{image}.bin"),
             pattern::sector(image, 0).to_vec(),
-        ),
-        (
-            "write8.bin".to_string(),
+        ));
+        files.push((
+            format!("write8-{image}.bin"),
             pattern::written(image, 8 * 512, 512),
-        ),
-    ];
+        ));
+    }
     files.extend(initramfs::program_with_libraries(
         perf_tool,
         "bin/l3-blkperf",
