@@ -106,6 +106,7 @@ pub struct Ch<'a> {
     /// `l3=` of the inner command line, and further `l3.*` words.
     inner_cmdline: Vec<String>,
     landlock: bool,
+    max_vcpus: u8,
     api_socket: bool,
     landlock_rules: Vec<String>,
     devices: Vec<String>,
@@ -119,6 +120,7 @@ impl<'a> Ch<'a> {
             lab,
             inner_cmdline: vec![format!("l3={mode}")],
             landlock: true,
+            max_vcpus: 1,
             api_socket: false,
             landlock_rules: Vec::new(),
             devices: Vec::new(),
@@ -144,6 +146,15 @@ impl<'a> Ch<'a> {
     /// Run without `--landlock`.
     pub fn without_landlock(mut self) -> Self {
         self.landlock = false;
+        self
+    }
+
+    /// Let the inner guest see `n` possible CPUs while one runs
+    /// (`--cpus boot=1,max=n`): Linux's virtio-blk uses one request queue
+    /// per possible CPU, so `n` queues get activated without the cost of
+    /// running more vCPUs in the nested guest.
+    pub fn possible_cpus(mut self, n: u8) -> Self {
+        self.max_vcpus = n.max(1);
         self
     }
 
@@ -191,7 +202,7 @@ impl<'a> Ch<'a> {
             "--console",
             "off",
             "--cpus",
-            "boot=1",
+            &format!("boot=1,max={}", self.max_vcpus),
             "--memory",
             "size=512M,shared=on",
         ]
@@ -586,6 +597,19 @@ mod tests {
             ["path=/sys/bus/pci/devices/0000:00:08.0"]
         );
         assert_eq!(values(&a, "--vdpa"), ["path=0000:00:03.0,num_queues=1"]);
+    }
+
+    #[test]
+    fn one_running_vcpu_and_as_many_possible_ones_as_asked() {
+        let lab = lab();
+        assert_eq!(
+            values(&args(&Ch::new(&lab, "blk")), "--cpus"),
+            ["boot=1,max=1"]
+        );
+        assert_eq!(
+            values(&args(&Ch::new(&lab, "blk").possible_cpus(2)), "--cpus"),
+            ["boot=1,max=2"]
+        );
     }
 
     #[test]

@@ -83,7 +83,12 @@ fn ch_relay(ctx: &Ctx) -> CaseResult {
         return Ok(not_configured(ctx));
     };
     let dev = ctx.dev()?;
-    let mut vm = Ch::new(lab, "blk").vdpa(&Vdpa::new(&dev.bdf, 2)).start()?;
+    // Two possible CPUs in the inner guest, so its virtio-blk driver
+    // activates both queues.
+    let mut vm = Ch::new(lab, "blk")
+        .possible_cpus(2)
+        .vdpa(&Vdpa::new(&dev.bdf, 2))
+        .start()?;
     let done = vm.wait_done();
     if vm.has(WRITE_FOLLOWS) {
         ctx.declare_write(8 * 512, 512)?;
