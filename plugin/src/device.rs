@@ -1,7 +1,7 @@
 //! [`BridgeDevice`]: the device Cloud Hypervisor's device manager holds,
 //! with the shape of CH v53.0's `VirtioDevice` (`virtio-devices/src/device.rs`).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use vdpa_bridge::types::features;
 use vdpa_bridge::{ConfigRange, DmaMapper, DriverFeatures, NotifyArea, QueueIndex, VdpaOps};
@@ -14,6 +14,8 @@ use crate::dma::DmaHandle;
 use crate::error::{backend_err, Error, Result};
 use crate::interrupt::{InterruptType, ThreadHook, VirtioInterrupt};
 use crate::relay::{Relay, RelayPlan};
+use crate::release::{self, Orphan, OrphanQueue, ReleaseReport};
+use crate::slot::Slot;
 
 /// How guest kicks reach the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -134,9 +136,14 @@ pub enum NoNotifyMapping {
     },
 }
 
-struct Active {
+struct Active<M: GuestMemory> {
     relay: Option<Relay>,
     wiring: Wiring,
+    /// What activation was given, kept for a release (see
+    /// [`BridgeDevice::release`]).
+    queues: Vec<QueueArg>,
+    mem: GuestMemoryAtomic<M>,
+    interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 /// A vDPA device bridged into a VMM.
@@ -145,7 +152,7 @@ struct Active {
 /// `VpVdpa<VfioFunction>`) and the VMM's guest memory type (`M`; CH uses
 /// `GuestMemoryMmap<AtomicBitmap>`).
 pub struct BridgeDevice<B: VdpaOps + DmaMapper, M: GuestMemory> {
-    backend: Arc<Mutex<B>>,
+    backend: Arc<Slot<B>>,
     dma: DmaHandle<B, M>,
     device_type: u32,
     queue_max_sizes: Vec<u16>,
@@ -153,13 +160,11 @@ pub struct BridgeDevice<B: VdpaOps + DmaMapper, M: GuestMemory> {
     acked: u64,
     config_size: usize,
     opts: DeviceOptions,
-    active: Option<Active>,
+    active: Option<Active<M>>,
+    /// After a release: the thread answering the guest's queues.
+    orphan: Option<Orphan>,
     name: String,
     thread_hook: Option<ThreadHook>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<B, M> BridgeDevice<B, M>
@@ -211,7 +216,7 @@ where
         }
         let config_size = backend.config_size();
         let name = format!("vdpa-relay-{device_type}");
-        let backend = Arc::new(Mutex::new(backend));
+        let backend = Arc::new(Slot::new(backend));
         let dma = DmaHandle::new(backend.clone(), mem);
         if !opts.iommu {
             dma.map_guest_memory()?;
@@ -226,6 +231,7 @@ where
             config_size,
             opts,
             active: None,
+            orphan: None,
             name,
             thread_hook: None,
         })
@@ -268,16 +274,16 @@ where
     /// Read the device's config space.
     pub fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<()> {
         let range = ConfigRange::new(offset, data.len(), self.config_size)?;
-        lock(&self.backend)
-            .read_device_config(range, data)
+        self.backend
+            .with(|b| b.read_device_config(range, data))?
             .map_err(backend_err("read config"))
     }
 
     /// Write the device's config space.
     pub fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let range = ConfigRange::new(offset, data.len(), self.config_size)?;
-        lock(&self.backend)
-            .write_device_config(range, data)
+        self.backend
+            .with(|b| b.write_device_config(range, data))?
             .map_err(backend_err("write config"))
     }
 
@@ -299,7 +305,7 @@ where
     /// Map guest memory the VMM added (hotplug). No-op with a vIOMMU, where
     /// the VMM maps what the guest asks for.
     pub fn add_memory_region(&mut self) -> Result<()> {
-        if self.opts.iommu {
+        if self.opts.iommu || self.backend.is_released() {
             return Ok(());
         }
         self.dma.map_guest_memory()
@@ -312,8 +318,12 @@ where
     }
 
     /// Run `f` on the backend (control path only).
-    pub fn with_backend<R>(&self, f: impl FnOnce(&mut B) -> R) -> R {
-        f(&mut lock(&self.backend))
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Released`] once the device was released.
+    pub fn with_backend<R>(&self, f: impl FnOnce(&mut B) -> R) -> Result<R> {
+        self.backend.with(f)
     }
 
     /// Start the device: program the queues, wire kicks and interrupts,
@@ -328,13 +338,22 @@ where
         if self.active.is_some() {
             return Err(Error::AlreadyActive);
         }
-        match self.try_activate(mem, interrupt, &queues) {
-            Ok(active) => {
-                self.active = Some(active);
+        let activated = self
+            .backend
+            .with(|b| self.try_activate(b, mem.clone(), interrupt.clone(), &queues))?;
+        match activated {
+            Ok((relay, wiring)) => {
+                self.active = Some(Active {
+                    relay,
+                    wiring,
+                    queues,
+                    mem,
+                    interrupt,
+                });
                 Ok(())
             }
             Err(e) => {
-                if let Err(r) = lock(&self.backend).reset() {
+                if let Err(r) = self.backend.with(|b| b.reset())? {
                     log::error!("reset after failed activation failed: {r}");
                 }
                 Err(e)
@@ -345,25 +364,24 @@ where
     /// The steps of activation (see the `activate` module), with the
     /// backend locked throughout.
     fn try_activate(
-        &mut self,
+        &self,
+        b: &mut B,
         mem: GuestMemoryAtomic<M>,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: &[QueueArg],
-    ) -> Result<Active> {
+    ) -> Result<(Option<Relay>, Wiring)> {
         let acked = self.acked;
         let qidx = activate::check_queues(queues, &self.queue_max_sizes, acked)?;
         if !self.opts.iommu {
             activate::check_rings(queues, &*mem.memory(), acked)?;
         }
-        let mut b = lock(&self.backend);
-        activate::negotiate(&mut *b, acked)?;
-        activate::program_queues(&mut *b, queues, &qidx)?;
+        activate::negotiate(b, acked)?;
+        activate::program_queues(b, queues, &qidx)?;
         let mut wiring = Wiring::default();
-        let irqs = activate::wire_interrupts(&mut *b, &interrupt, &qidx, &mut wiring)?;
-        let kicks =
-            activate::wire_kicks(&mut *b, queues, &qidx, self.opts.kick, acked, &mut wiring)?;
-        activate::detach_unused(&mut *b, &qidx, &wiring)?;
-        activate::enable_queues(&mut *b, &qidx)?;
+        let irqs = activate::wire_interrupts(b, &interrupt, &qidx, &mut wiring)?;
+        let kicks = activate::wire_kicks(b, queues, &qidx, self.opts.kick, acked, &mut wiring)?;
+        activate::detach_unused(b, &qidx, &wiring)?;
+        activate::enable_queues(b, &qidx)?;
         let relay_plan = RelayPlan {
             kicks,
             irqs,
@@ -379,7 +397,7 @@ where
                 self.thread_hook.clone(),
             )?)
         };
-        activate::driver_ok(&mut *b)?;
+        activate::driver_ok(b)?;
         log::info!(
             "activated: {} queues, kicks direct {:?} relayed {:?}, irqs direct {} relayed {}",
             qidx.len(),
@@ -388,7 +406,7 @@ where
             wiring.direct_irqs.len(),
             wiring.relayed_irqs.len()
         );
-        Ok(Active { relay, wiring })
+        Ok((relay, wiring))
     }
 
     /// Virtio reset (status 0): stop the relay, reset the device, forget
@@ -399,8 +417,150 @@ where
                 r.stop();
             }
         }
+        if let Some(mut o) = self.orphan.take() {
+            o.stop();
+        }
         self.acked = 0;
-        lock(&self.backend).reset().map_err(backend_err("reset"))
+        match self.backend.with(|b| b.reset()) {
+            // A released device has nothing left to reset: the guest's
+            // driver resets it on its way out, which must not fail.
+            Err(Error::Released) => Ok(()),
+            r => r?.map_err(backend_err("reset")),
+        }
+    }
+
+    /// Whether the device was released to the host.
+    pub fn is_released(&self) -> bool {
+        self.backend.is_released()
+    }
+
+    /// A duplicate of the eventfd the host signals when it wants the
+    /// device back (see [`VdpaOps::removal_request`]); watch it with
+    /// [`crate::RemovalWatch`] and then call [`BridgeDevice::release`].
+    /// `None` when the backend has no such signal or was released.
+    pub fn removal_request(&self) -> Option<EventFd> {
+        self.backend
+            .with(|b| b.removal_request().map(EventFd::try_clone))
+            .ok()
+            .flatten()
+            .and_then(|r| {
+                r.map_err(|e| log::warn!("cannot duplicate the removal request eventfd: {e}"))
+                    .ok()
+            })
+    }
+
+    /// Give the device back to the host, now (an ordered removal asked for
+    /// it: see the `release` module). Kicks stop reaching the device; the
+    /// device gets at most [`release::DRAIN`] to finish the requests it
+    /// was given; it is reset, its DMA mappings removed and the backend
+    /// dropped, which closes it (for VFIO: the host's removal goes on).
+    /// From then on the guest's new requests are answered with an error
+    /// where the device type defines one, and everything else of this
+    /// device fails with [`Error::Released`], except [`reset`], which
+    /// succeeds. Releasing twice does nothing.
+    ///
+    /// A VMM that mapped the device's doorbells into its guest
+    /// ([`BridgeDevice::guest_notify_mapping`]) must remove that mapping
+    /// first: it points into the device's BAR, which goes away here.
+    ///
+    /// [`reset`]: BridgeDevice::reset
+    pub fn release(&mut self) -> ReleaseReport {
+        let mut report = ReleaseReport::default();
+        if self.backend.is_released() {
+            return report;
+        }
+        let who = self.name.clone();
+        let mut orphans = Vec::new();
+        let mut answering = None;
+        if let Some(mut a) = self.active.take() {
+            if let Some(r) = a.relay.as_mut() {
+                r.stop();
+            }
+            // No guest kick reaches the device any more.
+            let _ = self.backend.with(|b| {
+                for (i, _, _) in &a.queues {
+                    if let Ok(q) = u16::try_from(*i) {
+                        if let Err(e) = b.set_vring_kick(QueueIndex(q), None) {
+                            log::debug!("{who}: detaching queue {q}'s kick: {e}");
+                        }
+                    }
+                }
+            });
+            let nq = a.queues.len();
+            let acked = self.acked;
+            let answers: Vec<_> = a
+                .queues
+                .iter()
+                .map(|(i, _, _)| {
+                    u16::try_from(*i).ok().and_then(|q| {
+                        release::answer_for(self.device_type, q, nq, acked).map(|x| (q, x))
+                    })
+                })
+                .collect();
+            let watched: Vec<(u16, &Queue)> = a
+                .queues
+                .iter()
+                .zip(&answers)
+                .filter_map(|((_, q, _), ans)| ans.map(|(i, _)| (i, q)))
+                .collect();
+            let (unfinished, waited) = release::drain(&watched, &a.mem);
+            report.unfinished = unfinished;
+            report.drained_in = waited;
+            if let Ok(Err(e)) = self.backend.with(|b| b.reset()) {
+                log::error!("{who}: reset at release failed: {e}");
+            }
+            let event_idx = acked & features::bit(features::RING_EVENT_IDX) != 0;
+            let mem = a.mem.memory();
+            for ((_, mut queue, kick), ans) in a.queues.drain(..).zip(answers) {
+                let Some((index, answer)) = ans else { continue };
+                if report.unfinished.iter().any(|&(u, _)| u == index) {
+                    continue;
+                }
+                match release::continue_after_device(&mut queue, &*mem, event_idx) {
+                    Ok(()) => orphans.push(OrphanQueue {
+                        index,
+                        queue,
+                        kick,
+                        answer,
+                    }),
+                    Err(e) => log::warn!("{who}: queue {index} left pending: {e}"),
+                }
+            }
+            drop(mem);
+            answering = Some((a.mem, a.interrupt));
+        }
+        self.dma.unmap_all();
+        // Dropping the backend closes the device.
+        drop(self.backend.take());
+        self.dma.forget_all();
+        if let (false, Some((mem, interrupt))) = (orphans.is_empty(), answering) {
+            let indices: Vec<u16> = orphans.iter().map(|o| o.index).collect();
+            match Orphan::start(
+                orphans,
+                mem,
+                interrupt,
+                format!("{who}-orphan"),
+                self.thread_hook.clone(),
+            ) {
+                Ok(o) => {
+                    self.orphan = Some(o);
+                    report.answered = indices;
+                }
+                Err(e) => log::error!("{who}: the guest's requests stay unanswered: {e}"),
+            }
+        }
+        for &(q, n) in &report.unfinished {
+            log::error!(
+                "{who}: queue {q}: {n} request(s) unfinished after {:?}, left unanswered",
+                release::DRAIN
+            );
+        }
+        log::info!(
+            "{who}: released to the host (device finished its requests in {:?}; answering queues {:?})",
+            report.drained_in,
+            report.answered
+        );
+        report
     }
 
     /// Where queue `q`'s doorbell can be mapped into the guest: only when
@@ -410,12 +570,16 @@ where
         if usize::from(q) >= self.queue_max_sizes.len() {
             return None;
         }
-        let b = lock(&self.backend);
-        if !b.backend_caps().notification_area {
-            return None;
-        }
-        let area = b.notification_area(QueueIndex(q)).ok()?;
-        (area.page_exclusive && area.host_addr.is_some()).then_some(area)
+        self.backend
+            .with(|b| {
+                if !b.backend_caps().notification_area {
+                    return None;
+                }
+                let area = b.notification_area(QueueIndex(q)).ok()?;
+                (area.page_exclusive && area.host_addr.is_some()).then_some(area)
+            })
+            .ok()
+            .flatten()
     }
 }
 
@@ -450,8 +614,11 @@ where
         if self.opts.kick == KickPolicy::Relay {
             return Err(NoNotifyMapping::Relayed);
         }
-        let pages = lock(&self.backend)
-            .notification_pages()
+        let pages = self
+            .backend
+            .with(|b| b.notification_pages())
+            .ok()
+            .flatten()
             .ok_or(NoNotifyMapping::Backend)?;
         let mut need = 0;
         for q in 0..self.queue_max_sizes.len() {
@@ -498,7 +665,8 @@ impl<B: VdpaOps + DmaMapper, M: GuestMemory> Drop for BridgeDevice<B, M> {
         // Stop the relay, quiesce the device, then take its DMA access away
         // while guest memory still exists.
         self.active = None;
-        if let Err(e) = lock(&self.backend).reset() {
+        self.orphan = None;
+        if let Ok(Err(e)) = self.backend.with(|b| b.reset()) {
             log::warn!("reset on drop failed: {e}");
         }
         self.dma.unmap_all();

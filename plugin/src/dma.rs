@@ -21,6 +21,7 @@ use vm_memory::{
 };
 
 use crate::error::{backend_err, Error, Result};
+use crate::slot::Slot;
 
 struct Mapping<M> {
     size: u64,
@@ -64,7 +65,7 @@ impl<M> DmaTable<M> {
 /// Maps guest memory for one device. Cloneable; all clones share the
 /// table (CH calls it from its device manager and its virtio-iommu).
 pub struct DmaHandle<B, M: GuestMemory> {
-    backend: Arc<Mutex<B>>,
+    backend: Arc<Slot<B>>,
     table: Arc<Mutex<DmaTable<M>>>,
     mem: GuestMemoryAtomic<M>,
 }
@@ -90,16 +91,27 @@ impl<B: DmaMapper, M: GuestMemory> DmaHandle<B, M> {
     /// mapped in this process for as long as the device may reach it.
     pub fn unmap_all(&self) {
         let mut table = lock(&self.table);
-        let backend = lock(&self.backend);
-        table
-            .maps
-            .retain(|&s, m| match backend.dma_unmap(Iova(s), m.size) {
-                Ok(()) => false,
-                Err(e) => {
-                    log::warn!("DMA unmap of {s:#x} (+{:#x}) failed, kept: {e}", m.size);
-                    true
-                }
-            });
+        let released = self.backend.with(|backend| {
+            table
+                .maps
+                .retain(|&s, m| match backend.dma_unmap(Iova(s), m.size) {
+                    Ok(()) => false,
+                    Err(e) => {
+                        log::warn!("DMA unmap of {s:#x} (+{:#x}) failed, kept: {e}", m.size);
+                        true
+                    }
+                });
+        });
+        if released.is_err() {
+            // The device is gone, and its mappings with it.
+            table.maps.clear();
+        }
+    }
+
+    /// Forget every mapping: the backend was released, and closing it
+    /// removed them (see [`crate::BridgeDevice::release`]).
+    pub(crate) fn forget_all(&self) {
+        lock(&self.table).maps.clear();
     }
 
     /// Current mappings as `(iova, gpa, size)`, sorted by IOVA.
@@ -117,7 +129,7 @@ where
     B: DmaMapper,
     M: GuestMemory + Clone,
 {
-    pub(crate) fn new(backend: Arc<Mutex<B>>, mem: GuestMemoryAtomic<M>) -> Self {
+    pub(crate) fn new(backend: Arc<Slot<B>>, mem: GuestMemoryAtomic<M>) -> Self {
         DmaHandle {
             backend,
             table: Arc::new(Mutex::new(DmaTable::default())),
@@ -125,15 +137,20 @@ where
         }
     }
 
-    /// The IOVA range the device accepts.
-    pub fn iova_range(&self) -> IovaRange {
-        lock(&self.backend).iova_range()
+    /// The IOVA range the device accepts (`None` once it was released).
+    pub fn iova_range(&self) -> Option<IovaRange> {
+        self.backend.with(|b| b.iova_range()).ok()
     }
 
     /// Map guest-physical `[gpa, gpa + size)` at `iova`. The range may
     /// span adjacent regions; every byte must be guest RAM.
+    ///
+    /// # Errors
+    ///
+    /// A bad range, memory that is not guest RAM, the backend's refusal,
+    /// or [`Error::Released`] once the device was released.
     pub fn map(&self, iova: u64, gpa: u64, size: u64) -> Result<()> {
-        let range = self.iova_range();
+        let range = self.iova_range().ok_or(Error::Released)?;
         let mut table = lock(&self.table);
         table.check(iova, size, range)?;
         gpa.checked_add(size)
@@ -157,37 +174,8 @@ where
             pieces.push((iova + done, gpa + done, len, host));
             done += len;
         }
-        let backend = lock(&self.backend);
-        for (i, &(piova, pgpa, len, host)) in pieces.iter().enumerate() {
-            // SAFETY: `host` points into a guest memory region of `snapshot`
-            // with at least `len` bytes from it; the clone of the memory map
-            // stored with the mapping keeps the region mapped until the
-            // mapping is removed (below or in `unmap`/`unmap_all`). Guest
-            // memory is only accessed through volatile accessors by the VMM.
-            let r = unsafe { backend.dma_map(Iova(piova), len, host) };
-            if let Err(source) = r {
-                for &(u, _, l, _) in &pieces[..i] {
-                    // A piece the backend cannot remove stays recorded (and
-                    // its memory kept mapped), as in `unmap_all`.
-                    match backend.dma_unmap(Iova(u), l) {
-                        Ok(()) => {
-                            table.maps.remove(&u);
-                        }
-                        Err(e) => log::warn!("DMA unmap of {u:#x} (+{l:#x}) failed, kept: {e}"),
-                    }
-                }
-                return Err(backend_err("dma_map")(source));
-            }
-            table.maps.insert(
-                piova,
-                Mapping {
-                    size: len,
-                    gpa: pgpa,
-                    _keep: snapshot.clone(),
-                },
-            );
-        }
-        Ok(())
+        self.backend
+            .with(|backend| map_pieces(backend, &mut table, &pieces, &snapshot))?
     }
 
     /// Remove the mappings in `[iova, iova + size)`. The range must cover
@@ -213,14 +201,27 @@ where
         {
             return Err(err("splits an existing mapping"));
         }
-        let backend = lock(&self.backend);
-        for (s, l) in hit {
-            backend
-                .dma_unmap(Iova(s), l)
-                .map_err(backend_err("dma_unmap"))?;
-            table.maps.remove(&s);
+        if hit.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let unmapped = self.backend.with(|backend| {
+            for (s, l) in hit {
+                backend
+                    .dma_unmap(Iova(s), l)
+                    .map_err(backend_err("dma_unmap"))?;
+                table.maps.remove(&s);
+            }
+            Ok(())
+        });
+        match unmapped {
+            // Nothing is mapped any more once the device was released: its
+            // mappings went with it (a VMM unmaps guest RAM at unplug).
+            Err(Error::Released) => {
+                table.maps.clear();
+                Ok(())
+            }
+            r => r?,
+        }
     }
 
     /// Map every region of guest memory with IOVA = GPA (no vIOMMU).
@@ -243,4 +244,45 @@ where
         }
         Ok(())
     }
+}
+
+/// Map resolved `(iova, gpa, len, host)` pieces on `backend`, recording
+/// each in `table`; on a failure, undo the pieces already mapped.
+fn map_pieces<B: DmaMapper, M: Clone>(
+    backend: &B,
+    table: &mut DmaTable<M>,
+    pieces: &[(u64, u64, u64, usize)],
+    snapshot: &M,
+) -> Result<()> {
+    for (i, &(piova, pgpa, len, host)) in pieces.iter().enumerate() {
+        // SAFETY: `host` points into a guest memory region of `snapshot`
+        // with at least `len` bytes from it (resolved by `DmaHandle::map`);
+        // the clone of the memory map stored with the mapping keeps the
+        // region mapped until the mapping is removed (below or in
+        // `unmap`/`unmap_all`). Guest memory is only accessed through
+        // volatile accessors by the VMM.
+        let r = unsafe { backend.dma_map(Iova(piova), len, host) };
+        if let Err(source) = r {
+            for &(u, _, l, _) in &pieces[..i] {
+                // A piece the backend cannot remove stays recorded (and
+                // its memory kept mapped), as in `unmap_all`.
+                match backend.dma_unmap(Iova(u), l) {
+                    Ok(()) => {
+                        table.maps.remove(&u);
+                    }
+                    Err(e) => log::warn!("DMA unmap of {u:#x} (+{l:#x}) failed, kept: {e}"),
+                }
+            }
+            return Err(backend_err("dma_map")(source));
+        }
+        table.maps.insert(
+            piova,
+            Mapping {
+                size: len,
+                gpa: pgpa,
+                _keep: snapshot.clone(),
+            },
+        );
+    }
+    Ok(())
 }

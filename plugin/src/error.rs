@@ -92,6 +92,13 @@ pub enum Error {
     /// A bad option in the device configuration.
     #[error("invalid vdpa option: {0}")]
     Config(String),
+    /// The device was given back to the host
+    /// ([`crate::BridgeDevice::release`]).
+    #[error("the device was released to the host")]
+    Released,
+    /// Answering a released device's queues failed to start.
+    #[error("cannot answer the released device's queues: {0}")]
+    Orphan(String),
 }
 
 /// Result of the plugin.

@@ -33,6 +33,15 @@ pub enum ThreadRole {
     /// and writes doorbells (a store to the mapped BAR, or a `pwrite` to
     /// the VFIO device on the slow path).
     Relay,
+    /// Waits for the host to ask for the device back
+    /// ([`crate::RemovalWatch`]): epoll on two eventfds, reads one, then
+    /// runs the VMM's callback.
+    RemovalWatch,
+    /// Answers a released device's queues (see
+    /// [`crate::BridgeDevice::release`]): waits on the guest's kick
+    /// eventfds (epoll), reads and writes guest memory, raises guest
+    /// interrupts like the relay.
+    Orphan,
 }
 
 /// Runs first in every thread the device starts, before it touches

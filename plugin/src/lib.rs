@@ -36,6 +36,8 @@ mod dma;
 mod error;
 mod interrupt;
 mod relay;
+mod release;
+mod slot;
 
 pub use config::{DevicePath, VdpaDeviceConfig};
 pub use device::{
@@ -45,5 +47,6 @@ pub use device::{
 pub use dma::DmaHandle;
 pub use error::{Error, Result};
 pub use interrupt::{InterruptType, ThreadHook, ThreadRole, VirtioInterrupt};
+pub use release::{ReleaseReport, RemovalWatch, DRAIN};
 /// Every backend behind one type (what [`VdpaDeviceConfig::open`] returns).
 pub use vdpa_bridge::backend::AnyDevice;

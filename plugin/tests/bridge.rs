@@ -429,7 +429,7 @@ fn reset_and_reactivate_many_times_without_leaking() {
         dev.reset().unwrap();
         assert!(!dev.is_active());
         assert_eq!(dev.acked_features(), 0);
-        assert_eq!(dev.with_backend(|b| b.status()).unwrap(), 0);
+        assert_eq!(dev.with_backend(|b| b.status()).unwrap().unwrap(), 0);
         let now = (open_fds(), threads_settled(idle));
         match baseline {
             None => baseline = Some(now),
@@ -601,7 +601,7 @@ fn features_offered_are_the_intersection_and_acks_are_checked() {
         ..EmuConfig::default()
     };
     let (_emu, mut dev) = device(cfg.clone(), DeviceOptions::default(), &g);
-    let raw = dev.with_backend(|b| b.raw_device_features());
+    let raw = dev.with_backend(|b| b.raw_device_features()).unwrap();
     assert_ne!(raw & features::bit(features::RING_PACKED), 0);
     assert_eq!(
         dev.features() & features::bit(features::RING_PACKED),
@@ -1091,4 +1091,122 @@ fn a_device_removed_before_activation_refuses_it_and_leaves_nothing() {
         "only the emulator's worker"
     );
     drop(dev);
+}
+
+/// Threads the release starts (named after the relay).
+fn orphan_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|c| c.contains("orphan") || c.starts_with("removal-"))
+        .count()
+}
+
+#[test]
+fn a_removal_request_releases_the_device_and_later_requests_fail_cleanly() {
+    let _serial = serial();
+    let idle = threads_settled(0);
+    let fds = open_fds();
+    let mut g = guest();
+    let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let mut data = pattern(7, 4096);
+    assert_eq!(g.blk(0, 1, 8, &mut data, &irq.queues[0]).unwrap(), 0);
+
+    // The host asks for the device back: the watch calls back once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let request = dev.removal_request().expect("the emulated device has one");
+    let mut watch = vdpa_plugin::RemovalWatch::start(
+        request,
+        "removal-watch".into(),
+        None,
+        Box::new(move || tx.send(()).unwrap()),
+    )
+    .unwrap();
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    emu.request_removal();
+    rx.recv_timeout(Duration::from_secs(2)).unwrap();
+    watch.stop();
+    drop(watch);
+
+    let report = dev.release();
+    assert_eq!(report.answered, vec![0]);
+    assert!(report.unfinished.is_empty(), "{report:?}");
+    assert!(dev.is_released());
+    // Every reference to the function is gone: a VFIO device is closed.
+    assert_eq!(Arc::strong_count(&emu), 1);
+    assert!(dev.dma().mappings().is_empty());
+    assert!(matches!(dev.dma().map(0, 0, 4096), Err(Error::Released)));
+    dev.dma().unmap(0, RAM).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(matches!(dev.read_config(0, &mut buf), Err(Error::Released)));
+    assert!(dev.removal_request().is_none());
+    assert_eq!(dev.release(), vdpa_plugin::ReleaseReport::default());
+
+    // The guest's next requests are answered with VIRTIO_BLK_S_IOERR and
+    // an interrupt; the disk is not touched.
+    let before = emu.stats().requests;
+    for sector in [0, 8, 1 << 20] {
+        let mut back = vec![0u8; 4096];
+        assert_eq!(g.blk(0, 0, sector, &mut back, &irq.queues[0]).unwrap(), 1);
+    }
+    assert_eq!(emu.stats().requests, before);
+    assert_eq!(emu.disk_read(8 * 512, 4096), data);
+    // The guest's driver resets the device on its way out: no error.
+    dev.reset().unwrap();
+    drop(dev);
+    drop(irq);
+    drop(g);
+    drop(emu);
+    assert_eq!(orphan_threads(), 0);
+    assert_eq!(threads_settled(idle), idle);
+    assert_eq!(open_fds(), fds);
+}
+
+#[test]
+fn a_request_the_device_never_finishes_is_left_alone_not_answered_twice() {
+    let _serial = serial();
+    let mut g = guest();
+    let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    ack_default(&mut dev);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    emu.hold_requests(true);
+    post_read(&mut g);
+    let t = std::time::Instant::now();
+    let report = dev.release();
+    let took = t.elapsed();
+    assert_eq!(report.unfinished, vec![(0, 1)]);
+    assert!(report.answered.is_empty(), "{report:?}");
+    assert!(report.drained_in >= vdpa_plugin::DRAIN, "{report:?}");
+    assert!(
+        took < vdpa_plugin::DRAIN + Duration::from_millis(500),
+        "{took:?}"
+    );
+    assert_eq!(Arc::strong_count(&emu), 1);
+    // Nothing answers the queue: no used entry appears.
+    std::thread::sleep(Duration::from_millis(100));
+    let mem = g.mem.memory();
+    assert_eq!(g.rings[0].pop_used(&mem).unwrap(), None);
+}
+
+#[test]
+fn a_device_that_was_never_activated_is_released_at_once() {
+    let _serial = serial();
+    let g = guest();
+    let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
+    assert_eq!(dev.dma().mappings().len(), 1);
+    let report = dev.release();
+    assert_eq!(report, vdpa_plugin::ReleaseReport::default());
+    assert_eq!(Arc::strong_count(&emu), 1);
+    assert!(dev.dma().mappings().is_empty());
+    assert_eq!(emu.dma_mapping_count(), 0);
+    // Memory hotplug after the release maps nothing and does not fail.
+    dev.add_memory_region().unwrap();
+    assert!(matches!(dev.write_config(0, &[0]), Err(Error::Released)));
 }

@@ -181,6 +181,9 @@ impl VdpaOps for AnyDevice {
     fn config_generation(&mut self) -> Result<u32> {
         each!(self, d => Ok(d.config_generation()?))
     }
+    fn removal_request(&self) -> Option<&EventFd> {
+        each!(self, d => d.removal_request())
+    }
 }
 
 impl DmaMapper for AnyDevice {

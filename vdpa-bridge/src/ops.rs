@@ -510,6 +510,16 @@ pub trait VdpaOps: Send {
     fn write_device_config(&mut self, range: ConfigRange, buf: &[u8]) -> Result<(), Self::Error>;
     /// Current configuration generation.
     fn config_generation(&mut self) -> Result<u32, Self::Error>;
+    /// An eventfd the host signals when it wants the device back (an
+    /// ordered removal: `echo 1 > .../remove`, a hot-unplug of the host's
+    /// slot, unbinding the driver). The host's removal waits until every
+    /// user lets go, so the owner must then stop using the device and drop
+    /// it promptly (a VMM first removes any guest mapping of its BARs).
+    /// `None` when the backend has no such signal (vhost-vdpa: the kernel
+    /// waits for the node to be closed without telling anyone).
+    fn removal_request(&self) -> Option<&EventFd> {
+        None
+    }
 }
 
 /// IOVA mappings for device DMA.

@@ -182,6 +182,12 @@ pub unsafe trait PciFunction: Send + Sync {
     fn dma_unmap(&self, iova: Iova, size: u64) -> PciResult<()>;
     /// A short description for logs ("vfio 0000:00:04.0", "emulated blk").
     fn describe(&self) -> String;
+    /// An eventfd the host signals when it wants the function back (VFIO's
+    /// request interrupt, `VFIO_PCI_REQ_IRQ_INDEX`): see
+    /// [`VdpaOps::removal_request`](crate::VdpaOps::removal_request).
+    fn removal_request(&self) -> Option<&EventFd> {
+        None
+    }
 }
 
 /// Standard PCI config-space offsets and bits used by the transport.

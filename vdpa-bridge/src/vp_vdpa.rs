@@ -939,6 +939,10 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
     fn config_generation(&mut self) -> Result<u32> {
         Ok(u32::from(self.transport.config_generation()?))
     }
+
+    fn removal_request(&self) -> Option<&EventFd> {
+        self.transport.function().removal_request()
+    }
 }
 
 impl<P: PciFunction + ?Sized> DmaMapper for VpVdpa<P> {

@@ -51,7 +51,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 use vm_memory::mmap::MmapRegion;
@@ -254,6 +255,9 @@ pub struct VfioFunction {
     // the device (closing its fd before it detaches the group), then the
     // container.
     mmaps: Vec<MmapRegion<()>>,
+    /// Signalled by vfio-pci when the host wants the function back (its
+    /// request interrupt); `None` when the kernel has none for it.
+    removal: Option<EventFd>,
     file: File,
     device: sys::Device,
     container: Arc<VfioContainer>,
@@ -390,6 +394,7 @@ impl VfioFunction {
             ioevents: Mutex::new(Vec::new()),
             dma: Mutex::new(DmaTracker::default()),
             mmaps: Vec::new(),
+            removal: None,
             file,
             device: sys::Device::new(vdev),
             container,
@@ -403,6 +408,7 @@ impl VfioFunction {
         }
         f.enable_decoding().map_err(VfioError::Command)?;
         f.setup_bars()?;
+        f.removal = f.register_removal_request();
         log::info!(
             "{}: opened (reset {}, {} MSI-X vectors, IOVA {:#x}..={:#x})",
             f.bdf,
@@ -535,6 +541,38 @@ impl VfioFunction {
             })?;
         sys::device_ioeventfd(&self.device, &arg)
             .map_err(|e| layout::ioeventfd_error(key.bar, key.offset, e))
+    }
+
+    /// Ask vfio-pci to signal an eventfd when the host wants the function
+    /// back (request interrupt). Without it, an ordered removal blocks
+    /// until the function is closed, and nobody is told. A failure only
+    /// costs that notice, so it is logged.
+    fn register_removal_request(&self) -> Option<EventFd> {
+        let count = self
+            .device
+            .get_irq_info(VFIO_PCI_REQ_IRQ_INDEX)
+            .map_or(0, |i| i.count);
+        if count == 0 {
+            log::info!("{}: VFIO has no request interrupt for it: an ordered removal of the device waits until it is closed", self.bdf);
+            return None;
+        }
+        let registered = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).and_then(|fd| {
+            let mut words = layout::irq_set_words(
+                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                VFIO_PCI_REQ_IRQ_INDEX,
+                0,
+                &[fd.as_raw_fd()],
+            );
+            sys::set_irqs(&self.device, &mut words)?;
+            Ok(fd)
+        });
+        match registered {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!("{}: cannot register for removal requests: {e}; an ordered removal of the device waits until it is closed", self.bdf);
+                None
+            }
+        }
     }
 
     fn set_msix_irqs(&self, flags: u32, fds: &[i32]) -> PciResult<()> {
@@ -718,6 +756,10 @@ unsafe impl PciFunction for VfioFunction {
 
     fn describe(&self) -> String {
         format!("vfio {}", self.bdf)
+    }
+
+    fn removal_request(&self) -> Option<&EventFd> {
+        self.removal.as_ref()
     }
 }
 

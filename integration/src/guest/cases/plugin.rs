@@ -177,11 +177,11 @@ fn misbehaving_guest(ctx: &Ctx) -> CaseResult {
         }
         refusals.push(what);
     }
-    let status = d.with_backend(|b| b.status())?;
+    let status = d.with_backend(|b| b.status())??;
     ensure!(status == 0, "device left with status {status:#x}");
     // A doorbell rung before DRIVER_OK (a guest with the doorbell page
     // mapped can do that at any time): the reset device has no ring.
-    d.with_backend(|b| b.kick(vdpa_bridge::QueueIndex(0)))?;
+    d.with_backend(|b| b.kick(vdpa_bridge::QueueIndex(0)))??;
     let size = d.config_size() as u64;
     let mut before = vec![0u8; size as usize];
     d.read_config(0, &mut before)?;

@@ -241,6 +241,9 @@ impl Shared {
 pub struct EmulatedFunction {
     shared: Arc<Shared>,
     worker: Option<JoinHandle<()>>,
+    /// What [`EmulatedFunction::request_removal`] signals (VFIO's request
+    /// interrupt); `None` only without file descriptors left.
+    removal: Option<EventFd>,
 }
 
 impl std::fmt::Debug for EmulatedFunction {
@@ -389,7 +392,22 @@ impl EmulatedFunction {
             .spawn(move || ioeventfd_worker(&s2))
             .map_err(|e| log::error!("emulated device: no ioeventfd thread: {e}"))
             .ok();
-        EmulatedFunction { shared, worker }
+        EmulatedFunction {
+            shared,
+            worker,
+            removal: EventFd::new(EFD_NONBLOCK).ok(),
+        }
+    }
+
+    /// Ask for the device back, as vfio-pci's request interrupt does on an
+    /// ordered removal: signals [`PciFunction::removal_request`]. The
+    /// device keeps working until its user lets go.
+    pub fn request_removal(&self) {
+        if let Some(fd) = &self.removal {
+            if let Err(e) = fd.write(1) {
+                log::error!("emulated device: removal request not signalled: {e}");
+            }
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -1158,5 +1176,9 @@ unsafe impl PciFunction for EmulatedFunction {
 
     fn describe(&self) -> String {
         "emulated virtio-blk".into()
+    }
+
+    fn removal_request(&self) -> Option<&EventFd> {
+        self.removal.as_ref()
     }
 }

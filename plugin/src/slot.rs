@@ -1,0 +1,44 @@
+//! [`Slot`]: the backend, shared by the device and its DMA handle until it
+//! is released.
+//!
+//! When the host asks for a device back (an ordered removal), the bridge
+//! must let go of it while the VMM still holds the device object (Cloud
+//! Hypervisor drops it only when the guest ejects it, which an untrusted
+//! guest may never do). Releasing takes the backend out of its slot and
+//! drops it, which closes the VFIO device; every later use of the slot
+//! gets [`Error::Released`].
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+
+pub(crate) struct Slot<B>(Mutex<Option<B>>);
+
+impl<B> Slot<B> {
+    pub fn new(backend: B) -> Self {
+        Slot(Mutex::new(Some(backend)))
+    }
+
+    fn guard(&self) -> MutexGuard<'_, Option<B>> {
+        // A panic elsewhere must not wedge the control path.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` on the backend, unless it was released.
+    pub fn with<R>(&self, f: impl FnOnce(&mut B) -> R) -> Result<R> {
+        match self.guard().as_mut() {
+            Some(b) => Ok(f(b)),
+            None => Err(Error::Released),
+        }
+    }
+
+    /// Take the backend out; every later use fails with
+    /// [`Error::Released`].
+    pub fn take(&self) -> Option<B> {
+        self.guard().take()
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.guard().is_none()
+    }
+}
