@@ -78,6 +78,11 @@ enum Cmd {
         /// How long to wait for data from a console's other side, in ms.
         #[arg(long, default_value_t = 1000)]
         console_wait_ms: u64,
+        /// Soak: repeat the round (activation, I/O, reset) for this many
+        /// seconds, and check that file descriptors, threads, locked and
+        /// pinned memory and DMA mappings do not grow.
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<u64>,
         /// JSON output.
         #[arg(short, long)]
         json: bool,
@@ -210,6 +215,12 @@ fn print_selftest(r: &selftest::Report) {
             println!("       {data:?}");
         }
     }
+    if let Some(s) = &r.soak {
+        println!(
+            "  soak: {} rounds in {:.0} s, {} with a failed check",
+            s.rounds, s.seconds, s.failed_rounds
+        );
+    }
     println!(
         "{}: {} passed, {} failed",
         r.outcome.as_str(),
@@ -298,6 +309,7 @@ fn run(cli: Cli) -> Result<bool> {
             relay_kicks,
             console_text,
             console_wait_ms,
+            duration,
             json,
         } => {
             let opts = selftest::Options {
@@ -307,6 +319,7 @@ fn run(cli: Cli) -> Result<bool> {
                 relay_kicks,
                 console_text,
                 console_wait: Duration::from_millis(console_wait_ms),
+                duration: duration.map(Duration::from_secs),
             };
             let r = selftest(&device, &opts)?;
             if json {

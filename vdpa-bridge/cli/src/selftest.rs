@@ -13,8 +13,17 @@
 //! Any other type is brought up to DRIVER_OK and reset: the outcome is
 //! [`Outcome::BringUpOnly`], not a failure. Every queue is sized by its own
 //! maximum ([`Guest::queues_sized`]).
+//!
+//! With [`Options::duration`] (a soak) the round (activation, I/O, reset)
+//! repeats until that much time has passed, and the process's file
+//! descriptors, threads, locked and pinned memory and the device's DMA
+//! mappings are sampled after the first round and at the end: they must
+//! not grow. Between rounds the device's removal request is checked: when
+//! the host asks for the device back (an ordered removal), the device is
+//! released at once and the run ends with [`HostWantsDevice`].
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -53,6 +62,8 @@ pub struct Options {
     pub console_text: String,
     /// How long to wait for data from a console's other side.
     pub console_wait: Duration,
+    /// Repeat the round until this much time has passed (a soak).
+    pub duration: Option<Duration>,
 }
 
 impl Default for Options {
@@ -64,6 +75,7 @@ impl Default for Options {
             relay_kicks: false,
             console_text: "vdpa-bridge selftest\n".into(),
             console_wait: Duration::from_secs(1),
+            duration: None,
         }
     }
 }
@@ -138,6 +150,73 @@ pub struct Report {
     pub failed: usize,
     /// The outcome.
     pub outcome: Outcome,
+    /// What a soak ([`Options::duration`]) did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soak: Option<Soak>,
+}
+
+/// What a soak did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Soak {
+    /// Rounds run (activation, I/O, reset).
+    pub rounds: u64,
+    /// Rounds with a failed check.
+    pub failed_rounds: u64,
+    /// How long it ran, in seconds.
+    pub seconds: f64,
+    /// Resources after the first round.
+    pub first: Resources,
+    /// Resources after the last round.
+    pub last: Resources,
+}
+
+/// What the process and the device hold (a soak compares these).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Resources {
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Locked memory (`VmLck`, where VFIO accounts pinned DMA pages), KiB.
+    pub locked_kib: u64,
+    /// Pinned memory (`VmPin`), KiB.
+    pub pinned_kib: u64,
+    /// The device's DMA mappings.
+    pub dma_mappings: usize,
+}
+
+impl Resources {
+    fn sample(dma_mappings: usize) -> Resources {
+        let count = |dir: &str| std::fs::read_dir(dir).map_or(0, Iterator::count);
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Resources {
+            fds: count("/proc/self/fd"),
+            threads: count("/proc/self/task"),
+            locked_kib: kib("VmLck:"),
+            pinned_kib: kib("VmPin:"),
+            dma_mappings,
+        }
+    }
+}
+
+/// The host asked for the device back (an ordered removal) during a run;
+/// the device was released.
+#[derive(Debug, thiserror::Error)]
+#[error("{device}: the host asked for the device back (an ordered removal such as `echo 1 > /sys/bus/pci/devices/<address>/remove`); released it {released_in:?} after the request was seen, after {rounds} round(s)")]
+pub struct HostWantsDevice {
+    /// The device.
+    pub device: String,
+    /// Rounds completed.
+    pub rounds: u64,
+    /// How long the release took.
+    pub released_in: Duration,
 }
 
 /// Whether `selftest` does I/O on devices of type `t` (otherwise it
@@ -237,9 +316,112 @@ pub fn run<B: VdpaOps + DmaMapper + Send + 'static>(
         want |= features::bit(net::F_MAC);
     }
     d.ack_features(d.features() & want)?;
+    let negotiated = d.acked_features();
     let all = u16::try_from(d.queue_max_sizes().len()).unwrap_or(u16::MAX);
     let nq = queues_for(t, all)?;
     let irq = TestInterrupt::new(usize::from(nq), true)?;
+    let removal = d.removal_request();
+    let start = Instant::now();
+    let mut rounds = 0u64;
+    let mut failed_rounds = 0u64;
+    let mut checks = Vec::new();
+    let mut queue_sizes = Vec::new();
+    let mut wiring = String::new();
+    let mut first = None;
+    loop {
+        if rounds > 0 {
+            d.ack_features(negotiated)?;
+        }
+        let round = round(&mut g, &mut d, &irq, t, nq, all, opts)?;
+        rounds += 1;
+        if rounds == 1 {
+            queue_sizes = round.queue_sizes;
+            wiring = round.wiring;
+            checks = round.checks;
+            first = Some(Resources::sample(d.dma().mappings().len()));
+        } else if round.checks.iter().any(|c| !c.ok) {
+            failed_rounds += 1;
+            // The first few failures are kept; the count says the rest.
+            if failed_rounds <= 10 {
+                checks.extend(round.checks.into_iter().filter(|c| !c.ok).map(|c| Check {
+                    name: format!("round {rounds}: {}", c.name),
+                    ..c
+                }));
+            }
+        }
+        if let Some(fd) = &removal {
+            if fd.read().is_ok() {
+                let seen = Instant::now();
+                let report = d.release();
+                log::info!("released: {report:?}");
+                return Err(HostWantsDevice {
+                    device: name,
+                    rounds,
+                    released_in: seen.elapsed(),
+                }
+                .into());
+            }
+        }
+        if opts.duration.is_none_or(|limit| start.elapsed() >= limit) {
+            break;
+        }
+    }
+    let soak = opts.duration.map(|_| {
+        let first = first.unwrap_or_default();
+        let last = Resources::sample(d.dma().mappings().len());
+        let stable = last.fds <= first.fds
+            && last.threads <= first.threads
+            && last.locked_kib <= first.locked_kib
+            && last.pinned_kib <= first.pinned_kib
+            && last.dma_mappings <= first.dma_mappings;
+        checks.push(Check {
+            name: "resources after the first and the last round".into(),
+            ok: stable,
+            detail: format!("{first:?} -> {last:?}"),
+            data: None,
+        });
+        Soak {
+            rounds,
+            failed_rounds,
+            seconds: start.elapsed().as_secs_f64(),
+            first,
+            last,
+        }
+    });
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    Ok(Report {
+        device: name,
+        backend,
+        device_type: t.name(),
+        negotiated_features: format!("{negotiated:#x}"),
+        queues: usize::from(nq),
+        queue_sizes,
+        wiring,
+        passed: checks.len() - failed,
+        failed,
+        outcome: outcome(t, &checks),
+        checks,
+        soak,
+    })
+}
+
+/// What one round (activation, I/O, reset) gave.
+struct Round {
+    queue_sizes: Vec<u16>,
+    wiring: String,
+    checks: Vec<Check>,
+}
+
+/// Activate `d` with fresh guest rings, do the I/O of its type, reset it.
+fn round<B: VdpaOps + DmaMapper + Send + 'static>(
+    g: &mut Guest,
+    d: &mut BridgeDevice<B, Mem>,
+    irq: &Arc<TestInterrupt>,
+    t: DeviceType,
+    nq: u16,
+    all: u16,
+    opts: &Options,
+) -> Result<Round> {
     let queues = g.queues_sized(&d.queue_max_sizes()[..usize::from(nq)])?;
     d.activate(g.mem.clone(), irq.clone(), queues)
         .context("activation (DRIVER_OK) failed")?;
@@ -259,9 +441,9 @@ pub fn run<B: VdpaOps + DmaMapper + Send + 'static>(
         data: None,
     }];
     let mut io = Io {
-        g: &mut g,
-        d: &mut d,
-        irq: &irq,
+        g,
+        d,
+        irq,
         checks: &mut checks,
     };
     match t {
@@ -271,20 +453,10 @@ pub fn run<B: VdpaOps + DmaMapper + Send + 'static>(
         DeviceType::Console => io.console(&opts.console_text, opts.console_wait),
         _ => {}
     }
-    let negotiated = d.acked_features();
     d.reset().context("reset")?;
-    let failed = checks.iter().filter(|c| !c.ok).count();
-    Ok(Report {
-        device: name,
-        backend,
-        device_type: t.name(),
-        negotiated_features: format!("{negotiated:#x}"),
-        queues: usize::from(nq),
+    Ok(Round {
         queue_sizes,
         wiring,
-        passed: checks.len() - failed,
-        failed,
-        outcome: outcome(t, &checks),
         checks,
     })
 }
@@ -465,7 +637,6 @@ fn ensure_ok(status: u8) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
     use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
 
@@ -544,5 +715,62 @@ mod tests {
             .checks
             .iter()
             .any(|c| c.name == "blk read queue 2" && c.ok));
+    }
+
+    #[test]
+    fn a_soak_repeats_rounds_and_finds_resources_stable() {
+        let opts = Options {
+            allow_write: true,
+            duration: Some(Duration::from_millis(300)),
+            ..Options::default()
+        };
+        let r = run(
+            "emu".into(),
+            "emulated",
+            emulated(EmuConfig::default()),
+            &opts,
+        )
+        .unwrap();
+        let soak = r.soak.as_ref().unwrap();
+        assert!(soak.rounds > 1, "{soak:?}");
+        assert_eq!(soak.failed_rounds, 0);
+        assert_eq!(soak.first.dma_mappings, 1);
+        assert_eq!(soak.last.dma_mappings, 1);
+        // The process's fds and threads also count the other tests running
+        // beside this one: only the device's checks are asserted here.
+        let (resources, io): (Vec<&Check>, Vec<&Check>) = r
+            .checks
+            .iter()
+            .partition(|c| c.name.starts_with("resources"));
+        assert_eq!(resources.len(), 1);
+        assert!(io.iter().all(|c| c.ok), "{io:?}");
+        assert_eq!(io.len(), 4, "{io:?}");
+    }
+
+    #[test]
+    fn a_removal_request_ends_a_soak_with_the_device_released() {
+        let f = Arc::new(EmulatedFunction::new(EmuConfig::default()));
+        let dev = VpVdpa::open(Arc::clone(&f), OpenOptions::default()).unwrap();
+        let asker = Arc::clone(&f);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            asker.request_removal();
+            Instant::now()
+        });
+        let opts = Options {
+            duration: Some(Duration::from_secs(30)),
+            ..Options::default()
+        };
+        let e = run("emu".into(), "emulated", dev, &opts).unwrap_err();
+        let asked = t.join().unwrap();
+        let took = asked.elapsed();
+        let wanted = e
+            .downcast_ref::<HostWantsDevice>()
+            .expect("HostWantsDevice");
+        assert!(wanted.rounds >= 1);
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert!(e.to_string().contains("asked for the device back"), "{e}");
+        // Released: nothing holds the function any more.
+        assert_eq!(Arc::strong_count(&f), 1);
     }
 }
