@@ -16,6 +16,7 @@ pub mod bench;
 pub mod bridge;
 pub mod ch;
 pub mod ch_bench;
+pub mod faults;
 pub mod plugin;
 pub mod smoke;
 pub mod types;
@@ -52,6 +53,7 @@ pub fn all() -> Vec<Case> {
     all.extend(plugin::cases());
     all.extend(vhost_vdpa::cases());
     all.extend(ch::cases());
+    all.extend(faults::cases());
     all
 }
 
