@@ -222,6 +222,9 @@ pub struct Manifest {
     /// Run the benchmark instead of the test cases.
     #[serde(default)]
     pub bench: bool,
+    /// Run only the soak (`cases/soak.rs`), for this many seconds.
+    #[serde(default)]
+    pub soak: Option<u64>,
     /// Run only the cases whose name contains this.
     #[serde(default)]
     pub only: Option<String>,
@@ -355,6 +358,7 @@ mod tests {
                 reason: "no netns".into(),
             }],
             bench: true,
+            soak: None,
             only: Some("ch_".into()),
             vduse_image: None,
             ch: None,

@@ -11,7 +11,10 @@
 //!   contains `<text>` (for working on a few cases; the runner prints how
 //!   many it left out),
 //! - `VDPA_LAB_NO_SKIP=1` counts every skipped case as failed (for CI
-//!   machines that are known to have everything).
+//!   machines that are known to have everything),
+//! - `VDPA_LAB_SOAK=<seconds>` runs only the soak (`cases/soak.rs`: mixed
+//!   blk and net I/O with resets, resources checked) for that long; both
+//!   timeouts grow by that much.
 //!
 //! Prints `lab: N passed, N failed, N skipped` last; exits 1 on any failure.
 //! Benchmarks are reported before that line, one
@@ -47,15 +50,24 @@ fn options() -> anyhow::Result<Options> {
         .parent()
         .context("lab binary is not in <target>/<profile>/")?
         .to_path_buf();
+    let soak = match std::env::var("VDPA_LAB_SOAK") {
+        Ok(v) if !v.is_empty() => Some(
+            v.parse::<u64>()
+                .with_context(|| format!("VDPA_LAB_SOAK={v:?}"))?,
+        ),
+        _ => None,
+    };
+    let longer = Duration::from_secs(soak.unwrap_or(0));
     Ok(Options {
         target_dir,
         guest_bin: bin_dir.join("lab-guest"),
         qemu: std::env::var_os("VDPA_LAB_QEMU")
             .unwrap_or_else(|| "qemu-system-x86_64".into())
             .into(),
-        boot_timeout: secs("VDPA_LAB_BOOT_TIMEOUT", 180)?,
-        overall_timeout: secs("VDPA_LAB_TIMEOUT", 300)?,
+        boot_timeout: secs("VDPA_LAB_BOOT_TIMEOUT", 180)? + longer,
+        overall_timeout: secs("VDPA_LAB_TIMEOUT", 300)? + longer,
         bench: std::env::var("VDPA_LAB_BENCH").as_deref() == Ok("1"),
+        soak,
         only: std::env::var("VDPA_LAB_CASES")
             .ok()
             .filter(|s| !s.is_empty()),

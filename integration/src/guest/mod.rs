@@ -298,6 +298,7 @@ mod tests {
                 reason: "cannot create netns".into(),
             }],
             bench: false,
+            soak: None,
             only: None,
             vduse_image: None,
             ch: None,

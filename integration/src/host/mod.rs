@@ -39,6 +39,8 @@ pub struct Options {
     pub overall_timeout: Duration,
     /// Run the benchmark instead of the test cases.
     pub bench: bool,
+    /// Run only the soak, for this many seconds.
+    pub soak: Option<u64>,
     /// Run only the guest cases whose name contains this.
     pub only: Option<String>,
 }
@@ -455,6 +457,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         devices: specs.iter().map(|s| s.manifest_entry(&lab_dir)).collect(),
         skipped,
         bench: opts.bench,
+        soak: opts.soak,
         only: opts.only.clone(),
         vduse_image: Some(vduse_image.clone()),
     };

@@ -19,13 +19,19 @@ pub mod ch_bench;
 pub mod faults;
 pub mod plugin;
 pub mod smoke;
+pub mod soak;
 pub mod types;
 pub mod vhost_vdpa;
 
 /// The cases of this run: the benchmarks alone when the manifest asks for
 /// them, else every test case.
 pub fn cases(manifest: &Manifest) -> Suite {
-    if manifest.bench {
+    if manifest.soak.is_some() {
+        Suite {
+            tests: soak::cases(),
+            benchmarks: Vec::new(),
+        }
+    } else if manifest.bench {
         Suite {
             tests: Vec::new(),
             benchmarks: benchmarks(),
@@ -65,6 +71,7 @@ mod tests {
     fn case_names_are_unique_and_have_no_whitespace() {
         let mut all = super::all();
         all.extend(super::benchmarks());
+        all.extend(super::soak::cases());
         let names: HashSet<&str> = all.iter().map(|c| c.name.as_str()).collect();
 
         assert_eq!(names.len(), all.len());
