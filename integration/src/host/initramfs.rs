@@ -157,6 +157,28 @@ hotplug)
 		echo "L3-NO-DISK"
 	fi
 	;;
+hostremove)
+	# The host takes the disk away under I/O: reads go on until it is
+	# gone (failed ones counted), then the guest shows it still runs.
+	wait_for /dev/vda
+	if [ -b /dev/vda ]; then
+		pat
+		dd if=/dev/vda of=/tmp/s0 bs=512 count=1 iflag=direct 2>/dev/null
+		if cmp -s /tmp/s0 "$exp0"; then echo "L3-READ-OK"; else echo "L3-READ-BAD"; fi
+		echo "L3-IO-LOOP"
+		ok=0; bad=0; i=0
+		while [ -b /dev/vda ] && [ $i -lt 3000 ]; do
+			if dd if=/dev/vda of=/dev/null bs=4096 count=1 skip=$((i % 64)) iflag=direct 2>/dev/null; then ok=$((ok+1)); else bad=$((bad+1)); fi
+			i=$((i+1))
+			sleep 0.05
+		done
+		if [ -b /dev/vda ]; then echo "L3-STILL-PLUGGED"; else echo "L3-UNPLUGGED reads ok=$ok failed=$bad"; fi
+		# Alive for a while: the host asks Cloud Hypervisor meanwhile.
+		for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1; echo "L3-ALIVE $(cut -d' ' -f1 /proc/uptime)"; done
+	else
+		echo "L3-NO-DISK"
+	fi
+	;;
 hotplugnet)
 	echo "L3-READY"
 	i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done

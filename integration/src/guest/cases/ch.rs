@@ -10,7 +10,10 @@
 //!   its negotiated features lack the bit masked with `features_mask=`;
 //! * net: DHCP lease from QEMU's user-mode network, ping 10.0.2.2;
 //! * reboot of the inner guest: the bridged device is built anew;
-//! * hot-plug and unplug of the blk and net devices through `ch-remote`.
+//! * hot-plug and unplug of the blk and net devices through `ch-remote`;
+//! * the host takes blk0 away under the inner guest's I/O (an ordered
+//!   removal): Cloud Hypervisor releases it within two seconds, unplugs it
+//!   from the guest, and goes on running the guest.
 //!
 //! Throughput is measured apart, as benchmarks (`cases/ch_bench.rs`).
 //!
@@ -21,6 +24,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 
+use crate::guest::cases::faults::{remove_timed, restore, RELEASE_WITHIN};
 use crate::guest::ch::{not_configured, Ch, Vdpa, BOOT_TIMEOUT, DOORBELLS_MAPPED, VIRTIO_ID_BLOCK};
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
 use crate::manifest::Variant;
@@ -69,7 +73,95 @@ pub fn cases() -> Vec<Case> {
         Variant::BlkMq,
         ch_relay,
     );
+    add(
+        "ch_blk0_host_removal_releases_it_and_unplugs_it_from_the_guest",
+        Variant::Blk0,
+        ch_host_removal,
+    );
     out
+}
+
+/// The inner guest reads blk0 in a loop; the lab VM removes the function
+/// (`echo 1 > .../remove`, an ordered removal that waits for vfio-pci's
+/// users). Cloud Hypervisor is told through the request interrupt,
+/// removes the doorbell mapping, releases the device (the removal
+/// finishes within [`RELEASE_WITHIN`]) and unplugs it from the guest,
+/// whose later reads fail instead of hanging; the guest sees the disk go
+/// and goes on running; Cloud Hypervisor's configuration no longer holds
+/// the device. The device is rescanned and bound again afterwards.
+fn ch_host_removal(ctx: &Ctx) -> CaseResult {
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
+    };
+    let dev = ctx.dev()?;
+    let group =
+        vdpa_bridge::sysfs::iommu_group_of(&Path::new("/sys/bus/pci/devices").join(&dev.bdf))
+            .with_context(|| format!("{} has no IOMMU group", dev.bdf))?;
+    let mut vm = Ch::new(lab, "hostremove")
+        .hotplug_of(&dev.bdf, group)
+        .vdpa(&Vdpa::new(&dev.bdf, 1).id("hostvdpa"))
+        .start()?;
+    let looping = vm.wait("L3-IO-LOOP", BOOT_TIMEOUT);
+    let removal = looping.as_ref().ok().map(|()| {
+        // Some reads in flight first.
+        std::thread::sleep(Duration::from_secs(2));
+        remove_timed(dev)
+    });
+    let took = match &removal {
+        Some(r) => r.wait(Duration::from_secs(60))?,
+        None => None,
+    };
+    if removal.is_some() && took.is_none() {
+        // Unblock the removal before failing: end Cloud Hypervisor (ours).
+        vm.kill();
+    }
+    let unplugged = vm.wait("L3-ALIVE", Duration::from_secs(120));
+    let config = if unplugged.is_ok() && lab.remote.is_some() {
+        Some(vm.remote(&["info"]))
+    } else {
+        None
+    };
+    let done = vm.wait_done();
+    if removal.is_some() {
+        restore(dev)?;
+    }
+    looping?;
+    let took = took.context("the removal was still blocked after 60 s")?;
+    unplugged.with_context(|| format!("the guest did not go on: {}", vm.tail()))?;
+    done?;
+    vm.expect(
+        "L3-READ-OK",
+        "inner guest read wrong data before the removal",
+    )?;
+    vm.expect(
+        "released to the host",
+        "Cloud Hypervisor did not release the device",
+    )?;
+    ensure!(
+        vm.count("L3-ALIVE") >= 10,
+        "the guest stopped after the unplug: {}",
+        vm.tail()
+    );
+    let line = vm
+        .line("L3-UNPLUGGED")
+        .context("the disk did not leave the guest")?
+        .to_string();
+    ensure!(
+        took < RELEASE_WITHIN,
+        "the removal took {took:?} (within {RELEASE_WITHIN:?} expected)"
+    );
+    if let Some(info) = config {
+        let info = info?;
+        ensure!(
+            !info.contains("hostvdpa"),
+            "the device is still in the VM's configuration: {info}"
+        );
+    }
+    Ok(Outcome::PassWith(format!(
+        "removal finished in {} ms; guest: {}",
+        took.as_millis(),
+        line.trim()
+    )))
 }
 
 /// blk_mq has two MSI-X vectors for four queues: with two queues exposed,
