@@ -38,6 +38,7 @@ mod interrupt;
 mod relay;
 mod release;
 mod slot;
+mod thread;
 
 pub use config::{DevicePath, VdpaDeviceConfig};
 pub use device::{

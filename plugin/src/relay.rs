@@ -16,23 +16,17 @@
 //! itself does no allocation and takes no lock (guest memory is read
 //! through `GuestMemoryAtomic`, an `ArcSwap` load).
 
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use vdpa_bridge::Doorbell;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::error::{io, Error, Result};
+use crate::error::Result;
 use crate::interrupt::{InterruptType, VirtioInterrupt};
 use crate::interrupt::{ThreadHook, ThreadRole};
-
-const TOKEN_STOP: u64 = 0;
-const KIND_KICK: u64 = 1 << 32;
-const KIND_IRQ: u64 = 2 << 32;
+use crate::thread::{wait_loop, Stopper};
 
 /// One relayed kick.
 pub(crate) struct KickRelay {
@@ -75,15 +69,9 @@ impl<M: GuestMemory> RelayPlan<M> {
     }
 }
 
-/// How often the relay looks at its stop flag when no event arrives (the
-/// stop eventfd normally wakes it at once; the flag covers a failed wake).
-const STOP_POLL_MS: i32 = 250;
-
 /// A running relay thread; stopped and joined on drop.
 pub(crate) struct Relay {
-    stop: EventFd,
-    stopping: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    stop: Stopper,
 }
 
 impl Relay {
@@ -95,125 +83,38 @@ impl Relay {
     where
         M: GuestMemory + Send + Sync + 'static,
     {
-        let epoll = Epoll::new().map_err(io("epoll_create"))?;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
-        let add = |fd: i32, token: u64| {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(io("epoll_ctl"))
-        };
-        add(stop.as_raw_fd(), TOKEN_STOP)?;
-        for (i, k) in plan.kicks.iter().enumerate() {
-            add(k.fd.as_raw_fd(), KIND_KICK | i as u64)?;
-        }
-        for (i, r) in plan.irqs.iter().enumerate() {
-            add(r.fd.as_raw_fd(), KIND_IRQ | i as u64)?;
-        }
-        let stop_thread = stop.try_clone().map_err(io("dup eventfd"))?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stopping);
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let ready = match hook {
-                    Some(h) => h(ThreadRole::Relay),
-                    None => Ok(()),
-                };
-                let go = ready.is_ok();
-                // The receiver waits for this; it cannot be gone.
-                let _ = ready_tx.send(ready);
-                if go {
-                    run(epoll, stop_thread, &flag, plan);
-                }
-            })
-            .map_err(io("spawn relay thread"))?;
-        let ready = ready_rx
-            .recv()
-            .unwrap_or_else(|_| Err("the relay thread ended before it was ready".into()));
-        if let Err(reason) = ready {
-            if thread.join().is_err() {
-                log::error!("relay thread panicked");
-            }
-            return Err(Error::ThreadSetup {
-                role: ThreadRole::Relay,
-                reason,
-            });
-        }
-        Ok(Relay {
-            stop,
-            stopping,
-            thread: Some(thread),
-        })
-    }
-
-    /// Stop and join the thread. The stop flag ends it within
-    /// `STOP_POLL_MS` even when the wake-up write fails, so no thread is
-    /// ever left behind ringing doorbells.
-    pub fn stop(&mut self) {
-        self.request_stop(true);
-    }
-
-    fn request_stop(&mut self, wake: bool) {
-        if let Some(t) = self.thread.take() {
-            self.stopping.store(true, Ordering::Release);
-            if wake {
-                if let Err(e) = self.stop.write(1) {
-                    log::warn!("cannot wake the relay thread ({e}); it stops at its next poll");
-                }
-            }
-            if t.join().is_err() {
-                log::error!("relay thread panicked");
-            }
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn run<M: GuestMemory>(epoll: Epoll, stop: EventFd, stopping: &AtomicBool, plan: RelayPlan<M>) {
-    let mut events = [EpollEvent::default(); 32];
-    loop {
-        if stopping.load(Ordering::Acquire) {
-            return;
-        }
-        let n = match epoll.wait(STOP_POLL_MS, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                log::error!("relay epoll_wait failed, relay stops: {e}");
-                return;
-            }
-        };
-        for ev in &events[..n] {
-            let token = ev.data();
-            let idx = (token & 0xffff_ffff) as usize;
-            match token & !0xffff_ffff {
-                TOKEN_STOP => {
-                    let _ = stop.read();
-                    return;
-                }
-                KIND_KICK => {
-                    if let Some(k) = plan.kicks.get(idx) {
+        // Tokens: the kicks first, then the interrupt vectors.
+        let fds: Vec<&EventFd> = plan
+            .kicks
+            .iter()
+            .map(|k| &k.fd)
+            .chain(plan.irqs.iter().map(|r| &r.fd))
+            .collect();
+        let (epoll, stop) = Stopper::epoll(&fds)?;
+        let kicks = plan.kicks.len();
+        let stop = stop.spawn(
+            name,
+            ThreadRole::Relay,
+            hook,
+            move |epoll, stopping| {
+                wait_loop(&epoll, stopping, |i| {
+                    if let Some(k) = plan.kicks.get(i) {
                         relay_kick(k, &plan.mem);
-                    }
-                }
-                KIND_IRQ => {
-                    if let Some(r) = plan.irqs.get(idx) {
+                    } else if let Some(r) = i.checked_sub(kicks).and_then(|j| plan.irqs.get(j)) {
                         relay_irq(r, plan.interrupt.as_ref());
                     }
-                }
-                _ => {}
-            }
-        }
+                });
+            },
+            epoll,
+        )?;
+        Ok(Relay { stop })
+    }
+
+    /// Stop and join the thread. The stop flag ends it within a poll
+    /// interval even when the wake-up write fails, so no thread is ever
+    /// left behind ringing doorbells.
+    pub fn stop(&mut self) {
+        self.stop.stop();
     }
 }
 
@@ -255,8 +156,10 @@ fn relay_irq(r: &IrqRelay, interrupt: &dyn VirtioInterrupt) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use std::time::{Duration, Instant};
     use vm_memory::GuestMemoryMmap;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     struct NoInterrupt;
 
@@ -325,8 +228,8 @@ mod tests {
         let mut r = relay();
         let t = Instant::now();
         // As if writing the stop eventfd had failed.
-        r.request_stop(false);
-        assert!(r.thread.is_none());
+        r.stop.request_stop(false);
+        assert!(r.stop.is_stopped());
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 

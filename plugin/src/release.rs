@@ -23,19 +23,17 @@
 //! completing the wrong request twice would corrupt the guest's driver,
 //! while a lost request only makes it wait.
 
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::error::{io, Error, Result};
+use crate::error::{Error, Result};
 use crate::interrupt::{InterruptType, ThreadHook, ThreadRole, VirtioInterrupt};
+use crate::thread::{wait_loop, Stopper};
 
 /// How long a release waits for the device to finish the requests it was
 /// given. vfio-pci's removal waits for the device without a deadline,
@@ -278,130 +276,6 @@ impl RemovalWatch {
     /// Stop and join the thread.
     pub fn stop(&mut self) {
         self.stop.stop();
-    }
-}
-
-const TOKEN_STOP: u64 = u64::MAX;
-
-/// How often a waiting thread looks at its stop flag when nothing wakes
-/// it (the stop eventfd normally does at once).
-const STOP_POLL_MS: i32 = 250;
-
-/// A thread that waits on eventfds with epoll until told to stop, as the
-/// relay does.
-struct Stopper {
-    fd: EventFd,
-    stopping: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Stopper {
-    /// An epoll set holding `fds` (tokens 0..) and a stop eventfd.
-    fn epoll(fds: &[&EventFd]) -> Result<(Epoll, Stopper)> {
-        let epoll = Epoll::new().map_err(io("epoll_create"))?;
-        let fd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
-        let add = |raw: i32, token: u64| {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    raw,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(io("epoll_ctl"))
-        };
-        add(fd.as_raw_fd(), TOKEN_STOP)?;
-        for (i, f) in fds.iter().enumerate() {
-            add(f.as_raw_fd(), i as u64)?;
-        }
-        Ok((
-            epoll,
-            Stopper {
-                fd,
-                stopping: Arc::new(AtomicBool::new(false)),
-                thread: None,
-            },
-        ))
-    }
-
-    fn spawn<F>(
-        mut self,
-        name: String,
-        role: ThreadRole,
-        hook: Option<ThreadHook>,
-        body: F,
-        epoll: Epoll,
-    ) -> Result<Stopper>
-    where
-        F: FnOnce(Epoll, &AtomicBool) + Send + 'static,
-    {
-        let flag = Arc::clone(&self.stopping);
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let ready = hook.map_or(Ok(()), |h| h(role));
-                let go = ready.is_ok();
-                // The receiver waits for this; it cannot be gone.
-                let _ = ready_tx.send(ready);
-                if go {
-                    body(epoll, &flag);
-                }
-            })
-            .map_err(io("spawn thread"))?;
-        let ready = ready_rx
-            .recv()
-            .unwrap_or_else(|_| Err("the thread ended before it was ready".into()));
-        if let Err(reason) = ready {
-            if thread.join().is_err() {
-                log::error!("{role:?} thread panicked");
-            }
-            return Err(Error::ThreadSetup { role, reason });
-        }
-        self.thread = Some(thread);
-        Ok(self)
-    }
-
-    fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.stopping.store(true, Ordering::Release);
-            if let Err(e) = self.fd.write(1) {
-                log::warn!("cannot wake a thread ({e}); it stops at its next poll");
-            }
-            if t.join().is_err() {
-                log::error!("a bridge thread panicked");
-            }
-        }
-    }
-}
-
-impl Drop for Stopper {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Wait on `epoll` until the stop token or flag; call `on(i)` for event
-/// token `i`.
-fn wait_loop(epoll: &Epoll, stopping: &AtomicBool, mut on: impl FnMut(usize)) {
-    let mut events = [EpollEvent::default(); 16];
-    loop {
-        if stopping.load(Ordering::Acquire) {
-            return;
-        }
-        let n = match epoll.wait(STOP_POLL_MS, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                log::error!("epoll_wait failed, thread stops: {e}");
-                return;
-            }
-        };
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_STOP => return,
-                i => on(usize::try_from(i).unwrap_or(usize::MAX)),
-            }
-        }
     }
 }
 
