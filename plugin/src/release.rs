@@ -237,8 +237,10 @@ pub struct RemovalWatch {
 
 impl RemovalWatch {
     /// Watch `request` (a device's [`removal_request`], duplicated) in a
-    /// thread named `name`; `on_request` runs in that thread when the host
-    /// asks for the device back. `hook` runs first in the thread, where a
+    /// thread named `name`; `on_request` runs in that thread each time the
+    /// host asks for the device back (vfio-pci asks again every ten
+    /// seconds until the device is closed, so a release that could not be
+    /// done is tried again). `hook` runs first in the thread, where a
     /// VMM confines it (role [`ThreadRole::RemovalWatch`]: it waits on two
     /// eventfds with epoll, reads one, and runs `on_request`).
     ///
@@ -251,7 +253,7 @@ impl RemovalWatch {
         request: EventFd,
         name: String,
         hook: Option<ThreadHook>,
-        on_request: Box<dyn FnOnce() + Send>,
+        mut on_request: Box<dyn FnMut() + Send>,
     ) -> Result<RemovalWatch> {
         let (epoll, stop) = Stopper::epoll(&[&request])?;
         let stop = stop.spawn(
@@ -259,12 +261,9 @@ impl RemovalWatch {
             ThreadRole::RemovalWatch,
             hook,
             move |epoll, stopping| {
-                let mut on_request = Some(on_request);
                 wait_loop(&epoll, stopping, |_| {
                     if request.read().is_ok() {
-                        if let Some(f) = on_request.take() {
-                            f();
-                        }
+                        on_request();
                     }
                 });
             },

@@ -1117,7 +1117,7 @@ fn a_removal_request_releases_the_device_and_later_requests_fail_cleanly() {
     let mut data = pattern(7, 4096);
     assert_eq!(g.blk(0, 1, 8, &mut data, &irq.queues[0]).unwrap(), 0);
 
-    // The host asks for the device back: the watch calls back once.
+    // The host asks for the device back: the watch calls back.
     let (tx, rx) = std::sync::mpsc::channel();
     let request = dev.removal_request().expect("the emulated device has one");
     let mut watch = vdpa_plugin::RemovalWatch::start(
@@ -1128,6 +1128,9 @@ fn a_removal_request_releases_the_device_and_later_requests_fail_cleanly() {
     )
     .unwrap();
     assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    emu.request_removal();
+    rx.recv_timeout(Duration::from_secs(2)).unwrap();
+    // vfio-pci asks again while the device is held: called back again.
     emu.request_removal();
     rx.recv_timeout(Duration::from_secs(2)).unwrap();
     watch.stop();
