@@ -25,6 +25,12 @@ use crate::relay::{IrqRelay, IrqTarget, KickRelay};
 /// guest set it up, and the guest's kick eventfd.
 pub(crate) type QueueArg = (usize, Queue, EventFd);
 
+/// Turns a guest-physical range (address, length) into the address the
+/// device must be given for it: behind a vIOMMU, the guest's IOVA (Cloud
+/// Hypervisor: `AccessPlatform::translate_gpa`). An error when the range
+/// is not mapped whole.
+pub type AddressTranslation = Arc<dyn Fn(u64, u64) -> std::io::Result<u64> + Send + Sync>;
+
 /// Check every queue against the device's maximum sizes and the acked
 /// ring layout; returns the queue indices, in the order given.
 pub(crate) fn check_queues(queues: &[QueueArg], max_sizes: &[u16], acked: u64) -> Result<Vec<u16>> {
@@ -67,24 +73,10 @@ pub(crate) fn check_queues(queues: &[QueueArg], max_sizes: &[u16], acked: u64) -
 /// checks only each ring's end address, and logs at error level for what a
 /// guest controls, so it is not used here.
 pub(crate) fn check_rings<M: GuestMemory>(queues: &[QueueArg], mem: &M, acked: u64) -> Result<()> {
-    let packed = acked & features::bit(features::RING_PACKED) != 0;
     for (index, q, _) in queues {
-        let n = u64::from(q.size());
-        let rings: [(&'static str, GuestAddress, u64, u64); 3] = if packed {
-            [
-                ("descriptor ring", GuestAddress(q.desc_table()), 16 * n, 16),
-                ("driver event area", GuestAddress(q.avail_ring()), 4, 4),
-                ("device event area", GuestAddress(q.used_ring()), 4, 4),
-            ]
-        } else {
-            [
-                ("descriptor table", GuestAddress(q.desc_table()), 16 * n, 16),
-                ("available ring", GuestAddress(q.avail_ring()), 6 + 2 * n, 2),
-                ("used ring", GuestAddress(q.used_ring()), 6 + 8 * n, 4),
-            ]
-        };
-        for (what, addr, len, align) in rings {
-            let reason = if addr.0 % align != 0 {
+        for (what, addr, len, align) in ring_spans(q, acked) {
+            let addr = GuestAddress(addr);
+            let reason = if !addr.0.is_multiple_of(align) {
                 Some("is misaligned")
             } else if !usize::try_from(len).is_ok_and(|l| mem.check_range(addr, l)) {
                 Some("is not inside guest RAM")
@@ -104,6 +96,51 @@ pub(crate) fn check_rings<M: GuestMemory>(queues: &[QueueArg], mem: &M, acked: u
     Ok(())
 }
 
+/// A queue's three rings: name, guest address, length and alignment, by
+/// the acked ring layout (see [`check_rings`]).
+fn ring_spans(q: &Queue, acked: u64) -> [(&'static str, u64, u64, u64); 3] {
+    let n = u64::from(q.size());
+    if acked & features::bit(features::RING_PACKED) != 0 {
+        [
+            ("descriptor ring", q.desc_table(), 16 * n, 16),
+            ("driver event area", q.avail_ring(), 4, 4),
+            ("device event area", q.used_ring(), 4, 4),
+        ]
+    } else {
+        [
+            ("descriptor table", q.desc_table(), 16 * n, 16),
+            ("available ring", q.avail_ring(), 6 + 2 * n, 2),
+            ("used ring", q.used_ring(), 6 + 8 * n, 4),
+        ]
+    }
+}
+
+/// Where the device must be told each ring of `q` is: the guest-physical
+/// addresses the VMM holds, or what `translate` makes of them (the
+/// guest's IOVAs behind a vIOMMU, which the device's DMA mappings are
+/// keyed by). A ring the translation does not cover whole is refused.
+pub(crate) fn device_addrs(
+    index: usize,
+    q: &Queue,
+    acked: u64,
+    translate: Option<&AddressTranslation>,
+) -> Result<VringAddrs> {
+    let [desc, driver, device] = ring_spans(q, acked).map(|(ring, addr, len, _)| match translate {
+        None => Ok(addr),
+        Some(t) => t(addr, len).map_err(|source| Error::Untranslated {
+            index,
+            ring,
+            addr,
+            source,
+        }),
+    });
+    Ok(VringAddrs {
+        desc: desc?,
+        driver: driver?,
+        device: device?,
+    })
+}
+
 /// ACKNOWLEDGE | DRIVER, the acked features, FEATURES_OK (read back by
 /// the backend).
 pub(crate) fn negotiate<B: VdpaOps>(b: &mut B, acked: u64) -> Result<()> {
@@ -120,16 +157,14 @@ pub(crate) fn program_queues<B: VdpaOps>(
     b: &mut B,
     queues: &[QueueArg],
     qidx: &[u16],
+    acked: u64,
+    translate: Option<&AddressTranslation>,
 ) -> Result<()> {
-    for ((_, q, _), &qi) in queues.iter().zip(qidx) {
+    for ((index, q, _), &qi) in queues.iter().zip(qidx) {
+        let addrs = device_addrs(*index, q, acked, translate)?;
         let qi = QueueIndex(qi);
         b.set_vring_num(qi, q.size())
             .map_err(backend_err("set_vring_num"))?;
-        let addrs = VringAddrs {
-            desc: q.desc_table(),
-            driver: q.avail_ring(),
-            device: q.used_ring(),
-        };
         b.set_vring_addr(qi, addrs)
             .map_err(backend_err("set_vring_addr"))?;
         b.set_vring_base(qi, q.next_avail())

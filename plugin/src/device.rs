@@ -9,7 +9,7 @@ use virtio_queue::Queue;
 use vm_memory::{GuestAddressSpace as _, GuestMemory, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::activate::{self, QueueArg};
+use crate::activate::{self, AddressTranslation, QueueArg};
 use crate::dma::DmaHandle;
 use crate::error::{backend_err, Error, Result};
 use crate::interrupt::{InterruptType, ThreadHook, VirtioInterrupt};
@@ -165,6 +165,8 @@ pub struct BridgeDevice<B: VdpaOps + DmaMapper, M: GuestMemory> {
     orphan: Option<Orphan>,
     name: String,
     thread_hook: Option<ThreadHook>,
+    /// Guest-physical ring addresses to what the device is given.
+    translation: Option<AddressTranslation>,
 }
 
 impl<B, M> BridgeDevice<B, M>
@@ -234,6 +236,7 @@ where
             orphan: None,
             name,
             thread_hook: None,
+            translation: None,
         })
     }
 
@@ -317,6 +320,19 @@ where
         self.thread_hook = Some(hook);
     }
 
+    /// Behind a vIOMMU: the queues the VMM hands to [`activate`] hold
+    /// guest-physical ring addresses (the VMM's transport translated the
+    /// guest's IOVAs, as Cloud Hypervisor's does for a device with an
+    /// access platform, so it can read the rings), while the device's DMA
+    /// mappings are keyed by the guest's IOVAs: `translate` gives the
+    /// device those back. The rings are then also checked against guest
+    /// RAM, since their addresses are guest-physical.
+    ///
+    /// [`activate`]: BridgeDevice::activate
+    pub fn set_address_translation(&mut self, translate: AddressTranslation) {
+        self.translation = Some(translate);
+    }
+
     /// Run `f` on the backend (control path only).
     ///
     /// # Errors
@@ -372,11 +388,12 @@ where
     ) -> Result<(Option<Relay>, Wiring)> {
         let acked = self.acked;
         let qidx = activate::check_queues(queues, &self.queue_max_sizes, acked)?;
-        if !self.opts.iommu {
+        // Guest-physical ring addresses: without a vIOMMU, or translated.
+        if !self.opts.iommu || self.translation.is_some() {
             activate::check_rings(queues, &*mem.memory(), acked)?;
         }
         activate::negotiate(b, acked)?;
-        activate::program_queues(b, queues, &qidx)?;
+        activate::program_queues(b, queues, &qidx, acked, self.translation.as_ref())?;
         let mut wiring = Wiring::default();
         let irqs = activate::wire_interrupts(b, &interrupt, &qidx, &mut wiring)?;
         let kicks = activate::wire_kicks(b, queues, &qidx, self.opts.kick, acked, &mut wiring)?;
@@ -513,6 +530,13 @@ where
             let mem = a.mem.memory();
             for ((_, mut queue, kick), ans) in a.queues.drain(..).zip(answers) {
                 let Some((index, answer)) = ans else { continue };
+                // Behind a vIOMMU the descriptors hold the guest's IOVAs
+                // (indirect tables too), which virtio-queue would read as
+                // guest-physical: answering could write into the wrong
+                // page, so the requests stay pending there.
+                if self.translation.is_some() {
+                    continue;
+                }
                 if report.unfinished.iter().any(|&(u, _)| u == index) {
                     continue;
                 }

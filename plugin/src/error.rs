@@ -48,6 +48,20 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A ring the VMM's address translation (a vIOMMU) does not map whole:
+    /// the device cannot be told where it is.
+    #[error("queue {index}: {ring} at {addr:#x} is not mapped for the device")]
+    Untranslated {
+        /// Queue index as given by the VMM.
+        index: usize,
+        /// Which ring.
+        ring: &'static str,
+        /// Its guest-physical address.
+        addr: u64,
+        /// The translation's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Activation while already active.
     #[error("device is already active")]
     AlreadyActive,

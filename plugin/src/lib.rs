@@ -40,6 +40,7 @@ mod release;
 mod slot;
 mod thread;
 
+pub use activate::AddressTranslation;
 pub use config::{DevicePath, VdpaDeviceConfig};
 pub use device::{
     BridgeDevice, DeviceOptions, GuestNotifyMapping, KickPolicy, NoNotifyMapping, Wiring,
