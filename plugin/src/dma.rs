@@ -13,6 +13,7 @@
 //! the region from its own map first.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vdpa_bridge::{DmaMapper, Iova, IovaRange};
@@ -68,6 +69,25 @@ pub struct DmaHandle<B, M: GuestMemory> {
     backend: Arc<Slot<B>>,
     table: Arc<Mutex<DmaTable<M>>>,
     mem: GuestMemoryAtomic<M>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    maps: AtomicU64,
+    unmaps: AtomicU64,
+}
+
+/// What a [`DmaHandle`] has done (behind a vIOMMU: the guest's map and
+/// unmap requests that reached the device).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DmaStats {
+    /// Mappings made on the backend.
+    pub maps: u64,
+    /// Mappings removed from the backend.
+    pub unmaps: u64,
+    /// Mappings in the table now.
+    pub live: usize,
 }
 
 impl<B, M: GuestMemory> Clone for DmaHandle<B, M> {
@@ -76,6 +96,7 @@ impl<B, M: GuestMemory> Clone for DmaHandle<B, M> {
             backend: self.backend.clone(),
             table: self.table.clone(),
             mem: self.mem.clone(),
+            counts: self.counts.clone(),
         }
     }
 }
@@ -95,7 +116,10 @@ impl<B: DmaMapper, M: GuestMemory> DmaHandle<B, M> {
             table
                 .maps
                 .retain(|&s, m| match backend.dma_unmap(Iova(s), m.size) {
-                    Ok(()) => false,
+                    Ok(()) => {
+                        self.counts.unmaps.fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
                     Err(e) => {
                         log::warn!("DMA unmap of {s:#x} (+{:#x}) failed, kept: {e}", m.size);
                         true
@@ -112,6 +136,15 @@ impl<B: DmaMapper, M: GuestMemory> DmaHandle<B, M> {
     /// removed them (see [`crate::BridgeDevice::release`]).
     pub(crate) fn forget_all(&self) {
         lock(&self.table).maps.clear();
+    }
+
+    /// Maps and unmaps done so far, and the mappings in the table.
+    pub fn stats(&self) -> DmaStats {
+        DmaStats {
+            maps: self.counts.maps.load(Ordering::Relaxed),
+            unmaps: self.counts.unmaps.load(Ordering::Relaxed),
+            live: lock(&self.table).maps.len(),
+        }
     }
 
     /// Current mappings as `(iova, gpa, size)`, sorted by IOVA.
@@ -134,6 +167,7 @@ where
             backend,
             table: Arc::new(Mutex::new(DmaTable::default())),
             mem,
+            counts: Arc::default(),
         }
     }
 
@@ -175,7 +209,11 @@ where
             done += len;
         }
         self.backend
-            .with(|backend| map_pieces(backend, &mut table, &pieces, &snapshot))?
+            .with(|backend| map_pieces(backend, &mut table, &pieces, &snapshot))??;
+        self.counts
+            .maps
+            .fetch_add(pieces.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Remove the mappings in `[iova, iova + size)`. The range must cover
@@ -210,6 +248,7 @@ where
                     .dma_unmap(Iova(s), l)
                     .map_err(backend_err("dma_unmap"))?;
                 table.maps.remove(&s);
+                self.counts.unmaps.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
         });

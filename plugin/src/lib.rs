@@ -46,7 +46,7 @@ pub use device::{
     BridgeDevice, DeviceOptions, GuestNotifyMapping, KickPolicy, NoNotifyMapping, Wiring,
     TRANSPORT_ONLY_FEATURES,
 };
-pub use dma::DmaHandle;
+pub use dma::{DmaHandle, DmaStats};
 pub use error::{Error, Result};
 pub use interrupt::{InterruptType, ThreadHook, ThreadRole, VirtioInterrupt};
 pub use release::{ReleaseReport, RemovalWatch, DRAIN};

@@ -1261,6 +1261,13 @@ fn behind_a_viommu_the_device_is_given_the_guests_iovas_for_its_rings() {
     let mut back = vec![0u8; 4096];
     assert_eq!(g.blk(0, 0, 24, &mut back, &irq.queues[0]).unwrap(), 0);
     assert_eq!(back, data);
+    // The guest's vIOMMU unmaps the buffers: the device's table follows.
+    let stats = dev.dma().stats();
+    assert_eq!((stats.maps, stats.unmaps, stats.live), (2, 0, 2));
+    dev.dma().unmap(8 * MIB, 8 * MIB).unwrap();
+    let stats = dev.dma().stats();
+    assert_eq!((stats.maps, stats.unmaps, stats.live), (2, 1, 1));
+    assert_eq!(emu.dma_mapping_count(), 1);
 }
 
 #[test]
