@@ -61,6 +61,8 @@ pub struct Vdpa {
     num_queues: u16,
     features_mask: Option<u64>,
     id: Option<String>,
+    iommu: bool,
+    pci_segment: Option<u16>,
 }
 
 impl Vdpa {
@@ -71,7 +73,21 @@ impl Vdpa {
             num_queues,
             features_mask: None,
             id: None,
+            iommu: false,
+            pci_segment: None,
         }
+    }
+
+    /// Put the device behind Cloud Hypervisor's vIOMMU (`iommu=on`).
+    pub fn iommu(mut self) -> Self {
+        self.iommu = true;
+        self
+    }
+
+    /// Put the device on PCI segment `n` (`pci_segment=`).
+    pub fn pci_segment(mut self, n: u16) -> Self {
+        self.pci_segment = Some(n);
+        self
     }
 
     /// Offer the inner guest only the feature bits set in `mask`.
@@ -86,7 +102,7 @@ impl Vdpa {
         self
     }
 
-    /// `path=<bdf>,num_queues=<n>[,features_mask=<hex>][,id=<id>]`.
+    /// `path=<bdf>,num_queues=<n>[,features_mask=<hex>][,id=<id>][,iommu=on][,pci_segment=<n>]`.
     pub fn arg(&self) -> String {
         let mut s = format!("path={},num_queues={}", self.bdf, self.num_queues);
         if let Some(mask) = self.features_mask {
@@ -94,6 +110,12 @@ impl Vdpa {
         }
         if let Some(id) = &self.id {
             s.push_str(&format!(",id={id}"));
+        }
+        if self.iommu {
+            s.push_str(",iommu=on");
+        }
+        if let Some(n) = self.pci_segment {
+            s.push_str(&format!(",pci_segment={n}"));
         }
         s
     }
@@ -140,6 +162,18 @@ impl<'a> Ch<'a> {
             "--device".to_string(),
             format!("path=/sys/bus/pci/devices/{bdf}"),
         ]);
+        self
+    }
+
+    /// Add `word` to the inner guest's kernel command line.
+    pub fn cmdline(mut self, word: &str) -> Self {
+        self.inner_cmdline.push(word.to_string());
+        self
+    }
+
+    /// `--platform <arg>` (e.g. `num_pci_segments=2,iommu_segments=1`).
+    pub fn platform(mut self, arg: &str) -> Self {
+        self.devices.extend(["--platform".to_string(), arg.to_string()]);
         self
     }
 

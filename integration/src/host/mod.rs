@@ -139,7 +139,9 @@ fn cloud_hypervisor(
     lab_dir: &Path,
     perf_tool: &Path,
 ) -> anyhow::Result<crate::manifest::ChRun> {
-    let modules = kernel.resolve(&["virtio_pci", "virtio_blk", "virtio_net"])?;
+    // virtio_iommu after the transport (it is a virtio-pci device itself)
+    // and before the devices it translates for.
+    let modules = kernel.resolve(&["virtio_pci", "virtio_iommu", "virtio_blk", "virtio_net"])?;
     let initramfs = lab_dir.join("l3.cpio.gz");
     // Sector 0 and the sector-8 write of every disk image, by the name the
     // disk carries as its serial (`serial=<variant>`).

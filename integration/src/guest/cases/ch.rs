@@ -74,11 +74,121 @@ pub fn cases() -> Vec<Case> {
         ch_relay,
     );
     add(
+        "ch_blk0_behind_the_viommu_strict_reads_writes_and_dma_follow",
+        Variant::Blk0,
+        ch_viommu_blk,
+    );
+    add(
+        "ch_net_user_hotplug_on_a_viommu_segment",
+        Variant::NetUser,
+        ch_viommu_hotplug_net,
+    );
+    add(
         "ch_blk0_host_removal_releases_it_and_unplugs_it_from_the_guest",
         Variant::Blk0,
         ch_host_removal,
     );
     out
+}
+
+/// `DMA through the vIOMMU at shutdown: <maps> maps, <unmaps> unmaps,
+/// <live> mappings live`, from the bridge's log.
+fn viommu_dma(vm: &crate::guest::ch::ChVm<'_>) -> anyhow::Result<(u64, u64, u64)> {
+    let line = vm
+        .line("DMA through the vIOMMU at shutdown")
+        .context("no DMA summary from the bridge at shutdown")?;
+    let nums: Vec<u64> = line
+        .rsplit(": ")
+        .next()
+        .unwrap_or_default()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match nums[..] {
+        [maps, unmaps, live] => Ok((maps, unmaps, live)),
+        _ => anyhow::bail!("cannot read {line:?}"),
+    }
+}
+
+/// Check the bridge's DMA summary: the guest's IOMMU in strict mode maps
+/// and unmaps for every request, and the device's table holds exactly
+/// the mappings not yet removed.
+fn viommu_dma_followed(vm: &crate::guest::ch::ChVm<'_>) -> anyhow::Result<String> {
+    let (maps, unmaps, live) = viommu_dma(vm)?;
+    ensure!(maps > 0 && unmaps > 0, "maps {maps}, unmaps {unmaps}: the guest's IOMMU did not drive the device's mappings");
+    ensure!(
+        maps - unmaps == live,
+        "{maps} maps - {unmaps} unmaps != {live} live: a removed mapping is still in the table"
+    );
+    Ok(format!("{maps} maps, {unmaps} unmaps, {live} live at shutdown"))
+}
+
+/// blk0 behind Cloud Hypervisor's vIOMMU (`iommu=on`, segment 0), the
+/// inner guest's IOMMU in strict mode (every unmap reaches the device):
+/// the guest reads the host's pattern and writes a sector the host then
+/// finds in the image; the device's DMA mappings followed the guest's map
+/// and unmap requests.
+fn ch_viommu_blk(ctx: &Ctx) -> CaseResult {
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
+    };
+    let dev = ctx.dev()?;
+    let mut vm = Ch::new(lab, "blk")
+        .cmdline("iommu.strict=1")
+        .vdpa(&Vdpa::new(&dev.bdf, 1).iommu())
+        .start()?;
+    let done = vm.wait_done();
+    if vm.has(WRITE_FOLLOWS) {
+        ctx.declare_write(8 * 512, 512)?;
+    }
+    done?;
+    vm.expect("L3-READ-OK", "inner guest read wrong data")?;
+    vm.expect("L3-WRITE-OK", "inner guest write failed")?;
+    let dma = viommu_dma_followed(&vm)?;
+    let mapped = vm.has(DOORBELLS_MAPPED);
+    Ok(Outcome::PassWith(format!(
+        "{dma}; doorbells {}",
+        if mapped { "mapped" } else { "trapped" }
+    )))
+}
+
+/// The net device hot-plugged onto PCI segment 1, which sits behind the
+/// vIOMMU (`--platform num_pci_segments=2,iommu_segments=1`), the inner
+/// guest's IOMMU strict: ping through it, then unplug.
+fn ch_viommu_hotplug_net(ctx: &Ctx) -> CaseResult {
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
+    };
+    if lab.remote.is_none() {
+        return Ok(Outcome::Skip("CH_REMOTE is not set".into()));
+    }
+    let dev = ctx.dev()?;
+    let group =
+        vdpa_bridge::sysfs::iommu_group_of(&Path::new("/sys/bus/pci/devices").join(&dev.bdf))
+            .with_context(|| format!("{} has no IOMMU group", dev.bdf))?;
+    let mut vm = Ch::new(lab, "hotplugnet")
+        .cmdline("iommu.strict=1")
+        .platform("num_pci_segments=2,iommu_segments=1")
+        .hotplug_of(&dev.bdf, group)
+        .start()?;
+    vm.wait("L3-READY", BOOT_TIMEOUT)?;
+    let arg = Vdpa::new(&dev.bdf, 3)
+        .id("hotnet")
+        .iommu()
+        .pci_segment(1)
+        .arg();
+    vm.remote(&["add-vdpa", &arg])?;
+    vm.wait("L3-PLUGGED", Duration::from_secs(90))?;
+    vm.wait("L3-IO-DONE", Duration::from_secs(60))?;
+    vm.expect("L3-PING-OK", "no ping through the device behind the vIOMMU")?;
+    vm.remote(&["remove-device", "hotnet"])?;
+    vm.wait("L3-DONE", Duration::from_secs(90))?;
+    vm.expect("L3-UNPLUGGED", "device still present after remove-device")?;
+    let stats = vm
+        .line("DMA through the vIOMMU")
+        .unwrap_or("no DMA summary")
+        .to_string();
+    Ok(Outcome::PassWith(stats))
 }
 
 /// The inner guest reads blk0 in a loop; the lab VM removes the function
