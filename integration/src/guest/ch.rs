@@ -173,7 +173,8 @@ impl<'a> Ch<'a> {
 
     /// `--platform <arg>` (e.g. `num_pci_segments=2,iommu_segments=1`).
     pub fn platform(mut self, arg: &str) -> Self {
-        self.devices.extend(["--platform".to_string(), arg.to_string()]);
+        self.devices
+            .extend(["--platform".to_string(), arg.to_string()]);
         self
     }
 

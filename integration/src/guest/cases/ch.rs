@@ -84,6 +84,16 @@ pub fn cases() -> Vec<Case> {
         ch_viommu_hotplug_net,
     );
     add(
+        "ch_net_user_on_a_viommu_segment_at_boot_dhcp_and_ping",
+        Variant::NetUser,
+        ch_viommu_net,
+    );
+    add(
+        "ch_blk_mq_hotplug_behind_the_viommu_relayed_vector",
+        Variant::BlkMq,
+        ch_viommu_hotplug_blk_mq,
+    );
+    add(
         "ch_blk0_host_removal_releases_it_and_unplugs_it_from_the_guest",
         Variant::Blk0,
         ch_host_removal,
@@ -115,12 +125,17 @@ fn viommu_dma(vm: &crate::guest::ch::ChVm<'_>) -> anyhow::Result<(u64, u64, u64)
 /// the mappings not yet removed.
 fn viommu_dma_followed(vm: &crate::guest::ch::ChVm<'_>) -> anyhow::Result<String> {
     let (maps, unmaps, live) = viommu_dma(vm)?;
-    ensure!(maps > 0 && unmaps > 0, "maps {maps}, unmaps {unmaps}: the guest's IOMMU did not drive the device's mappings");
+    ensure!(
+        maps > 0 && unmaps > 0,
+        "maps {maps}, unmaps {unmaps}: the guest's IOMMU did not drive the device's mappings"
+    );
     ensure!(
         maps - unmaps == live,
         "{maps} maps - {unmaps} unmaps != {live} live: a removed mapping is still in the table"
     );
-    Ok(format!("{maps} maps, {unmaps} unmaps, {live} live at shutdown"))
+    Ok(format!(
+        "{maps} maps, {unmaps} unmaps, {live} live at shutdown"
+    ))
 }
 
 /// blk0 behind Cloud Hypervisor's vIOMMU (`iommu=on`, segment 0), the
@@ -184,11 +199,61 @@ fn ch_viommu_hotplug_net(ctx: &Ctx) -> CaseResult {
     vm.remote(&["remove-device", "hotnet"])?;
     vm.wait("L3-DONE", Duration::from_secs(90))?;
     vm.expect("L3-UNPLUGGED", "device still present after remove-device")?;
-    let stats = vm
-        .line("DMA through the vIOMMU")
-        .unwrap_or("no DMA summary")
-        .to_string();
-    Ok(Outcome::PassWith(stats))
+    viommu_dma_followed(&vm).map(Outcome::PassWith)
+}
+
+/// net_user given at boot on PCI segment 1, behind the vIOMMU, the inner
+/// guest's IOMMU strict: DHCP and ping.
+fn ch_viommu_net(ctx: &Ctx) -> CaseResult {
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
+    };
+    let dev = ctx.dev()?;
+    let mut vm = Ch::new(lab, "net")
+        .cmdline("iommu.strict=1")
+        .platform("num_pci_segments=2,iommu_segments=1")
+        .vdpa(&Vdpa::new(&dev.bdf, 3).iommu().pci_segment(1))
+        .start()?;
+    vm.wait_done()?;
+    vm.expect("L3-DHCP-OK", "no DHCP lease through the vIOMMU")?;
+    vm.expect("L3-PING-OK", "no ping reply through the vIOMMU")?;
+    viommu_dma_followed(&vm).map(Outcome::PassWith)
+}
+
+/// blk_mq hot-plugged behind the vIOMMU on segment 0 with two queues on
+/// one MSI-X vector (the relay thread fans it out), two possible CPUs in
+/// the inner guest so both queues are used, its IOMMU strict: the disk
+/// reads the host's pattern, then is unplugged.
+fn ch_viommu_hotplug_blk_mq(ctx: &Ctx) -> CaseResult {
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
+    };
+    if lab.remote.is_none() {
+        return Ok(Outcome::Skip("CH_REMOTE is not set".into()));
+    }
+    let dev = ctx.dev()?;
+    let group =
+        vdpa_bridge::sysfs::iommu_group_of(&Path::new("/sys/bus/pci/devices").join(&dev.bdf))
+            .with_context(|| format!("{} has no IOMMU group", dev.bdf))?;
+    let mut vm = Ch::new(lab, "hotplug")
+        .cmdline("iommu.strict=1")
+        .possible_cpus(2)
+        .hotplug_of(&dev.bdf, group)
+        .start()?;
+    vm.wait("L3-READY", BOOT_TIMEOUT)?;
+    let arg = Vdpa::new(&dev.bdf, 2).id("hotmq").iommu().arg();
+    vm.remote(&["add-vdpa", &arg])?;
+    vm.wait("L3-PLUGGED", Duration::from_secs(90))?;
+    vm.wait("L3-READ", Duration::from_secs(60))?;
+    vm.expect("L3-READ-OK", "wrong data through the vIOMMU")?;
+    vm.expect(
+        "interrupts direct 1 relayed 2",
+        "the two queues' shared vector was not relayed",
+    )?;
+    vm.remote(&["remove-device", "hotmq"])?;
+    vm.wait("L3-DONE", Duration::from_secs(90))?;
+    vm.expect("L3-UNPLUGGED", "device still present after remove-device")?;
+    viommu_dma_followed(&vm).map(Outcome::PassWith)
 }
 
 /// The inner guest reads blk0 in a loop; the lab VM removes the function
