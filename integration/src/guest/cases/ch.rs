@@ -130,7 +130,7 @@ fn viommu_dma_followed(vm: &crate::guest::ch::ChVm<'_>) -> anyhow::Result<String
         "maps {maps}, unmaps {unmaps}: the guest's IOMMU did not drive the device's mappings"
     );
     ensure!(
-        maps - unmaps == live,
+        maps.checked_sub(unmaps) == Some(live),
         "{maps} maps - {unmaps} unmaps != {live} live: a removed mapping is still in the table"
     );
     Ok(format!(
