@@ -19,10 +19,11 @@
 //! status 1 (VIRTIO_BLK_S_IOERR, VIRTIO_NET_ERR), virtio-net transmit
 //! buffers are returned unsent. Receive buffers and other device types'
 //! requests stay pending: their drivers free them at removal without
-//! waiting. Behind a vIOMMU nothing is answered: the descriptors hold the
-//! guest's IOVAs, which `virtio_queue` would read as guest-physical. A queue the device did not finish in time is left alone:
+//! waiting. A queue the device did not finish in time is left alone:
 //! completing the wrong request twice would corrupt the guest's driver,
-//! while a lost request only makes it wait.
+//! while a lost request only makes it wait. Behind a vIOMMU nothing is
+//! answered: the descriptors hold the guest's IOVAs, which `virtio_queue`
+//! would read as guest-physical.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
