@@ -423,6 +423,15 @@ impl ChVm<'_> {
             .map(String::as_str)
     }
 
+    /// The last line so far containing `what`.
+    pub fn last_line(&self, what: &str) -> Option<&str> {
+        self.seen
+            .iter()
+            .rev()
+            .find(|l| l.contains(what))
+            .map(String::as_str)
+    }
+
     /// Check a console line so far contains `what`.
     ///
     /// # Errors

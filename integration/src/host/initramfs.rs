@@ -203,6 +203,14 @@ net)
 	;;
 esac
 for d in /sys/bus/virtio/devices/*; do echo "L3-FEATURES $(cat $d/device) $(cat $d/features)"; done
+# l3.unbind=1: let every virtio device but the IOMMU (id 0x0017) go
+# first; its driver resets it.
+case " $(cat /proc/cmdline) " in *" l3.unbind=1 "*)
+	for d in /sys/bus/virtio/devices/*; do
+		[ "$(cat "$d/device")" = "0x0017" ] && continue
+		[ -e "$d/driver" ] && echo "${d##*/}" > "$d/driver/unbind"
+	done ;;
+esac
 echo "L3-DONE"
 poweroff -f
 "#;
