@@ -526,6 +526,18 @@ where
             if let Ok(Err(e)) = self.backend.with(|b| b.reset()) {
                 log::error!("{who}: reset at release failed: {e}");
             }
+            // Completions during the drain on a vector the relay fanned
+            // out reached the used ring but raised nothing (the relay was
+            // stopped first): one interrupt per queue lets the guest see
+            // them, or its driver waits for them forever. A spurious one
+            // costs the guest a look at its used ring.
+            for (i, _, _) in &a.queues {
+                if let Ok(q) = u16::try_from(*i) {
+                    if let Err(e) = a.interrupt.trigger(InterruptType::Queue(q)) {
+                        log::warn!("{who}: queue {q}: interrupt after the drain failed: {e}");
+                    }
+                }
+            }
             let event_idx = acked & features::bit(features::RING_EVENT_IDX) != 0;
             let mem = a.mem.memory();
             for ((_, mut queue, kick), ans) in a.queues.drain(..).zip(answers) {

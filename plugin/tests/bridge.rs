@@ -1136,9 +1136,13 @@ fn a_removal_request_releases_the_device_and_later_requests_fail_cleanly() {
     watch.stop();
     drop(watch);
 
+    assert_eq!(irq.triggered(), 0);
     let report = dev.release();
     assert_eq!(report.answered, vec![0]);
     assert!(report.unfinished.is_empty(), "{report:?}");
+    // One interrupt per queue after the drain (completions the stopped
+    // relay did not raise).
+    assert_eq!(irq.triggered(), 1);
     assert!(dev.is_released());
     // Every reference to the function is gone: a VFIO device is closed.
     assert_eq!(Arc::strong_count(&emu), 1);
