@@ -98,6 +98,11 @@ pub fn cases() -> Vec<Case> {
         Variant::Blk0,
         ch_host_removal,
     );
+    add(
+        "ch_blk_mq_host_removal_with_a_relayed_vector",
+        Variant::BlkMq,
+        ch_host_removal_relayed,
+    );
     out
 }
 
@@ -275,6 +280,18 @@ fn ch_viommu_hotplug_blk_mq(ctx: &Ctx) -> CaseResult {
 /// and goes on running; Cloud Hypervisor's configuration no longer holds
 /// the device. The device is rescanned and bound again afterwards.
 fn ch_host_removal(ctx: &Ctx) -> CaseResult {
+    host_removal(ctx, 1)
+}
+
+/// The same on blk_mq (on the root bus) with two queues on one MSI-X
+/// vector, which the relay thread fans out: the release stops the relay
+/// first and raises each queue's interrupt itself after the drain, so the
+/// guest sees what the device completed meanwhile.
+fn ch_host_removal_relayed(ctx: &Ctx) -> CaseResult {
+    host_removal(ctx, 2)
+}
+
+fn host_removal(ctx: &Ctx, queues: u16) -> CaseResult {
     let Some(lab) = &ctx.manifest.ch else {
         return Ok(not_configured(ctx));
     };
@@ -283,8 +300,9 @@ fn ch_host_removal(ctx: &Ctx) -> CaseResult {
         vdpa_bridge::sysfs::iommu_group_of(&Path::new("/sys/bus/pci/devices").join(&dev.bdf))
             .with_context(|| format!("{} has no IOMMU group", dev.bdf))?;
     let mut vm = Ch::new(lab, "hostremove")
+        .possible_cpus(u8::try_from(queues).unwrap_or(1))
         .hotplug_of(&dev.bdf, group)
-        .vdpa(&Vdpa::new(&dev.bdf, 1).id("hostvdpa"))
+        .vdpa(&Vdpa::new(&dev.bdf, queues).id("hostvdpa"))
         .start()?;
     let looping = vm.wait("L3-IO-LOOP", BOOT_TIMEOUT);
     let removal = looping.as_ref().ok().map(|()| {
