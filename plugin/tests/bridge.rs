@@ -45,6 +45,16 @@ fn ack_default(dev: &mut Dev) {
     dev.ack_features(dev.features() & want).unwrap();
 }
 
+/// Ack the default features and activate queue 0 as a VMM would, with
+/// irqfd-like notifiers.
+fn activate_one(g: &mut Guest, dev: &mut Dev) -> Arc<TestInterrupt> {
+    ack_default(dev);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    irq
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -88,10 +98,7 @@ fn activation_wires_kicks_and_interrupts_directly_and_blk_io_round_trips() {
     let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
     assert_eq!(dev.device_type(), 2);
     assert_eq!(dev.dma().mappings(), vec![(0, 0, RAM)]);
-    ack_default(&mut dev);
-    let irq = TestInterrupt::new(1, true).unwrap();
-    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let irq = activate_one(&mut g, &mut dev);
     let w = dev.wiring().unwrap().clone();
     assert_eq!(w.direct_kicks, vec![0]);
     assert!(w.relayed_kicks.is_empty());
@@ -116,10 +123,7 @@ fn relay_policy_relays_kicks_and_io_still_works() {
         ..DeviceOptions::default()
     };
     let (emu, mut dev) = device(EmuConfig::default(), opts, &g);
-    ack_default(&mut dev);
-    let irq = TestInterrupt::new(1, true).unwrap();
-    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let irq = activate_one(&mut g, &mut dev);
     assert_eq!(dev.wiring().unwrap().relayed_kicks, vec![0]);
     let mut data = pattern(2, 512);
     assert_eq!(g.blk(0, 1, 3, &mut data, &irq.queues[0]).unwrap(), 0);
@@ -258,10 +262,7 @@ fn one_vector_carries_queue_and_config_interrupts() {
         ..EmuConfig::default()
     };
     let (emu, mut dev) = device(cfg, DeviceOptions::default(), &g);
-    ack_default(&mut dev);
-    let irq = TestInterrupt::new(1, true).unwrap();
-    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let irq = activate_one(&mut g, &mut dev);
     let w = dev.wiring().unwrap().clone();
     assert!(w.relayed_irqs.contains(&InterruptType::Config), "{w:?}");
     assert!(w.relayed_irqs.contains(&InterruptType::Queue(0)), "{w:?}");
@@ -922,10 +923,7 @@ fn a_guest_reset_and_a_drop_change_no_ioeventfd_and_reset_no_function() {
     let _serial = serial();
     let mut g = guest();
     let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
-    ack_default(&mut dev);
-    let irq = TestInterrupt::new(1, true).unwrap();
-    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let irq = activate_one(&mut g, &mut dev);
     assert_eq!(dev.wiring().unwrap().direct_kicks, vec![0]);
     let before = emu.stats();
 
@@ -949,10 +947,7 @@ fn a_device_stuck_in_reset_is_recovered_by_a_function_reset_at_the_next_activati
         ..EmuConfig::default()
     };
     let (emu, mut dev) = device(cfg, DeviceOptions::default(), &g);
-    ack_default(&mut dev);
-    let irq = TestInterrupt::new(1, true).unwrap();
-    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let irq = activate_one(&mut g, &mut dev);
     emu.set_reset_stuck(true);
     let flrs = emu.stats().function_resets;
 
@@ -1027,10 +1022,7 @@ fn a_device_removed_with_requests_in_flight_resets_and_drops_at_once() {
     let fds = open_fds();
     let mut g = guest();
     let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
-    ack_default(&mut dev);
-    let irq = TestInterrupt::new(1, true).unwrap();
-    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let irq = activate_one(&mut g, &mut dev);
     emu.hold_requests(true);
     post_read(&mut g);
     let requests = emu.stats().requests;
@@ -1110,10 +1102,7 @@ fn a_removal_request_releases_the_device_and_later_requests_fail_cleanly() {
     let fds = open_fds();
     let mut g = guest();
     let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
-    ack_default(&mut dev);
-    let irq = TestInterrupt::new(1, true).unwrap();
-    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let irq = activate_one(&mut g, &mut dev);
     let mut data = pattern(7, 4096);
     assert_eq!(g.blk(0, 1, 8, &mut data, &irq.queues[0]).unwrap(), 0);
 
@@ -1179,10 +1168,7 @@ fn a_request_the_device_never_finishes_is_left_alone_not_answered_twice() {
     let _serial = serial();
     let mut g = guest();
     let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
-    ack_default(&mut dev);
-    let irq = TestInterrupt::new(1, true).unwrap();
-    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let irq = activate_one(&mut g, &mut dev);
     emu.hold_requests(true);
     post_read(&mut g);
     let t = std::time::Instant::now();
@@ -1255,10 +1241,7 @@ fn behind_a_viommu_the_device_is_given_the_guests_iovas_for_its_rings() {
     let _serial = serial();
     let mut g = guest();
     let (emu, mut dev) = viommu_device(&g);
-    ack_default(&mut dev);
-    let irq = TestInterrupt::new(1, true).unwrap();
-    let queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    let irq = activate_one(&mut g, &mut dev);
     let mut data = pattern(3, 4096);
     assert_eq!(g.blk(0, 1, 24, &mut data, &irq.queues[0]).unwrap(), 0);
     assert_eq!(emu.disk_read(24 * 512, 4096), data);

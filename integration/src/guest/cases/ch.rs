@@ -19,15 +19,16 @@
 //!
 //! Every case starts Cloud Hypervisor through [`crate::guest::ch`].
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 
 use crate::guest::cases::faults::{remove_timed, restore, RELEASE_WITHIN};
-use crate::guest::ch::{not_configured, Ch, Vdpa, BOOT_TIMEOUT, DOORBELLS_MAPPED, VIRTIO_ID_BLOCK};
+use crate::guest::ch::{
+    not_configured, Ch, ChVm, Vdpa, BOOT_TIMEOUT, DOORBELLS_MAPPED, VIRTIO_ID_BLOCK,
+};
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
-use crate::manifest::Variant;
+use crate::manifest::{Device, Variant};
 
 /// The inner guest's line just before it writes sector 8 (`L3-READ-OK`
 /// or `L3-READ-BAD`, `host::initramfs::L3_INIT`, mode `blk`).
@@ -109,7 +110,7 @@ pub fn cases() -> Vec<Case> {
 /// The bridge's last `DMA through the vIOMMU at <reset|shutdown>: <maps>
 /// maps, <unmaps> unmaps, <live> mappings live` line (a guest reset, when
 /// its driver lets the device go, or an unplug).
-fn viommu_dma(vm: &crate::guest::ch::ChVm<'_>) -> anyhow::Result<(u64, u64, u64)> {
+fn viommu_dma(vm: &ChVm<'_>) -> anyhow::Result<(u64, u64, u64)> {
     let line = vm
         .last_line("DMA through the vIOMMU at")
         .context("no DMA summary from the bridge (at a reset or an unplug)")?;
@@ -129,7 +130,7 @@ fn viommu_dma(vm: &crate::guest::ch::ChVm<'_>) -> anyhow::Result<(u64, u64, u64)
 /// Check the bridge's DMA summary: the guest's IOMMU in strict mode maps
 /// and unmaps for every request, and the device's table holds exactly
 /// the mappings not yet removed.
-fn viommu_dma_followed(vm: &crate::guest::ch::ChVm<'_>) -> anyhow::Result<String> {
+fn viommu_dma_followed(vm: &ChVm<'_>) -> anyhow::Result<String> {
     let (maps, unmaps, live) = viommu_dma(vm)?;
     ensure!(
         maps > 0 && unmaps > 0,
@@ -185,27 +186,14 @@ fn ch_viommu_hotplug_net(ctx: &Ctx) -> CaseResult {
         return Ok(Outcome::Skip("CH_REMOTE is not set".into()));
     }
     let dev = ctx.dev()?;
-    let group =
-        vdpa_bridge::sysfs::iommu_group_of(&Path::new("/sys/bus/pci/devices").join(&dev.bdf))
-            .with_context(|| format!("{} has no IOMMU group", dev.bdf))?;
+    let group = iommu_group(dev)?;
     let mut vm = Ch::new(lab, "hotplugnet")
         .cmdline("iommu.strict=1")
         .platform("num_pci_segments=2,iommu_segments=1")
         .hotplug_of(&dev.bdf, group)
         .start()?;
-    vm.wait("L3-READY", BOOT_TIMEOUT)?;
-    let arg = Vdpa::new(&dev.bdf, 3)
-        .id("hotnet")
-        .iommu()
-        .pci_segment(1)
-        .arg();
-    vm.remote(&["add-vdpa", &arg])?;
-    vm.wait("L3-PLUGGED", Duration::from_secs(90))?;
-    vm.wait("L3-IO-DONE", Duration::from_secs(60))?;
-    vm.expect("L3-PING-OK", "no ping through the device behind the vIOMMU")?;
-    vm.remote(&["remove-device", "hotnet"])?;
-    vm.wait("L3-DONE", Duration::from_secs(90))?;
-    vm.expect("L3-UNPLUGGED", "device still present after remove-device")?;
+    let net = Vdpa::new(&dev.bdf, 3).iommu().pci_segment(1);
+    plug_io_unplug(&mut vm, &net, ("L3-IO-DONE", "L3-PING-OK"), |_| Ok(()))?;
     viommu_dma_followed(&vm).map(Outcome::PassWith)
 }
 
@@ -242,32 +230,20 @@ fn ch_viommu_hotplug_blk_mq(ctx: &Ctx) -> CaseResult {
         return Ok(Outcome::Skip("CH_REMOTE is not set".into()));
     }
     let dev = ctx.dev()?;
-    let group =
-        vdpa_bridge::sysfs::iommu_group_of(&Path::new("/sys/bus/pci/devices").join(&dev.bdf))
-            .with_context(|| format!("{} has no IOMMU group", dev.bdf))?;
+    let group = iommu_group(dev)?;
     let mut vm = Ch::new(lab, "hotplug")
         .cmdline("iommu.strict=1")
         .possible_cpus(2)
         .platform("num_pci_segments=2,iommu_segments=1")
         .hotplug_of(&dev.bdf, group)
         .start()?;
-    vm.wait("L3-READY", BOOT_TIMEOUT)?;
-    let arg = Vdpa::new(&dev.bdf, 2)
-        .id("hotmq")
-        .iommu()
-        .pci_segment(1)
-        .arg();
-    vm.remote(&["add-vdpa", &arg])?;
-    vm.wait("L3-PLUGGED", Duration::from_secs(90))?;
-    vm.wait("L3-READ", Duration::from_secs(60))?;
-    vm.expect("L3-READ-OK", "wrong data through the vIOMMU")?;
-    vm.expect(
-        "interrupts direct 1 relayed 2",
-        "the two queues' shared vector was not relayed",
-    )?;
-    vm.remote(&["remove-device", "hotmq"])?;
-    vm.wait("L3-DONE", Duration::from_secs(90))?;
-    vm.expect("L3-UNPLUGGED", "device still present after remove-device")?;
+    let disk = Vdpa::new(&dev.bdf, 2).iommu().pci_segment(1);
+    plug_io_unplug(&mut vm, &disk, ("L3-READ", "L3-READ-OK"), |vm| {
+        vm.expect(
+            "interrupts direct 1 relayed 2",
+            "the two queues' shared vector was not relayed",
+        )
+    })?;
     viommu_dma_followed(&vm).map(Outcome::PassWith)
 }
 
@@ -296,9 +272,7 @@ fn host_removal(ctx: &Ctx, queues: u16) -> CaseResult {
         return Ok(not_configured(ctx));
     };
     let dev = ctx.dev()?;
-    let group =
-        vdpa_bridge::sysfs::iommu_group_of(&Path::new("/sys/bus/pci/devices").join(&dev.bdf))
-            .with_context(|| format!("{} has no IOMMU group", dev.bdf))?;
+    let group = iommu_group(dev)?;
     let mut vm = Ch::new(lab, "hostremove")
         .possible_cpus(u8::try_from(queues).unwrap_or(1))
         .hotplug_of(&dev.bdf, group)
@@ -488,21 +462,46 @@ fn hotplug(ctx: &Ctx, mode: &str, queues: u16, io_done: &str, io_ok: &str) -> Ca
         return Ok(Outcome::Skip("CH_REMOTE is not set".into()));
     }
     let dev = ctx.dev()?;
-    let group =
-        vdpa_bridge::sysfs::iommu_group_of(&Path::new("/sys/bus/pci/devices").join(&dev.bdf))
-            .with_context(|| format!("{} has no IOMMU group", dev.bdf))?;
+    let group = iommu_group(dev)?;
     let mut vm = Ch::new(lab, mode).hotplug_of(&dev.bdf, group).start()?;
+    plug_io_unplug(
+        &mut vm,
+        &Vdpa::new(&dev.bdf, queues),
+        (io_done, io_ok),
+        |vm| {
+            vm.expect(
+                DOORBELLS_MAPPED,
+                "hot-plugged device's doorbells not mapped",
+            )
+        },
+    )?;
+    Ok(Outcome::Pass)
+}
+
+/// The IOMMU group of `dev` in the lab VM (what Landlock must allow up
+/// front for a hot-plug).
+fn iommu_group(dev: &Device) -> anyhow::Result<u32> {
+    vdpa_bridge::sysfs::iommu_group_of(&dev.sysfs())
+        .with_context(|| format!("{} has no IOMMU group", dev.bdf))
+}
+
+/// Once the inner guest is ready: hot-plug `dev` through the API (as
+/// `hotvdpa`), wait for the guest's `io_done` line and check its `io_ok`
+/// line, run `checks` while the device is plugged, unplug it with
+/// `remove-device` and check the guest saw it go.
+fn plug_io_unplug(
+    vm: &mut ChVm<'_>,
+    dev: &Vdpa,
+    (io_done, io_ok): (&str, &str),
+    checks: impl FnOnce(&ChVm<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     vm.wait("L3-READY", BOOT_TIMEOUT)?;
-    vm.remote(&["add-vdpa", &Vdpa::new(&dev.bdf, queues).id("hotvdpa").arg()])?;
+    vm.remote(&["add-vdpa", &dev.clone().id("hotvdpa").arg()])?;
     vm.wait("L3-PLUGGED", Duration::from_secs(90))?;
     vm.wait(io_done, Duration::from_secs(60))?;
     vm.expect(io_ok, "no I/O on the hot-plugged device")?;
-    vm.expect(
-        DOORBELLS_MAPPED,
-        "hot-plugged device's doorbells not mapped",
-    )?;
+    checks(vm)?;
     vm.remote(&["remove-device", "hotvdpa"])?;
     vm.wait("L3-DONE", Duration::from_secs(90))?;
-    vm.expect("L3-UNPLUGGED", "device still present after remove-device")?;
-    Ok(Outcome::Pass)
+    vm.expect("L3-UNPLUGGED", "device still present after remove-device")
 }
