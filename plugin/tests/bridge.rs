@@ -923,7 +923,7 @@ fn a_guest_reset_and_a_drop_change_no_ioeventfd_and_reset_no_function() {
     let _serial = serial();
     let mut g = guest();
     let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
-    let irq = activate_one(&mut g, &mut dev);
+    let _irq = activate_one(&mut g, &mut dev);
     assert_eq!(dev.wiring().unwrap().direct_kicks, vec![0]);
     let before = emu.stats();
 
@@ -1168,7 +1168,7 @@ fn a_request_the_device_never_finishes_is_left_alone_not_answered_twice() {
     let _serial = serial();
     let mut g = guest();
     let (emu, mut dev) = device(EmuConfig::default(), DeviceOptions::default(), &g);
-    let irq = activate_one(&mut g, &mut dev);
+    let _irq = activate_one(&mut g, &mut dev);
     emu.hold_requests(true);
     post_read(&mut g);
     let t = std::time::Instant::now();
