@@ -10,7 +10,7 @@ use vdpa_bridge::types::parse_u64;
 use vdpa_bridge::vp_vdpa::OpenOptions;
 
 use crate::Error;
-use crate::{DeviceOptions, KickPolicy};
+use crate::{DeviceOptions, KickPolicy, ShadowPolicy};
 
 /// A bridged device's configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -32,6 +32,10 @@ pub struct VdpaDeviceConfig {
     /// A vIOMMU is in front of the device.
     #[serde(default)]
     pub iommu: bool,
+    /// `shadow=on`: shadow rings from every activation (see
+    /// [`ShadowPolicy::Always`]); default `auto`.
+    #[serde(default)]
+    pub shadow: ShadowPolicy,
 }
 
 impl VdpaDeviceConfig {
@@ -63,6 +67,7 @@ impl VdpaDeviceConfig {
             num_queues: self.num_queues,
             kick: self.kick,
             notification_data: false,
+            shadow: self.shadow,
         }
     }
 }
@@ -81,7 +86,7 @@ impl FromStr for VdpaDeviceConfig {
     type Err = Error;
 
     /// Parse CH-style options: `path=0000:00:04.0,num_queues=2,
-    /// features_mask=0x...,kick=auto|relay,iommu=on|off`.
+    /// features_mask=0x...,kick=auto|relay,iommu=on|off,shadow=auto|on`.
     fn from_str(s: &str) -> Result<Self, Error> {
         let mut cfg = VdpaDeviceConfig::default();
         for part in s.split(',').filter(|p| !p.is_empty()) {
@@ -104,6 +109,13 @@ impl FromStr for VdpaDeviceConfig {
                     cfg.iommu = match v {
                         "on" | "true" => true,
                         "off" | "false" => false,
+                        _ => return Err(bad()),
+                    }
+                }
+                "shadow" => {
+                    cfg.shadow = match v {
+                        "on" | "always" => ShadowPolicy::Always,
+                        "auto" | "off" => ShadowPolicy::Auto,
                         _ => return Err(bad()),
                     }
                 }

@@ -5,17 +5,20 @@ use std::sync::Arc;
 
 use vdpa_bridge::types::features;
 use vdpa_bridge::{ConfigRange, DmaMapper, DriverFeatures, NotifyArea, QueueIndex, VdpaOps};
-use virtio_queue::Queue;
-use vm_memory::{GuestAddressSpace as _, GuestMemory, GuestMemoryAtomic};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes as _, GuestAddressSpace as _, GuestMemory, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::activate::{self, AddressTranslation, QueueArg};
+use crate::dirty::{DirtyLog, DirtyRange};
 use crate::dma::DmaHandle;
 use crate::error::{backend_err, Error, Result};
 use crate::interrupt::{InterruptType, ThreadHook, VirtioInterrupt};
 use crate::relay::{Relay, RelayPlan};
 use crate::release::{self, Orphan, OrphanQueue, ReleaseReport};
+use crate::shadow::{self, QueuePosition, Shadow, ShadowPlan, ShadowQueueArg};
 use crate::slot::Slot;
+use crate::state::{DeviceState, QueueState, STATE_VERSION};
 
 /// How guest kicks reach the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -28,6 +31,41 @@ pub enum KickPolicy {
     /// Always relay kicks through the relay thread (for comparison and for
     /// backends whose in-kernel path misbehaves).
     Relay,
+}
+
+/// Whether the device works on the guest's rings or on shadow rings (see
+/// the `shadow` module).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowPolicy {
+    /// Direct (zero-hop) until dirty logging, a pause or a restore needs
+    /// shadow rings; shadowed from then until the guest resets the device.
+    #[default]
+    Auto,
+    /// Shadow rings from every activation (tests, measurements, devices
+    /// whose direct path misbehaves).
+    Always,
+}
+
+/// How an active device's data path runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataPath {
+    /// The device works on the guest's rings.
+    Direct,
+    /// The device works on shadow rings, relayed by the bridge.
+    Shadow,
+    /// Stopped: the device does nothing until [`BridgeDevice::resume`].
+    Paused,
+}
+
+/// What a pause did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PauseReport {
+    /// From the call to a stopped device.
+    pub took: std::time::Duration,
+    /// Queues with requests the device held when it was stopped (offered
+    /// again at resume), with their number.
+    pub held: Vec<(u16, usize)>,
 }
 
 /// What the VMM tells the device about itself.
@@ -47,6 +85,8 @@ pub struct DeviceOptions {
     /// relay then reads the avail index); otherwise the bit is not offered.
     /// Never offered together with packed rings.
     pub notification_data: bool,
+    /// Direct or shadow rings.
+    pub shadow: ShadowPolicy,
 }
 
 impl Default for DeviceOptions {
@@ -57,6 +97,7 @@ impl Default for DeviceOptions {
             num_queues: None,
             kick: KickPolicy::Auto,
             notification_data: false,
+            shadow: ShadowPolicy::Auto,
         }
     }
 }
@@ -136,8 +177,18 @@ pub enum NoNotifyMapping {
     },
 }
 
-struct Active<M: GuestMemory> {
-    relay: Option<Relay>,
+/// How an active device runs.
+enum Run<B: VdpaOps + DmaMapper, M: GuestMemory> {
+    /// On the guest's rings, with the relay thread if one is needed.
+    Direct(Option<Relay>),
+    /// On shadow rings.
+    Shadow(Shadow<B, M>),
+    /// Stopped, with where each queue stands.
+    Paused(Vec<(u16, QueuePosition)>),
+}
+
+struct Active<B: VdpaOps + DmaMapper, M: GuestMemory> {
+    run: Run<B, M>,
     wiring: Wiring,
     /// What activation was given, kept for a release (see
     /// [`BridgeDevice::release`]).
@@ -160,13 +211,23 @@ pub struct BridgeDevice<B: VdpaOps + DmaMapper, M: GuestMemory> {
     acked: u64,
     config_size: usize,
     opts: DeviceOptions,
-    active: Option<Active<M>>,
+    active: Option<Active<B, M>>,
     /// After a release: the thread answering the guest's queues.
     orphan: Option<Orphan>,
     name: String,
     thread_hook: Option<ThreadHook>,
     /// Guest-physical ring addresses to what the device is given.
     translation: Option<AddressTranslation>,
+    /// The guest driver's device config writes, replayed after a reset the
+    /// guest did not ask for.
+    config_writes: Vec<(u64, Vec<u8>)>,
+    /// Pages the device may have written while shadowed.
+    log: Arc<DirtyLog>,
+    /// A VMM's dirty logging is on.
+    logging: bool,
+    /// Queue positions of a restored state, for the next activation,
+    /// which then stays paused until `resume`.
+    restored: Option<Vec<(u16, QueuePosition)>>,
 }
 
 impl<B, M> BridgeDevice<B, M>
@@ -219,6 +280,7 @@ where
         let config_size = backend.config_size();
         let name = format!("vdpa-relay-{device_type}");
         let backend = Arc::new(Slot::new(backend));
+        let log = Arc::new(DirtyLog::for_memory(&*mem.memory()));
         let dma = DmaHandle::new(backend.clone(), mem);
         if !opts.iommu {
             dma.map_guest_memory()?;
@@ -237,6 +299,10 @@ where
             name,
             thread_hook: None,
             translation: None,
+            config_writes: Vec::new(),
+            log,
+            logging: false,
+            restored: None,
         })
     }
 
@@ -287,7 +353,16 @@ where
         let range = ConfigRange::new(offset, data.len(), self.config_size)?;
         self.backend
             .with(|b| b.write_device_config(range, data))?
-            .map_err(backend_err("write config"))
+            .map_err(backend_err("write config"))?;
+        match self
+            .config_writes
+            .iter_mut()
+            .find(|(o, d)| *o == offset && d.len() == data.len())
+        {
+            Some((_, d)) => d.copy_from_slice(data),
+            None => self.config_writes.push((offset, data.to_vec())),
+        }
+        Ok(())
     }
 
     /// Whether the device is active.
@@ -310,6 +385,10 @@ where
     pub fn add_memory_region(&mut self) -> Result<()> {
         if self.opts.iommu || self.backend.is_released() {
             return Ok(());
+        }
+        if !matches!(self.active.as_ref().map(|a| &a.run), Some(Run::Shadow(_))) {
+            // Shadow relays hold the log they were started with.
+            self.log = Arc::new(DirtyLog::for_memory(&*self.dma.guest_memory().memory()));
         }
         self.dma.map_guest_memory()
     }
@@ -354,13 +433,19 @@ where
         if self.active.is_some() {
             return Err(Error::AlreadyActive);
         }
+        let shadowed = self.opts.shadow == ShadowPolicy::Always
+            || self.logging
+            || self.restored.is_some();
+        if shadowed {
+            return self.activate_shadowed(mem, interrupt, queues);
+        }
         let activated = self
             .backend
             .with(|b| self.try_activate(b, mem.clone(), interrupt.clone(), &queues))?;
         match activated {
             Ok((relay, wiring)) => {
                 self.active = Some(Active {
-                    relay,
+                    run: Run::Direct(relay),
                     wiring,
                     queues,
                     mem,
@@ -375,6 +460,579 @@ where
                 Err(e)
             }
         }
+    }
+
+    /// Activation on shadow rings (forced, during dirty logging, or after a
+    /// restore, which stays paused until [`BridgeDevice::resume`]).
+    fn activate_shadowed(
+        &mut self,
+        mem: GuestMemoryAtomic<M>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<QueueArg>,
+    ) -> Result<()> {
+        self.shadow_possible()?;
+        let qidx = activate::check_queues(&queues, &self.queue_max_sizes, self.acked)?;
+        activate::check_rings(&queues, &*mem.memory(), self.acked)?;
+        let restored = self.restored.take();
+        let positions: Vec<(u16, QueuePosition)> = match &restored {
+            Some(saved) => qidx
+                .iter()
+                .map(|&i| {
+                    saved
+                        .iter()
+                        .find(|(q, _)| *q == i)
+                        .map(|(_, p)| (i, p.clone()))
+                        .ok_or_else(|| {
+                            Error::Restore(format!(
+                                "queue {i} is activated but was not in the saved state"
+                            ))
+                        })
+                })
+                .collect::<Result<_>>()?,
+            None => queues
+                .iter()
+                .zip(&qidx)
+                .map(|((_, q, _), &i)| {
+                    (
+                        i,
+                        QueuePosition {
+                            next_avail: q.next_avail(),
+                            next_used: q.next_used(),
+                            in_flight: Vec::new(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        let wiring = Wiring {
+            relayed_kicks: qidx.clone(),
+            relayed_irqs: qidx.iter().map(|&q| InterruptType::Queue(q)).collect(),
+            ..Wiring::default()
+        };
+        let mut a = Active {
+            run: Run::Paused(positions),
+            wiring,
+            queues,
+            mem,
+            interrupt,
+        };
+        if restored.is_none() {
+            if let Run::Paused(p) = std::mem::replace(&mut a.run, Run::Direct(None)) {
+                match self.start_shadow(&a, p) {
+                    Ok(s) => a.run = Run::Shadow(s),
+                    Err(e) => {
+                        if let Err(r) = self.backend.with(|b| b.reset())? {
+                            log::error!("reset after failed activation failed: {r}");
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        } else {
+            log::info!("{}: activated from a saved state, paused until resumed", self.name);
+        }
+        self.active = Some(a);
+        Ok(())
+    }
+
+    /// Shadow rings need IOVAs the guest never uses: behind a vIOMMU the
+    /// guest owns the device's whole IOVA space.
+    fn shadow_possible(&self) -> Result<()> {
+        if self.opts.iommu || self.translation.is_some() {
+            return Err(Error::Unsupported(
+                "shadow virtqueues (pause, snapshot, migration) are not supported behind a \
+                 vIOMMU: the guest owns the device's whole IOVA space, leaving no address \
+                 for the shadow rings",
+            ));
+        }
+        if self.acked & features::bit(features::RING_PACKED) != 0 {
+            return Err(Error::Unsupported(
+                "shadow virtqueues need split rings (the guest negotiated packed rings)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Start shadow mode on the reset device from `positions`.
+    fn start_shadow(
+        &self,
+        a: &Active<B, M>,
+        positions: Vec<(u16, QueuePosition)>,
+    ) -> Result<Shadow<B, M>> {
+        self.shadow_possible()?;
+        let mut queues = Vec::with_capacity(a.queues.len());
+        for (index, q, kick) in &a.queues {
+            let index = u16::try_from(*index).map_err(|_| Error::BadQueue {
+                index: *index,
+                reason: "index above 65535",
+            })?;
+            let position = positions
+                .iter()
+                .find(|(i, _)| *i == index)
+                .map(|(_, p)| p.clone())
+                .unwrap_or_default();
+            queues.push(ShadowQueueArg {
+                index,
+                guest: shadow::copy_queue(q)?,
+                kick: kick.try_clone().map_err(crate::error::io("dup kick eventfd"))?,
+                position,
+            });
+        }
+        let held: usize = positions.iter().map(|(_, p)| p.in_flight.len()).sum();
+        let s = Shadow::start(
+            &self.backend,
+            ShadowPlan {
+                queues,
+                mem: a.mem.clone(),
+                interrupt: a.interrupt.clone(),
+                log: self.log.clone(),
+                acked: self.acked,
+                config_writes: self.config_writes.clone(),
+            },
+            format!("{}-shadow", self.name),
+            self.thread_hook.clone(),
+        )?;
+        log::info!(
+            "{}: running on shadow rings ({} queues, {held} request(s) offered again); \
+             the device stays shadowed until the guest resets it",
+            self.name,
+            a.queues.len()
+        );
+        Ok(s)
+    }
+
+    /// Stop a device running on the guest's rings and tell where each
+    /// queue stands. Kicks stop reaching the device, which is given at
+    /// most [`release::DRAIN`] to finish what it holds on the queues a
+    /// stop waits for (all but a network device's receive queues); a
+    /// receive queue completed in order so far hands its buffers back
+    /// unused. Then the device is reset. If a queue is still busy and was
+    /// completed out of order, the device is left running on the guest's
+    /// rings and the error says which.
+    fn stop_direct(&self, a: &mut Active<B, M>) -> Result<Vec<(u16, QueuePosition)>> {
+        if let Run::Direct(Some(r)) = &mut a.run {
+            r.stop();
+        }
+        a.run = Run::Direct(None);
+        let nq = a.queues.len();
+        let (acked, dt) = (self.acked, self.device_type);
+        let idx: Vec<u16> = a
+            .queues
+            .iter()
+            .map(|(i, _, _)| u16::try_from(*i).unwrap_or(u16::MAX))
+            .collect();
+        self.backend.with(|b| {
+            for &q in &idx {
+                if let Err(e) = b.set_vring_kick(QueueIndex(q), None) {
+                    log::debug!("{}: detaching queue {q}'s kick: {e}", self.name);
+                }
+                // Whatever the guest published before: the device sees it.
+                let _ = b.kick(QueueIndex(q));
+            }
+        })?;
+        let settled = |m: &M| -> std::result::Result<Option<(u16, usize)>, Error> {
+            for (&i, (_, q, _)) in idx.iter().zip(&a.queues) {
+                let (avail, used, held) =
+                    shadow::guest_in_flight(q, m).map_err(|e| Error::Shadow(format!("queue {i}: {e}")))?;
+                let busy = if shadow::waited(dt, i, nq, acked) {
+                    avail != used
+                } else {
+                    held.is_none()
+                };
+                if busy {
+                    return Ok(Some((i, usize::from(avail.wrapping_sub(used)))));
+                }
+            }
+            Ok(None)
+        };
+        let start = std::time::Instant::now();
+        let mut busy = settled(&*a.mem.memory());
+        while matches!(busy, Ok(Some(_))) && start.elapsed() < release::DRAIN {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            busy = settled(&*a.mem.memory());
+        }
+        match busy {
+            Ok(None) => {}
+            other => {
+                let why = match other {
+                    Ok(Some((q, n))) => format!(
+                        "queue {q}: the device still holds {n} request(s) after {:?}",
+                        release::DRAIN
+                    ),
+                    Err(e) => e.to_string(),
+                    Ok(None) => unreachable!(),
+                };
+                // Back to running directly.
+                self.rewire_direct(a)?;
+                return Err(Error::Shadow(format!("cannot stop the device: {why}")));
+            }
+        }
+        if let Err(e) = self.backend.with(|b| b.reset())? {
+            return Err(backend_err("reset")(e));
+        }
+        let m = a.mem.memory();
+        let mut positions = Vec::with_capacity(nq);
+        for (&i, (_, q, _)) in idx.iter().zip(&a.queues) {
+            let (avail, used, held) =
+                shadow::guest_in_flight(q, &*m).map_err(|e| Error::Shadow(format!("queue {i}: {e}")))?;
+            let in_flight = match held {
+                Some(h) => h,
+                None => {
+                    // Completed out of order while it was stopped: the
+                    // heads between used and avail are the best guess.
+                    log::error!(
+                        "{}: queue {i}: the device completed out of order while stopping; \
+                         offering available positions {used}..{avail} again",
+                        self.name
+                    );
+                    let mut h = Vec::new();
+                    for k in 0..avail.wrapping_sub(used) {
+                        let p = used.wrapping_add(k) % q.size().max(1);
+                        let at = q.avail_ring() + 4 + 2 * u64::from(p);
+                        h.push(
+                            m.read_obj::<u16>(vm_memory::GuestAddress(at))
+                                .map(u16::from_le)
+                                .unwrap_or(0),
+                        );
+                    }
+                    h
+                }
+            };
+            positions.push((
+                i,
+                QueuePosition {
+                    next_avail: avail,
+                    next_used: used,
+                    in_flight,
+                },
+            ));
+        }
+        Ok(positions)
+    }
+
+    /// Wire kicks and interrupts for the guest's rings again (a stop that
+    /// could not be done).
+    fn rewire_direct(&self, a: &mut Active<B, M>) -> Result<()> {
+        let qidx: Vec<u16> = a
+            .queues
+            .iter()
+            .map(|(i, _, _)| u16::try_from(*i).unwrap_or(u16::MAX))
+            .collect();
+        let mut wiring = Wiring::default();
+        let relay = self.backend.with(|b| -> Result<Option<Relay>> {
+            let irqs = activate::wire_interrupts(b, &a.interrupt, &qidx, &mut wiring)?;
+            let kicks =
+                activate::wire_kicks(b, &a.queues, &qidx, self.opts.kick, self.acked, &mut wiring)?;
+            let plan = RelayPlan {
+                kicks,
+                irqs,
+                mem: a.mem.clone(),
+                interrupt: a.interrupt.clone(),
+            };
+            if plan.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(Relay::start(
+                plan,
+                self.name.clone(),
+                self.thread_hook.clone(),
+            )?))
+        })??;
+        // Kicks that came while they were detached.
+        for (_, _, kick) in &a.queues {
+            let _ = kick.write(1);
+        }
+        a.wiring = wiring;
+        a.run = Run::Direct(relay);
+        Ok(())
+    }
+
+    /// How the active device's data path runs (`None` when not active).
+    pub fn data_path(&self) -> Option<DataPath> {
+        self.active.as_ref().map(|a| match a.run {
+            Run::Direct(_) => DataPath::Direct,
+            Run::Shadow(_) => DataPath::Shadow,
+            Run::Paused(_) => DataPath::Paused,
+        })
+    }
+
+    /// Stop the device: after this returns it does no DMA into guest
+    /// memory and raises no interrupt until [`BridgeDevice::resume`].
+    /// The device is given at most [`release::DRAIN`] to finish what it
+    /// holds, then reset; requests it still held are offered again at
+    /// resume (a virtio-blk request may then run twice: see
+    /// docs/migration.md for why that is safe). A device on the guest's
+    /// rings resumes on shadow rings (a plain virtio-pci device cannot
+    /// restart at a ring index other than 0) until the guest resets it.
+    ///
+    /// # Errors
+    ///
+    /// The device could not be stopped: it kept requests completed out of
+    /// order past the drain (it then keeps running), or its reset failed.
+    pub fn pause(&mut self) -> Result<PauseReport> {
+        let start = std::time::Instant::now();
+        let Some(mut a) = self.active.take() else {
+            return Ok(PauseReport::default());
+        };
+        let result = match std::mem::replace(&mut a.run, Run::Direct(None)) {
+            Run::Paused(p) => Ok(p),
+            Run::Direct(relay) => {
+                a.run = Run::Direct(relay);
+                self.stop_direct(&mut a)
+            }
+            Run::Shadow(s) => {
+                let mut stopped = s.stop();
+                let (dt, nq, acked) = (self.device_type, a.queues.len(), self.acked);
+                stopped.drain(|q| shadow::waited(dt, q, nq, acked), shadow::PAUSE_DRAIN);
+                match self.backend.with(|b| b.reset())? {
+                    Ok(()) => Ok(stopped.finish()),
+                    Err(e) => Err(backend_err("reset")(e)),
+                }
+            }
+        };
+        let out = match result {
+            Ok(p) => {
+                let held = p
+                    .iter()
+                    .filter(|(_, p)| !p.in_flight.is_empty())
+                    .map(|(q, p)| (*q, p.in_flight.len()))
+                    .collect();
+                a.run = Run::Paused(p);
+                let r = PauseReport {
+                    took: start.elapsed(),
+                    held,
+                };
+                log::info!("{}: paused in {:?}; held for resume {:?}", self.name, r.took, r.held);
+                Ok(r)
+            }
+            Err(e) => Err(e),
+        };
+        self.active = Some(a);
+        out
+    }
+
+    /// Run a paused device again, on shadow rings, offering first what it
+    /// held. Does nothing when not paused.
+    ///
+    /// # Errors
+    ///
+    /// Programming the device failed; it stays paused (reset) and a later
+    /// call tries again.
+    pub fn resume(&mut self) -> Result<()> {
+        let Some(mut a) = self.active.take() else {
+            return Ok(());
+        };
+        let r = match std::mem::replace(&mut a.run, Run::Direct(None)) {
+            Run::Paused(p) => match self.start_shadow(&a, p.clone()) {
+                Ok(s) => {
+                    a.run = Run::Shadow(s);
+                    Ok(())
+                }
+                Err(e) => {
+                    if let Ok(Err(r)) = self.backend.with(|b| b.reset()) {
+                        log::error!("{}: reset after a failed resume: {r}", self.name);
+                    }
+                    a.run = Run::Paused(p);
+                    Err(e)
+                }
+            },
+            other => {
+                a.run = other;
+                Ok(())
+            }
+        };
+        self.active = Some(a);
+        r
+    }
+
+    /// Start recording the guest pages the device writes: a running
+    /// device moves to shadow rings now (it is stopped and its held
+    /// requests offered again there), a later activation starts on them.
+    /// The log starts clean.
+    ///
+    /// # Errors
+    ///
+    /// Behind a vIOMMU, with packed rings, or when the device cannot be
+    /// stopped (it then keeps running directly and nothing is logged).
+    pub fn start_dirty_log(&mut self) -> Result<()> {
+        self.shadow_possible()?;
+        self.log.take();
+        self.logging = true;
+        let Some(mut a) = self.active.take() else {
+            return Ok(());
+        };
+        let r = match std::mem::replace(&mut a.run, Run::Direct(None)) {
+            Run::Direct(relay) => {
+                a.run = Run::Direct(relay);
+                match self.stop_direct(&mut a) {
+                    Ok(p) => match self.start_shadow(&a, p.clone()) {
+                        Ok(s) => {
+                            a.run = Run::Shadow(s);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            // Stopped: a resume tries again.
+                            a.run = Run::Paused(p);
+                            Err(e)
+                        }
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+            other => {
+                a.run = other;
+                Ok(())
+            }
+        };
+        if r.is_err() {
+            self.logging = false;
+        }
+        self.active = Some(a);
+        r
+    }
+
+    /// Stop recording (the device stays on shadow rings).
+    pub fn stop_dirty_log(&mut self) {
+        self.logging = false;
+    }
+
+    /// The guest pages the device may have written since the last call
+    /// (or since [`BridgeDevice::start_dirty_log`]), 4 KiB-granular,
+    /// merged and ascending; the log is cleared. Answers after a pause
+    /// and a snapshot too.
+    pub fn dirty_log(&self) -> Vec<DirtyRange> {
+        let outside = self.log.outside();
+        if outside > 0 {
+            log::warn!("{}: {outside} device write(s) outside guest memory were not logged", self.name);
+        }
+        self.log.take()
+    }
+
+    /// The device's state, for a snapshot or a migration: only while
+    /// paused (or not active).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotPaused`] while the device runs.
+    pub fn state(&self) -> Result<DeviceState> {
+        let queues = match &self.active {
+            None => Vec::new(),
+            Some(Active {
+                run: Run::Paused(p),
+                queues,
+                ..
+            }) => queues
+                .iter()
+                .filter_map(|(i, q, _)| {
+                    let index = u16::try_from(*i).ok()?;
+                    let position = p.iter().find(|(k, _)| *k == index)?.1.clone();
+                    Some(QueueState {
+                        index,
+                        size: q.size(),
+                        rings: [q.desc_table(), q.avail_ring(), q.used_ring()],
+                        position,
+                    })
+                })
+                .collect(),
+            Some(_) => return Err(Error::NotPaused),
+        };
+        Ok(DeviceState {
+            version: STATE_VERSION,
+            device_type: self.device_type,
+            acked_features: self.acked,
+            config_writes: self.config_writes.clone(),
+            queues,
+        })
+    }
+
+    /// Take a saved state before activation: the device must be of the
+    /// same type, offer every negotiated feature and have the queues the
+    /// state names, each at least as large. The guest's config writes are
+    /// replayed when the device starts; the next activation stays paused
+    /// until [`BridgeDevice::resume`], which runs the device on shadow
+    /// rings and offers first what the device held.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Restore`] naming what does not match; nothing changes
+    /// then.
+    pub fn restore(&mut self, state: &DeviceState) -> Result<()> {
+        if state.version != STATE_VERSION {
+            return Err(Error::Restore(format!(
+                "state version {}, this bridge reads version {STATE_VERSION}",
+                state.version
+            )));
+        }
+        if self.active.is_some() {
+            return Err(Error::AlreadyActive);
+        }
+        if state.device_type != self.device_type {
+            return Err(Error::Restore(format!(
+                "the state is of a virtio device of type {}, this device is of type {}",
+                state.device_type, self.device_type
+            )));
+        }
+        let missing = state.acked_features & !self.offered;
+        if missing != 0 {
+            let bits: Vec<String> = (0..64)
+                .filter(|b| missing & (1u64 << b) != 0)
+                .map(|b| b.to_string())
+                .collect();
+            return Err(Error::Restore(format!(
+                "this device does not offer the negotiated feature bit(s) {} ({missing:#x})",
+                bits.join(", ")
+            )));
+        }
+        for q in &state.queues {
+            let Some(&max) = self.queue_max_sizes.get(usize::from(q.index)) else {
+                return Err(Error::Restore(format!(
+                    "queue {}: this device has {} queue(s)",
+                    q.index,
+                    self.queue_max_sizes.len()
+                )));
+            };
+            if q.size > max {
+                return Err(Error::Restore(format!(
+                    "queue {}: size {} above this device's maximum {max}",
+                    q.index, q.size
+                )));
+            }
+            if q.position.in_flight.len() > usize::from(q.size) {
+                return Err(Error::Restore(format!(
+                    "queue {}: {} requests in flight in a queue of {}",
+                    q.index,
+                    q.position.in_flight.len(),
+                    q.size
+                )));
+            }
+        }
+        if !state.queues.is_empty() {
+            self.shadow_possible_for(state.acked_features)?;
+        }
+        self.acked = state.acked_features;
+        self.config_writes = state.config_writes.clone();
+        self.restored = (!state.queues.is_empty()).then(|| {
+            state
+                .queues
+                .iter()
+                .map(|q| (q.index, q.position.clone()))
+                .collect()
+        });
+        Ok(())
+    }
+
+    fn shadow_possible_for(&self, acked: u64) -> Result<()> {
+        if acked & features::bit(features::RING_PACKED) != 0 {
+            return Err(Error::Restore(
+                "the state has packed rings; shadow virtqueues need split rings".into(),
+            ));
+        }
+        if self.opts.iommu || self.translation.is_some() {
+            return Err(Error::Restore(
+                "shadow virtqueues are not supported behind a vIOMMU".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The steps of activation (see the `activate` module), with the
@@ -429,21 +1087,29 @@ where
     /// Virtio reset (status 0): stop the relay, reset the device, forget
     /// acked features. The device can be activated again afterwards.
     pub fn reset(&mut self) -> Result<()> {
-        if let Some(mut a) = self.active.take() {
-            if let Some(r) = a.relay.as_mut() {
+        let shadow = self.active.take().and_then(|mut a| match a.run {
+            Run::Direct(Some(ref mut r)) => {
                 r.stop();
+                None
             }
-        }
+            Run::Shadow(s) => Some(s.stop()),
+            _ => None,
+        });
         if let Some(mut o) = self.orphan.take() {
             o.stop();
         }
         self.acked = 0;
-        match self.backend.with(|b| b.reset()) {
+        self.config_writes.clear();
+        self.restored = None;
+        let r = match self.backend.with(|b| b.reset()) {
             // A released device has nothing left to reset: the guest's
             // driver resets it on its way out, which must not fail.
             Err(Error::Released) => Ok(()),
             r => r?.map_err(backend_err("reset")),
-        }
+        };
+        // The shadow rings go once the device cannot use them.
+        drop(shadow);
+        r
     }
 
     /// Whether the device was released to the host.
@@ -490,8 +1156,32 @@ where
         let mut orphans = Vec::new();
         let mut answering = None;
         if let Some(mut a) = self.active.take() {
-            if let Some(r) = a.relay.as_mut() {
-                r.stop();
+            // On shadow rings or paused the bridge knows which requests
+            // the device holds: stop it, let it finish (bounded), and
+            // answer from where each queue then stands.
+            let positions = match std::mem::replace(&mut a.run, Run::Direct(None)) {
+                Run::Direct(Some(mut r)) => {
+                    r.stop();
+                    None
+                }
+                Run::Direct(None) => None,
+                Run::Shadow(s) => {
+                    let mut stopped = s.stop();
+                    let (dt, nq, acked) = (self.device_type, a.queues.len(), self.acked);
+                    report.drained_in = stopped.drain(
+                        |q| release::answer_for(dt, q, nq, acked).is_some(),
+                        release::DRAIN,
+                    );
+                    if let Ok(Err(e)) = self.backend.with(|b| b.reset()) {
+                        log::error!("{who}: reset at release failed: {e}");
+                    }
+                    Some(stopped.finish())
+                }
+                Run::Paused(p) => Some(p),
+            };
+            if let Some(p) = positions {
+                self.release_positions(&mut report, a, p, &mut orphans, &mut answering);
+                return self.finish_release(report, orphans, answering);
             }
             // No guest kick reaches the device any more.
             let _ = self.backend.with(|b| {
@@ -565,6 +1255,54 @@ where
             drop(mem);
             answering = Some((a.mem, a.interrupt));
         }
+        self.finish_release(report, orphans, answering)
+    }
+
+    /// The orphan queues of a device stopped on shadow rings or paused:
+    /// a queue whose device held requests is left alone.
+    fn release_positions(
+        &self,
+        report: &mut ReleaseReport,
+        mut a: Active<B, M>,
+        positions: Vec<(u16, QueuePosition)>,
+        orphans: &mut Vec<OrphanQueue>,
+        answering: &mut Option<(GuestMemoryAtomic<M>, Arc<dyn VirtioInterrupt>)>,
+    ) {
+        let nq = a.queues.len();
+        let event_idx = self.acked & features::bit(features::RING_EVENT_IDX) != 0;
+        for (i, mut queue, kick) in a.queues.drain(..) {
+            let Ok(index) = u16::try_from(i) else { continue };
+            let Some(answer) = release::answer_for(self.device_type, index, nq, self.acked) else {
+                continue;
+            };
+            let Some((_, p)) = positions.iter().find(|(q, _)| *q == index) else {
+                continue;
+            };
+            if !p.in_flight.is_empty() {
+                report.unfinished.push((index, p.in_flight.len() as u16));
+                continue;
+            }
+            queue.set_next_avail(p.next_avail);
+            queue.set_next_used(p.next_used);
+            queue.set_event_idx(event_idx);
+            orphans.push(OrphanQueue {
+                index,
+                queue,
+                kick,
+                answer,
+            });
+        }
+        // Completions the stop delivered raised their interrupts already.
+        *answering = Some((a.mem, a.interrupt));
+    }
+
+    fn finish_release(
+        &mut self,
+        mut report: ReleaseReport,
+        orphans: Vec<OrphanQueue>,
+        answering: Option<(GuestMemoryAtomic<M>, Arc<dyn VirtioInterrupt>)>,
+    ) -> ReleaseReport {
+        let who = self.name.clone();
         self.dma.unmap_all();
         // Dropping the backend closes the device.
         drop(self.backend.take());
@@ -699,12 +1437,16 @@ where
 impl<B: VdpaOps + DmaMapper, M: GuestMemory> Drop for BridgeDevice<B, M> {
     fn drop(&mut self) {
         // Stop the relay, quiesce the device, then take its DMA access away
-        // while guest memory still exists.
-        self.active = None;
+        // while guest memory still exists (the shadow rings last).
+        let shadow = self.active.take().and_then(|a| match a.run {
+            Run::Shadow(s) => Some(s.stop()),
+            _ => None,
+        });
         self.orphan = None;
         if let Ok(Err(e)) = self.backend.with(|b| b.reset()) {
             log::warn!("reset on drop failed: {e}");
         }
+        drop(shadow);
         self.dma.unmap_all();
     }
 }

@@ -162,6 +162,11 @@ where
     B: DmaMapper,
     M: GuestMemory + Clone,
 {
+    /// The guest memory the handle resolves addresses in.
+    pub(crate) fn guest_memory(&self) -> &GuestMemoryAtomic<M> {
+        &self.mem
+    }
+
     pub(crate) fn new(backend: Arc<Slot<B>>, mem: GuestMemoryAtomic<M>) -> Self {
         DmaHandle {
             backend,

@@ -110,6 +110,16 @@ pub enum Error {
     /// ([`crate::BridgeDevice::release`]).
     #[error("the device was released to the host")]
     Released,
+    /// Shadow virtqueues could not be set up, or the device could not be
+    /// moved to them.
+    #[error("shadow virtqueues: {0}")]
+    Shadow(String),
+    /// A saved device state that this device cannot take.
+    #[error("cannot restore the device state: {0}")]
+    Restore(String),
+    /// The operation needs a paused device ([`crate::BridgeDevice::pause`]).
+    #[error("the device is running: pause it first")]
+    NotPaused,
     /// Answering a released device's queues failed to start.
     #[error("cannot answer the released device's queues: {0}")]
     Orphan(String),

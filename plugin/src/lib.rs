@@ -32,23 +32,29 @@
 mod activate;
 pub mod config;
 mod device;
+mod dirty;
 mod dma;
 mod error;
 mod interrupt;
 mod relay;
 mod release;
+mod shadow;
 mod slot;
+mod state;
 mod thread;
 
 pub use activate::AddressTranslation;
 pub use config::{DevicePath, VdpaDeviceConfig};
 pub use device::{
-    BridgeDevice, DeviceOptions, GuestNotifyMapping, KickPolicy, NoNotifyMapping, Wiring,
-    TRANSPORT_ONLY_FEATURES,
+    BridgeDevice, DataPath, DeviceOptions, GuestNotifyMapping, KickPolicy, NoNotifyMapping,
+    PauseReport, ShadowPolicy, Wiring, TRANSPORT_ONLY_FEATURES,
 };
+pub use dirty::{DirtyRange, DIRTY_PAGE};
 pub use dma::{DmaHandle, DmaStats};
 pub use error::{Error, Result};
 pub use interrupt::{InterruptType, ThreadHook, ThreadRole, VirtioInterrupt};
 pub use release::{ReleaseReport, RemovalWatch, DRAIN};
+pub use shadow::{QueuePosition, PAUSE_DRAIN};
+pub use state::{DeviceState, QueueState, STATE_VERSION};
 /// Every backend behind one type (what [`VdpaDeviceConfig::open`] returns).
 pub use vdpa_bridge::backend::AnyDevice;
