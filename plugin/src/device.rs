@@ -433,9 +433,8 @@ where
         if self.active.is_some() {
             return Err(Error::AlreadyActive);
         }
-        let shadowed = self.opts.shadow == ShadowPolicy::Always
-            || self.logging
-            || self.restored.is_some();
+        let shadowed =
+            self.opts.shadow == ShadowPolicy::Always || self.logging || self.restored.is_some();
         if shadowed {
             return self.activate_shadowed(mem, interrupt, queues);
         }
@@ -529,7 +528,10 @@ where
                 }
             }
         } else {
-            log::info!("{}: activated from a saved state, paused until resumed", self.name);
+            log::info!(
+                "{}: activated from a saved state, paused until resumed",
+                self.name
+            );
         }
         self.active = Some(a);
         Ok(())
@@ -574,7 +576,9 @@ where
             queues.push(ShadowQueueArg {
                 index,
                 guest: shadow::copy_queue(q)?,
-                kick: kick.try_clone().map_err(crate::error::io("dup kick eventfd"))?,
+                kick: kick
+                    .try_clone()
+                    .map_err(crate::error::io("dup kick eventfd"))?,
                 position,
             });
         }
@@ -630,11 +634,15 @@ where
                 let _ = b.kick(QueueIndex(q));
             }
         })?;
-        let settled = |m: &M| -> std::result::Result<Option<(u16, usize)>, Error> {
+        // Busy: a waited queue still holds requests, or a queue holds
+        // requests completed out of order (which the rings cannot name).
+        // Past the drain, a waited queue completed in order is stopped
+        // with its requests (offered again).
+        let settled = |m: &M, late: bool| -> std::result::Result<Option<(u16, usize)>, Error> {
             for (&i, (_, q, _)) in idx.iter().zip(&a.queues) {
-                let (avail, used, held) =
-                    shadow::guest_in_flight(q, m).map_err(|e| Error::Shadow(format!("queue {i}: {e}")))?;
-                let busy = if shadow::waited(dt, i, nq, acked) {
+                let (avail, used, held) = shadow::guest_in_flight(q, m)
+                    .map_err(|e| Error::Shadow(format!("queue {i}: {e}")))?;
+                let busy = if shadow::waited(dt, i, nq, acked) && !late {
                     avail != used
                 } else {
                     held.is_none()
@@ -646,17 +654,21 @@ where
             Ok(None)
         };
         let start = std::time::Instant::now();
-        let mut busy = settled(&*a.mem.memory());
+        let mut busy = settled(&a.mem.memory(), false);
         while matches!(busy, Ok(Some(_))) && start.elapsed() < release::DRAIN {
             std::thread::sleep(std::time::Duration::from_millis(1));
-            busy = settled(&*a.mem.memory());
+            busy = settled(&a.mem.memory(), false);
+        }
+        if matches!(busy, Ok(Some(_))) {
+            busy = settled(&a.mem.memory(), true);
         }
         match busy {
             Ok(None) => {}
             other => {
                 let why = match other {
                     Ok(Some((q, n))) => format!(
-                        "queue {q}: the device still holds {n} request(s) after {:?}",
+                        "queue {q}: the device still holds {n} request(s) after {:?}, \
+                         completed out of order",
                         release::DRAIN
                     ),
                     Err(e) => e.to_string(),
@@ -673,8 +685,8 @@ where
         let m = a.mem.memory();
         let mut positions = Vec::with_capacity(nq);
         for (&i, (_, q, _)) in idx.iter().zip(&a.queues) {
-            let (avail, used, held) =
-                shadow::guest_in_flight(q, &*m).map_err(|e| Error::Shadow(format!("queue {i}: {e}")))?;
+            let (avail, used, held) = shadow::guest_in_flight(q, &*m)
+                .map_err(|e| Error::Shadow(format!("queue {i}: {e}")))?;
             let in_flight = match held {
                 Some(h) => h,
                 None => {
@@ -802,7 +814,12 @@ where
                     took: start.elapsed(),
                     held,
                 };
-                log::info!("{}: paused in {:?}; held for resume {:?}", self.name, r.took, r.held);
+                log::info!(
+                    "{}: paused in {:?}; held for resume {:?}",
+                    self.name,
+                    r.took,
+                    r.held
+                );
                 Ok(r)
             }
             Err(e) => Err(e),
@@ -903,7 +920,10 @@ where
     pub fn dirty_log(&self) -> Vec<DirtyRange> {
         let outside = self.log.outside();
         if outside > 0 {
-            log::warn!("{}: {outside} device write(s) outside guest memory were not logged", self.name);
+            log::warn!(
+                "{}: {outside} device write(s) outside guest memory were not logged",
+                self.name
+            );
         }
         self.log.take()
     }
@@ -1271,7 +1291,9 @@ where
         let nq = a.queues.len();
         let event_idx = self.acked & features::bit(features::RING_EVENT_IDX) != 0;
         for (i, mut queue, kick) in a.queues.drain(..) {
-            let Ok(index) = u16::try_from(i) else { continue };
+            let Ok(index) = u16::try_from(i) else {
+                continue;
+            };
             let Some(answer) = release::answer_for(self.device_type, index, nq, self.acked) else {
                 continue;
             };

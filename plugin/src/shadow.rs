@@ -40,8 +40,8 @@ use vdpa_bridge::types::features;
 use vdpa_bridge::{DmaMapper, Doorbell, Iova, QueueIndex, VdpaOps};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
-    GuestMemoryMmap, GuestMemoryRegion,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
+    GuestMemoryRegion,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -221,13 +221,17 @@ impl<B: DmaMapper> ShadowMemory<B> {
             .map_err(|e| Error::Shadow(format!("cannot allocate the shadow rings: {e}")))?;
         let host = mem
             .get_host_address(GuestAddress(iova))
-            .map_err(|e| Error::Shadow(format!("shadow ring memory: {e}")))? as usize;
-        // SAFETY: the mapping stays alive while the device may use it: it
-        // is owned here, unmapped on drop before the memory is freed, and
-        // leaked when the unmap fails. It is only accessed through
-        // vm-memory's volatile and atomic accessors.
+            .map_err(|e| Error::Shadow(format!("shadow ring memory: {e}")))?
+            as usize;
         backend
-            .with(|b| unsafe { b.dma_map(Iova(iova), len, host) })?
+            .with(|b| {
+                // SAFETY: the mapping stays alive while the device may use
+                // it: it is owned here, unmapped on drop before the memory
+                // is freed, and leaked when the unmap fails. It is only
+                // accessed through vm-memory's volatile and atomic
+                // accessors.
+                unsafe { b.dma_map(Iova(iova), len, host) }
+            })?
             .map_err(backend_err("dma_map (shadow rings)"))?;
         Ok(ShadowMemory {
             backend,
@@ -245,7 +249,10 @@ impl<B: DmaMapper> ShadowMemory<B> {
 
 impl<B: DmaMapper> Drop for ShadowMemory<B> {
     fn drop(&mut self) {
-        match self.backend.with(|b| b.dma_unmap(Iova(self.iova), self.len)) {
+        match self
+            .backend
+            .with(|b| b.dma_unmap(Iova(self.iova), self.len))
+        {
             // Released: the backend is closed, its mappings went with it.
             Ok(Ok(())) | Err(_) => {}
             Ok(Err(e)) => {
@@ -369,14 +376,23 @@ impl ShadowQueue {
 
     /// Offer the guest's available requests to the device; returns whether
     /// the guest must be interrupted (a request refused and completed).
-    fn offer<M: GuestMemory>(&mut self, mem: &M, smem: &GuestMemoryMmap, log: &DirtyLog) -> bool {
+    fn offer<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        smem: &GuestMemoryMmap,
+        log: &DirtyLog,
+        kicked: bool,
+    ) -> bool {
         if self.broken {
             return false;
         }
         let mut irq = false;
+        // A guest kick reaches the device even with nothing new, as it
+        // would on the guest's rings.
+        let mut ring = kicked;
         loop {
             let added = self.fill(mem, smem, log, &mut irq);
-            if added > 0 {
+            if added > 0 || std::mem::take(&mut ring) {
                 if let Err(e) = self.doorbell.ring(u32::from(self.avail_idx)) {
                     log::warn!("shadow queue {}: doorbell write failed: {e}", self.index);
                 }
@@ -556,7 +572,9 @@ impl ShadowQueue {
                     .and_then(|i| self.pending.get_mut(i))
                     .filter(|p| p.in_use)
                 else {
-                    self.fail(format!("completion of descriptor {id}, which it does not hold"));
+                    self.fail(format!(
+                        "completion of descriptor {id}, which it does not hold"
+                    ));
                     return done;
                 };
                 p.in_use = false;
@@ -626,7 +644,7 @@ impl<M: GuestMemory> Run<M> {
         let m = self.mem.memory();
         if let Some(q) = self.queues.get_mut(i) {
             let _ = q.kick.read();
-            if q.offer(&*m, &self.smem, &self.log) && q.wants_interrupt(&*m) {
+            if q.offer(&*m, &self.smem, &self.log, true) && q.wants_interrupt(&*m) {
                 q.interrupt(self.interrupt.as_ref());
             }
         }
@@ -647,7 +665,7 @@ impl<M: GuestMemory> Run<M> {
             let mut irq = q.reap(&*m, &self.smem, &self.log);
             // Room for a request that waited.
             if q.stash.is_some() || !q.replay.is_empty() {
-                irq |= q.offer(&*m, &self.smem, &self.log);
+                irq |= q.offer(&*m, &self.smem, &self.log, false);
             }
             if irq && q.wants_interrupt(&*m) {
                 q.interrupt(self.interrupt.as_ref());
@@ -685,7 +703,7 @@ pub(crate) struct Shadow<B: DmaMapper, M: GuestMemory> {
     stop: Stopper,
     back: Receiver<Run<M>>,
     /// Dropped after the device was reset (see [`Shadow::stop`]).
-    _memory: ShadowMemory<B>,
+    memory: ShadowMemory<B>,
 }
 
 /// How long a pause lets the device finish what it holds before it is
@@ -819,7 +837,6 @@ where
         )?;
         Ok(Shadow { stop, back, memory })
     }
-
 }
 
 impl<B: DmaMapper, M: GuestMemory> Shadow<B, M> {
@@ -1053,7 +1070,15 @@ mod tests {
         // An indirect table of three.
         desc(&m, 0x1000, 1, 0x2000, 48, VRING_DESC_F_INDIRECT, 0);
         desc(&m, 0x2000, 0, 0xa000, 16, VRING_DESC_F_NEXT, 1);
-        desc(&m, 0x2000, 1, 0xb000, 4096, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
+        desc(
+            &m,
+            0x2000,
+            1,
+            0xb000,
+            4096,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            2,
+        );
         desc(&m, 0x2000, 2, 0xc000, 1, VRING_DESC_F_WRITE, 0);
         walk(&m, 0x1000, 8, 1, 8, &mut out).unwrap();
         assert_eq!(out.len(), 3);
@@ -1110,16 +1135,17 @@ mod tests {
         }
         m.write_obj(5u16.to_le(), GuestAddress(0x2002)).unwrap();
         for p in 0u16..3 {
-            m.write_obj(u32::from(10 + p).to_le(), GuestAddress(0x3004 + 8 * u64::from(p)))
-                .unwrap();
+            m.write_obj(
+                u32::from(10 + p).to_le(),
+                GuestAddress(0x3004 + 8 * u64::from(p)),
+            )
+            .unwrap();
         }
         m.write_obj(3u16.to_le(), GuestAddress(0x3002)).unwrap();
-        assert_eq!(
-            guest_in_flight(&q, &m).unwrap(),
-            (5, 3, Some(vec![13, 14]))
-        );
+        assert_eq!(guest_in_flight(&q, &m).unwrap(), (5, 3, Some(vec![13, 14])));
         // Out of order: position 1 completed head 14.
-        m.write_obj(14u32.to_le(), GuestAddress(0x3004 + 8)).unwrap();
+        m.write_obj(14u32.to_le(), GuestAddress(0x3004 + 8))
+            .unwrap();
         assert_eq!(guest_in_flight(&q, &m).unwrap(), (5, 3, None));
         // Nothing held: no question.
         m.write_obj(5u16.to_le(), GuestAddress(0x3002)).unwrap();

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use vdpa_bridge::types::{features, status};
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_bridge::IovaRange;
-use vdpa_plugin::{BridgeDevice, DeviceOptions, Error, KickPolicy};
+use vdpa_plugin::{BridgeDevice, DeviceOptions, Error, KickPolicy, ShadowPolicy};
 use vdpa_testkit::driver::blk::T_IN;
 use vdpa_testkit::driver::ring::Buf;
 use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
@@ -189,6 +189,7 @@ fn device_options(r: &mut Reader) -> DeviceOptions {
         num_queues: r.choose(&[None, None, Some(0), Some(1), Some(2), Some(3)]),
         kick: r.choose(&[KickPolicy::Auto, KickPolicy::Auto, KickPolicy::Relay]),
         notification_data: r.bool(),
+        shadow: r.choose(&[ShadowPolicy::Auto, ShadowPolicy::Auto, ShadowPolicy::Always]),
     }
 }
 
@@ -280,7 +281,7 @@ fn scenario(r: &mut Reader) {
 }
 
 fn step(r: &mut Reader, w: &mut World) {
-    match r.u8() % 16 {
+    match r.u8() % 18 {
         0..=2 => activate(r, w),
         3 => {
             let v = r.u64();
@@ -343,6 +344,8 @@ fn step(r: &mut Reader, w: &mut World) {
                 let _ = w.dev.dma().unmap(iova, size);
             }
         }
+        16 => migrate(r, w),
+        17 => hostile_chain(r, w),
         _ => {
             let q = u16::from(r.u8() % 6);
             let _ = w.dev.notification_area(q);
@@ -435,6 +438,89 @@ fn kick(r: &mut Reader, w: &mut World) {
                 },
             ];
             let _ = ring.post(&mem, &bufs);
+        }
+    }
+    if let Some(k) = w.guest.kicks.get(q) {
+        let _ = k.write(1);
+    }
+}
+
+/// What a VMM's migration does: pause, resume, dirty logging, state.
+fn migrate(r: &mut Reader, w: &mut World) {
+    match r.u8() % 6 {
+        0 => {
+            let active = w.dev.is_active();
+            if w.dev.pause().is_ok() && active {
+                assert_eq!(w.dev.data_path(), Some(vdpa_plugin::DataPath::Paused));
+                w.assert_no_relay("a pause");
+                w.assert_quiesced("a pause");
+            }
+        }
+        1 => {
+            let _ = w.dev.resume();
+        }
+        2 => {
+            let _ = w.dev.start_dirty_log();
+        }
+        3 => w.dev.stop_dirty_log(),
+        4 => {
+            for d in w.dev.dirty_log() {
+                assert!(d.len > 0 && d.gpa % 4096 == 0, "dirty range {d:?}");
+                assert!(
+                    d.gpa + d.len <= RAM + 64 * MIB + 16 * MIB,
+                    "dirty range {d:?}"
+                );
+            }
+        }
+        _ => {
+            if let Ok(st) = w.dev.state() {
+                let mut st = st;
+                if r.bool() {
+                    st.acked_features ^= 1 << (r.u8() % 64);
+                }
+                if let Some(q) = st.queues.first_mut() {
+                    if r.bool() {
+                        q.position.in_flight = (0..r.u16() % 300).map(|_| r.u16()).collect();
+                    }
+                }
+                // Only an inactive device takes a state.
+                let _ = w.dev.restore(&st);
+            }
+        }
+    }
+}
+
+/// The guest posts a chain of random descriptors on queue `q`
+/// (addresses anywhere, lengths, flags including INDIRECT and NEXT,
+/// loops) and kicks.
+fn hostile_chain(r: &mut Reader, w: &mut World) {
+    let q = usize::from(r.u8() % 4);
+    let n = 1 + usize::from(r.u8() % 4);
+    let bufs: Vec<Buf> = (0..n)
+        .map(|_| Buf {
+            addr: if r.bool() {
+                r.u64()
+            } else {
+                Guest::buffer(q as u16) + u64::from(r.u16())
+            },
+            len: if r.bool() {
+                r.u32()
+            } else {
+                u32::from(r.u16())
+            },
+            write: r.bool(),
+        })
+        .collect();
+    let mem = w.guest.mem.memory();
+    if let Some(ring) = w.guest.rings.get_mut(q) {
+        if let Ok(head) = ring.post(&mem, &bufs) {
+            if r.bool() {
+                // Rewrite the head's flags and next: indirect, loops.
+                use vm_memory::Bytes;
+                let at = ring.addrs().desc + 16 * u64::from(head) + 12;
+                let _ = mem.write_obj(r.u16(), GuestAddress(at));
+                let _ = mem.write_obj(r.u16() % 8, GuestAddress(at + 2));
+            }
         }
     }
     if let Some(k) = w.guest.kicks.get(q) {

@@ -118,6 +118,17 @@ impl SplitRing {
     /// Post a chain of buffers and publish it in the available ring.
     /// Returns the head descriptor id.
     pub fn post(&mut self, mem: &GuestMemoryMmap, bufs: &[Buf]) -> Result<u16> {
+        self.post_flagged(mem, bufs, 0)
+    }
+
+    /// [`SplitRing::post`] with `head_flags` added to the first
+    /// descriptor's flags.
+    fn post_flagged(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &[Buf],
+        head_flags: u16,
+    ) -> Result<u16> {
         if bufs.is_empty() || bufs.len() > self.free.len() {
             return Err(DriverError::RingFull(self.queue));
         }
@@ -126,6 +137,9 @@ impl SplitRing {
             .collect();
         for (i, (b, &id)) in bufs.iter().zip(&ids).enumerate() {
             let mut flags = if b.write { VRING_DESC_F_WRITE } else { 0 };
+            if i == 0 {
+                flags |= head_flags;
+            }
             let next = match ids.get(i + 1) {
                 Some(&n) => {
                     flags |= VRING_DESC_F_NEXT;
@@ -163,6 +177,56 @@ impl SplitRing {
         // store (virtio 1.2 §2.7.13.4: a full barrier).
         fence(Ordering::SeqCst);
         Ok(head)
+    }
+
+    /// Post `bufs` through an indirect table written at `table` (guest
+    /// memory the caller reserves, 16 bytes per buffer): one descriptor
+    /// of the ring. Returns the head descriptor id.
+    pub fn post_indirect(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        table: u64,
+        bufs: &[Buf],
+    ) -> Result<u16> {
+        if bufs.is_empty() {
+            return Err(DriverError::RingFull(self.queue));
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            let mut flags = if b.write { VRING_DESC_F_WRITE } else { 0 };
+            let next = if i + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT;
+                (i + 1) as u16
+            } else {
+                0
+            };
+            let at = table + 16 * i as u64;
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&b.addr.to_le_bytes());
+            d[8..12].copy_from_slice(&b.len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&d, GuestAddress(at))
+                .map_err(|_| DriverError::Memory { addr: at })?;
+        }
+        let indirect = Buf {
+            addr: table,
+            len: 16 * bufs.len() as u32,
+            write: false,
+        };
+        let flags = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+        self.post_flagged(mem, &[indirect], flags)
+    }
+
+    /// Start both ring indices at `idx` (as a guest whose queue has run
+    /// for a while, to test wrap-around): the ring must be empty.
+    pub fn set_indices(&mut self, mem: &GuestMemoryMmap, idx: u16) -> Result<()> {
+        for at in [self.avail + 2, self.used + 2] {
+            mem.write_obj(idx.to_le(), GuestAddress(at))
+                .map_err(|_| DriverError::Memory { addr: at })?;
+        }
+        self.next_avail = idx;
+        self.last_used = idx;
+        Ok(())
     }
 
     /// Whether the device asked not to be notified (VIRTQ_USED_F_NO_NOTIFY).

@@ -2,7 +2,9 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::dma::DevMem as GuestMemoryMmap;
 
 use std::mem::offset_of;
 

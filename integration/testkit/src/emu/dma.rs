@@ -1,9 +1,15 @@
 //! The emulated device's view of DMA: the driver's mappings, as guest
 //! memory `virtio-queue` can walk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+
+/// The device's view of memory: every write it makes is recorded in the
+/// regions' bitmaps (host-page granular), for tests that compare it with
+/// what a bridge logged as dirty.
+pub(super) type DevMem = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 use vdpa_bridge::pci::{PciError, PciResult};
 use vdpa_bridge::types::IovaRange;
@@ -12,7 +18,9 @@ use vdpa_bridge::types::IovaRange;
 #[derive(Default)]
 pub(super) struct DmaTable {
     maps: BTreeMap<u64, (u64, usize)>,
-    mem: Option<GuestMemoryMmap>,
+    mem: Option<DevMem>,
+    /// IOVAs of the pages written, harvested from the bitmaps.
+    written: BTreeSet<u64>,
 }
 
 impl DmaTable {
@@ -20,8 +28,36 @@ impl DmaTable {
         self.maps.len()
     }
 
-    pub(super) fn memory(&self) -> Option<GuestMemoryMmap> {
+    pub(super) fn memory(&self) -> Option<DevMem> {
         self.mem.clone()
+    }
+
+    /// Move the bitmaps' bits into `written`.
+    fn harvest(&mut self) {
+        let Some(mem) = &self.mem else { return };
+        let page = vdpa_bridge::host::page_size();
+        for r in mem.iter() {
+            for (w, word) in std::ops::Deref::deref(r)
+                .bitmap()
+                .get_and_reset()
+                .into_iter()
+                .enumerate()
+            {
+                for b in 0..64u64 {
+                    if word & (1 << b) != 0 {
+                        self.written
+                            .insert(r.start_addr().0 + (w as u64 * 64 + b) * page);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pages (host-page aligned IOVAs) the device wrote since the
+    /// last call.
+    pub(super) fn take_written(&mut self) -> BTreeSet<u64> {
+        self.harvest();
+        std::mem::take(&mut self.written)
     }
 
     /// # Safety
@@ -72,6 +108,7 @@ impl DmaTable {
     }
 
     fn rebuild(&mut self) -> Result<(), ()> {
+        self.harvest();
         if self.maps.is_empty() {
             self.mem = None;
             return Ok(());
@@ -93,7 +130,7 @@ impl DmaTable {
             .map_err(|_| ())?;
             regions.push(GuestRegionMmap::new(region, GuestAddress(iova)).ok_or(())?);
         }
-        self.mem = Some(GuestMemoryMmap::from_regions(regions).map_err(|_| ())?);
+        self.mem = Some(DevMem::from_regions(regions).map_err(|_| ())?);
         Ok(())
     }
 }

@@ -436,6 +436,23 @@ impl EmulatedFunction {
         self.shared.removed.store(true, Ordering::SeqCst);
     }
 
+    /// Stop holding requests and finish, without a doorbell, every
+    /// request the enabled queues hold: a device completing its in-flight
+    /// work on its own time (a reset queue holds nothing).
+    pub fn finish_held(&self) {
+        let mut st = self.state();
+        st.hold_requests = false;
+        for q in 0..st.queues.len() {
+            st.process(q as u16);
+        }
+    }
+
+    /// The pages (host-page aligned IOVAs) the device wrote by DMA since
+    /// the last call: buffers, status bytes and used rings.
+    pub fn take_dma_writes(&self) -> std::collections::BTreeSet<u64> {
+        self.state().dma.take_written()
+    }
+
     /// While `on`, kicks are noted but requests are not processed: they
     /// stay in flight (available, not used) until `on` is cleared and the
     /// queue is kicked again.

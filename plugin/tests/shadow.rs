@@ -1,0 +1,753 @@
+//! Shadow virtqueues, pause/resume, dirty logging and device state against
+//! the emulated virtio-blk device: requests held in flight across mode
+//! switches, ring indices wrapping at 65535, indirect chains, EVENT_IDX on
+//! and off, and the dirty log compared with the device's own DMA-write log.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vdpa_bridge::types::features;
+use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
+use vdpa_plugin::{
+    BridgeDevice, DataPath, DeviceOptions, DeviceState, Error, ShadowPolicy, DIRTY_PAGE,
+};
+use vdpa_testkit::driver::blk::{T_IN, T_OUT};
+use vdpa_testkit::driver::ring::Buf;
+use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
+use vdpa_testkit::harness::{Guest, Mem, TestInterrupt};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+
+type Dev = BridgeDevice<VpVdpa<EmulatedFunction>, Mem>;
+
+const MIB: u64 = 1 << 20;
+const RAM: u64 = 16 * MIB;
+const RING_SIZE: u16 = 64;
+/// Per-request buffer slots in a queue's 256 KiB buffer area.
+const SLOT: u64 = 8192;
+const SLOTS: u64 = 32;
+const SECTORS_PER_SLOT: u64 = 8;
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn open(
+    cfg: EmuConfig,
+    mask: Option<u64>,
+    opts: DeviceOptions,
+    g: &Guest,
+) -> (Arc<EmulatedFunction>, Dev) {
+    let f = Arc::new(EmulatedFunction::new(cfg));
+    let vp = VpVdpa::open(
+        f.clone(),
+        OpenOptions {
+            features_mask: mask,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let dev = BridgeDevice::new(vp, g.mem.clone(), opts).unwrap();
+    (f, dev)
+}
+
+fn shadowed() -> DeviceOptions {
+    DeviceOptions {
+        shadow: ShadowPolicy::Always,
+        ..DeviceOptions::default()
+    }
+}
+
+fn cfg(queues: u16) -> EmuConfig {
+    EmuConfig {
+        num_queues: queues,
+        extra_features: features::bit(features::RING_INDIRECT_DESC),
+        ..EmuConfig::default()
+    }
+}
+
+/// Ack VERSION_1 (+ ACCESS_PLATFORM) and the ring features in `ring`.
+fn ack(dev: &mut Dev, ring: u64) {
+    let want = features::bit(features::VERSION_1) | features::bit(features::ACCESS_PLATFORM) | ring;
+    dev.ack_features(dev.features() & want).unwrap();
+}
+
+fn activate(g: &mut Guest, dev: &mut Dev, n: u16) -> Arc<TestInterrupt> {
+    let irq = TestInterrupt::new(usize::from(n), true).unwrap();
+    let queues = g.queues(n, dev.queue_max_sizes()[0]).unwrap();
+    dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+    irq
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(31) ^ seed.wrapping_mul(0x9e37)) as u8)
+        .collect()
+}
+
+/// A request the test's guest submitted and has not seen completed.
+struct Io {
+    q: u16,
+    slot: u64,
+    write: bool,
+    sector: u64,
+    data: Vec<u8>,
+}
+
+/// The test's guest: submits blk requests without waiting, one per
+/// buffer slot, and checks them as they complete.
+struct Driver {
+    inflight: BTreeMap<(u16, u16), Io>,
+    /// The disk as the guest last wrote it, by sector.
+    model: BTreeMap<u64, Vec<u8>>,
+    indirect: bool,
+}
+
+impl Driver {
+    fn new(indirect: bool) -> Self {
+        Driver {
+            inflight: BTreeMap::new(),
+            model: BTreeMap::new(),
+            indirect,
+        }
+    }
+
+    fn free_slot(&self, q: u16) -> Option<u64> {
+        (0..SLOTS).find(|s| !self.inflight.values().any(|io| io.q == q && io.slot == *s))
+    }
+
+    /// Submit one 4 KiB request in slot `slot` of queue `q` (its sectors
+    /// are the slot's own, so no two requests in flight overlap).
+    fn submit(&mut self, g: &mut Guest, q: u16, write: bool, seed: u64, kick: bool) -> u16 {
+        let slot = self.free_slot(q).expect("a free slot");
+        let base = Guest::buffer(q) + slot * SLOT;
+        let sector = (u64::from(q) * SLOTS + slot) * SECTORS_PER_SLOT;
+        let mem = g.mem.memory();
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&(if write { T_OUT } else { T_IN }).to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(base)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(base + 16)).unwrap();
+        let data = if write {
+            pattern(seed, 4096)
+        } else {
+            vec![0u8; 4096]
+        };
+        mem.write_slice(&data, GuestAddress(base + 4096)).unwrap();
+        let bufs = [
+            Buf {
+                addr: base,
+                len: 16,
+                write: false,
+            },
+            Buf {
+                addr: base + 4096,
+                len: 4096,
+                write: !write,
+            },
+            Buf {
+                addr: base + 16,
+                len: 1,
+                write: true,
+            },
+        ];
+        let ring = &mut g.rings[usize::from(q)];
+        let head = if self.indirect {
+            // The table in the slot's unused bytes.
+            ring.post_indirect(&mem, base + 64, &bufs).unwrap()
+        } else {
+            ring.post(&mem, &bufs).unwrap()
+        };
+        self.inflight.insert(
+            (q, head),
+            Io {
+                q,
+                slot,
+                write,
+                sector,
+                data,
+            },
+        );
+        if kick {
+            g.kicks[usize::from(q)].write(1).unwrap();
+        }
+        head
+    }
+
+    /// Take completions of queue `q`; each is checked (status OK, read
+    /// data equal to the model).
+    fn reap(&mut self, g: &mut Guest, q: u16) -> usize {
+        let mem = g.mem.memory();
+        let mut n = 0;
+        while let Some((head, len)) = g.rings[usize::from(q)].pop_used(&mem).unwrap() {
+            let io = self.inflight.remove(&(q, head)).unwrap_or_else(|| {
+                panic!("queue {q}: head {head} completed twice or never posted")
+            });
+            let base = Guest::buffer(q) + io.slot * SLOT;
+            let status: u8 = mem.read_obj(GuestAddress(base + 16)).unwrap();
+            assert_eq!(status, 0, "queue {q} head {head}: status");
+            if io.write {
+                assert_eq!(len, 1, "a write returns its status byte");
+                self.model.insert(io.sector, io.data);
+            } else {
+                assert_eq!(len, 4097, "a read returns data and status");
+                let mut got = vec![0u8; 4096];
+                mem.read_slice(&mut got, GuestAddress(base + 4096)).unwrap();
+                if let Some(want) = self.model.get(&io.sector) {
+                    assert_eq!(&got, want, "queue {q}: read of sector {}", io.sector);
+                }
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Wait until nothing is in flight on `queues`.
+    fn settle(&mut self, g: &mut Guest, queues: u16) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !self.inflight.is_empty() {
+            for q in 0..queues {
+                self.reap(g, q);
+            }
+            assert!(
+                Instant::now() < end,
+                "requests never completed: {:?}",
+                self.inflight.keys().collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The emulated disk equals the model.
+    fn check_disk(&self, emu: &EmulatedFunction) {
+        for (sector, data) in &self.model {
+            assert_eq!(&emu.disk_read(sector * 512, 4096), data, "sector {sector}");
+        }
+    }
+}
+
+fn used_idx(g: &Guest, q: u16) -> u16 {
+    let used = g.rings[usize::from(q)].addrs().device;
+    u16::from_le(g.mem.memory().read_obj(GuestAddress(used + 2)).unwrap())
+}
+
+#[test]
+fn forced_shadow_mode_does_blk_io_with_and_without_event_idx_and_indirect_chains() {
+    let _s = serial();
+    for (ring, indirect) in [
+        (0, false),
+        (features::bit(features::RING_EVENT_IDX), false),
+        (features::bit(features::RING_INDIRECT_DESC), true),
+        (
+            features::bit(features::RING_EVENT_IDX) | features::bit(features::RING_INDIRECT_DESC),
+            true,
+        ),
+    ] {
+        let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+        let (emu, mut dev) = open(cfg(2), None, shadowed(), &g);
+        ack(&mut dev, ring);
+        let _irq = activate(&mut g, &mut dev, 2);
+        assert_eq!(dev.data_path(), Some(DataPath::Shadow));
+        let mut d = Driver::new(indirect);
+        for round in 0..4u64 {
+            for q in 0..2 {
+                for k in 0..8 {
+                    d.submit(&mut g, q, true, round * 100 + u64::from(q) * 10 + k, k == 7);
+                }
+            }
+            d.settle(&mut g, 2);
+            for q in 0..2 {
+                for _ in 0..8 {
+                    d.submit(&mut g, q, false, 0, true);
+                }
+            }
+            d.settle(&mut g, 2);
+        }
+        d.check_disk(&emu);
+        assert!(emu.stats().requests >= 128);
+        dev.reset().unwrap();
+        assert_eq!(emu.dma_mapping_count(), 1, "shadow rings unmapped at reset");
+    }
+}
+
+/// The pages the device wrote into guest RAM, by its own DMA log.
+fn device_wrote(emu: &EmulatedFunction) -> BTreeSet<u64> {
+    emu.take_dma_writes()
+        .into_iter()
+        .filter(|&p| p < RAM)
+        .collect()
+}
+
+fn logged(dev: &Dev) -> BTreeSet<u64> {
+    dev.dirty_log()
+        .iter()
+        .flat_map(|r| (r.gpa..r.gpa + r.len).step_by(DIRTY_PAGE as usize))
+        .collect()
+}
+
+#[test]
+fn dirty_pages_logged_are_exactly_the_pages_the_device_wrote_plus_the_used_rings() {
+    let _s = serial();
+    if vdpa_bridge::host::page_size() != DIRTY_PAGE {
+        eprintln!("SKIP: the emulated device logs host pages, not {DIRTY_PAGE}-byte pages");
+        return;
+    }
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(2), None, DeviceOptions::default(), &g);
+    ack(&mut dev, features::bit(features::RING_EVENT_IDX));
+    let _irq = activate(&mut g, &mut dev, 2);
+    assert_eq!(dev.data_path(), Some(DataPath::Direct));
+    let mut d = Driver::new(false);
+    for k in 0..6 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    d.settle(&mut g, 2);
+    dev.start_dirty_log().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Shadow));
+    device_wrote(&emu);
+    assert!(logged(&dev).is_empty(), "the log starts clean");
+    // Reads on both queues write their data and status pages.
+    for q in 0..2 {
+        for _ in 0..5 {
+            d.submit(&mut g, q, false, 0, true);
+        }
+    }
+    d.settle(&mut g, 2);
+    let wrote = device_wrote(&emu);
+    let used_rings: BTreeSet<u64> = (0..2)
+        .map(|q| g.rings[q].addrs().device / DIRTY_PAGE * DIRTY_PAGE)
+        .collect();
+    let want: BTreeSet<u64> = wrote.union(&used_rings).copied().collect();
+    assert!(!wrote.is_empty());
+    assert_eq!(logged(&dev), want);
+    // Writes: the device writes only the status bytes.
+    for _ in 0..3 {
+        d.submit(&mut g, 1, true, 7, true);
+    }
+    d.settle(&mut g, 2);
+    let wrote = device_wrote(&emu);
+    let want: BTreeSet<u64> = wrote
+        .union(&[g.rings[1].addrs().device / DIRTY_PAGE * DIRTY_PAGE].into())
+        .copied()
+        .collect();
+    assert_eq!(logged(&dev), want);
+    d.check_disk(&emu);
+}
+
+#[test]
+fn dirty_logging_moves_a_running_device_with_requests_in_flight_and_loses_none() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(1), None, DeviceOptions::default(), &g);
+    ack(&mut dev, 0);
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    for k in 0..4 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    d.settle(&mut g, 1);
+    // The device holds five requests when logging starts.
+    emu.hold_requests(true);
+    for k in 10..15 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    let before = used_idx(&g, 0);
+    let t = Instant::now();
+    dev.start_dirty_log().unwrap();
+    // A device that never finishes is stopped after the drain, its
+    // requests offered again.
+    assert!(t.elapsed() >= vdpa_plugin::DRAIN, "{:?}", t.elapsed());
+    assert_eq!(dev.data_path(), Some(DataPath::Shadow));
+    assert_eq!(used_idx(&g, 0), before);
+    emu.hold_requests(false);
+    g.kicks[0].write(1).unwrap();
+    d.settle(&mut g, 1);
+    d.check_disk(&emu);
+    // The written pages' status bytes are logged.
+    let status_pages: BTreeSet<u64> = (0..5)
+        .map(|s| (Guest::buffer(0) + s * SLOT + 16) / DIRTY_PAGE * DIRTY_PAGE)
+        .collect();
+    assert!(logged(&dev).is_superset(&status_pages));
+    // And a reset of the guest brings the device back to direct mode once
+    // logging stops.
+    dev.stop_dirty_log();
+    dev.reset().unwrap();
+    ack(&mut dev, 0);
+    let _irq = activate(&mut g, &mut dev, 1);
+    assert_eq!(dev.data_path(), Some(DataPath::Direct));
+}
+
+#[test]
+fn pause_stops_all_dma_and_resume_offers_the_held_requests_again() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(2), None, shadowed(), &g);
+    ack(&mut dev, features::bit(features::RING_EVENT_IDX));
+    let _irq = activate(&mut g, &mut dev, 2);
+    let mut d = Driver::new(false);
+    for k in 0..3 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    d.settle(&mut g, 2);
+    emu.hold_requests(true);
+    for k in 20..23 {
+        d.submit(&mut g, 1, true, k, true);
+    }
+    let r = dev.pause().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Paused));
+    assert_eq!(r.held, vec![(1, 3)]);
+    assert!(r.took >= vdpa_plugin::PAUSE_DRAIN && r.took < Duration::from_secs(5));
+    // Paused: kicks, new requests and a device finishing what it held
+    // change nothing in guest memory.
+    device_wrote(&emu);
+    let used = (used_idx(&g, 0), used_idx(&g, 1));
+    d.submit(&mut g, 0, false, 0, true);
+    g.kicks[1].write(1).unwrap();
+    emu.finish_held();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(device_wrote(&emu).is_empty(), "DMA while paused");
+    assert_eq!((used_idx(&g, 0), used_idx(&g, 1)), used);
+    // The state names the held requests.
+    let st = dev.state().unwrap();
+    assert_eq!(st.queues[1].position.in_flight.len(), 3);
+    dev.resume().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Shadow));
+    d.settle(&mut g, 2);
+    d.check_disk(&emu);
+    // Pausing twice and resuming twice are harmless.
+    dev.pause().unwrap();
+    dev.pause().unwrap();
+    dev.resume().unwrap();
+    dev.resume().unwrap();
+    d.submit(&mut g, 1, false, 0, true);
+    d.settle(&mut g, 2);
+}
+
+#[test]
+fn a_direct_device_paused_resumes_on_shadow_rings() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(1), None, DeviceOptions::default(), &g);
+    ack(&mut dev, 0);
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    for k in 0..5 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    d.settle(&mut g, 1);
+    let r = dev.pause().unwrap();
+    assert!(r.held.is_empty() && r.took < vdpa_plugin::DRAIN, "{r:?}");
+    assert_eq!(dev.data_path(), Some(DataPath::Paused));
+    dev.resume().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Shadow));
+    for _ in 0..5 {
+        d.submit(&mut g, 0, false, 0, true);
+    }
+    d.settle(&mut g, 1);
+    d.check_disk(&emu);
+}
+
+#[test]
+fn ring_indices_wrap_at_65535_in_shadow_mode_and_across_a_switch() {
+    let _s = serial();
+    for policy in [ShadowPolicy::Always, ShadowPolicy::Auto] {
+        let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+        let opts = DeviceOptions {
+            shadow: policy,
+            ..DeviceOptions::default()
+        };
+        let (emu, mut dev) = open(cfg(1), None, opts, &g);
+        ack(&mut dev, features::bit(features::RING_EVENT_IDX));
+        let irq = TestInterrupt::new(1, true).unwrap();
+        let mut queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+        let start = 65530u16;
+        {
+            let mem = g.mem.memory();
+            g.rings[0].set_indices(&mem, start).unwrap();
+        }
+        use virtio_queue::QueueT;
+        queues[0].1.set_next_avail(start);
+        queues[0].1.set_next_used(start);
+        if policy == ShadowPolicy::Auto {
+            // A plain device starts at index 0: the guest's queue must too.
+            let mut q = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+            std::mem::swap(&mut queues, &mut q);
+        }
+        dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
+        let mut d = Driver::new(false);
+        if policy == ShadowPolicy::Auto {
+            // Bring the guest's indices near the wrap directly (60
+            // requests... 65530 is too many): start logging at index 3,
+            // then wrap in shadow mode below.
+            for k in 0..3 {
+                d.submit(&mut g, 0, true, k, true);
+                d.settle(&mut g, 1);
+            }
+            emu.hold_requests(true);
+            d.submit(&mut g, 0, true, 99, true);
+            dev.start_dirty_log().unwrap();
+            emu.hold_requests(false);
+            g.kicks[0].write(1).unwrap();
+            d.settle(&mut g, 1);
+        }
+        for k in 0..20u64 {
+            d.submit(&mut g, 0, k % 2 == 0, k, true);
+            if k % 3 == 0 {
+                d.settle(&mut g, 1);
+            }
+        }
+        d.settle(&mut g, 1);
+        if policy == ShadowPolicy::Always {
+            assert_eq!(used_idx(&g, 0), start.wrapping_add(20));
+        }
+        d.check_disk(&emu);
+    }
+}
+
+/// A small deterministic generator (tests must be repeatable).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+#[test]
+fn random_workloads_with_mode_switches_at_random_points_lose_and_duplicate_nothing() {
+    let _s = serial();
+    for seed in 1..=6u64 {
+        let mut rng = Lcg(seed);
+        let indirect = seed % 2 == 0;
+        let ring = if seed % 3 == 0 {
+            features::bit(features::RING_EVENT_IDX)
+        } else {
+            0
+        } | if indirect {
+            features::bit(features::RING_INDIRECT_DESC)
+        } else {
+            0
+        };
+        let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+        let (emu, mut dev) = open(cfg(2), None, DeviceOptions::default(), &g);
+        ack(&mut dev, ring);
+        let _irq = activate(&mut g, &mut dev, 2);
+        let mut d = Driver::new(indirect);
+        for step in 0..40 {
+            let hold = rng.next().is_multiple_of(3);
+            emu.hold_requests(hold);
+            for _ in 0..rng.next() % 6 {
+                let q = (rng.next() % 2) as u16;
+                if d.free_slot(q).is_some() && d.inflight.len() < 24 {
+                    let write = rng.next().is_multiple_of(2);
+                    d.submit(&mut g, q, write, rng.next(), true);
+                }
+            }
+            match rng.next() % 5 {
+                0 => dev.start_dirty_log().unwrap(),
+                1 => {
+                    dev.pause().unwrap();
+                    emu.hold_requests(false);
+                    dev.resume().unwrap();
+                }
+                2 => {
+                    let _ = dev.dirty_log();
+                }
+                _ => {}
+            }
+            emu.hold_requests(false);
+            for q in 0..2 {
+                g.kicks[q].write(1).unwrap();
+                d.reap(&mut g, q as u16);
+            }
+            if step % 8 == 7 {
+                d.settle(&mut g, 2);
+                d.check_disk(&emu);
+            }
+        }
+        d.settle(&mut g, 2);
+        d.check_disk(&emu);
+    }
+}
+
+#[test]
+fn a_guest_buffer_outside_guest_ram_is_refused_and_the_queue_goes_on() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(1), None, shadowed(), &g);
+    ack(&mut dev, 0);
+    let _irq = activate(&mut g, &mut dev, 1);
+    // A read into the shadow rings' IOVAs (the top of the device's range)
+    // and one past guest RAM.
+    for addr in [(1u64 << 48) - 0x10000, RAM - 512] {
+        let base = Guest::buffer(0);
+        let mem = g.mem.memory();
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&T_IN.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(base)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(base + 16)).unwrap();
+        let bufs = [
+            Buf {
+                addr: base,
+                len: 16,
+                write: false,
+            },
+            Buf {
+                addr,
+                len: 4096,
+                write: true,
+            },
+            Buf {
+                addr: base + 16,
+                len: 1,
+                write: true,
+            },
+        ];
+        g.rings[0].post(&mem, &bufs).unwrap();
+        g.kicks[0].write(1).unwrap();
+        let end = Instant::now() + Duration::from_secs(5);
+        let done = loop {
+            if let Some(u) = g.rings[0].pop_used(&mem).unwrap() {
+                break u;
+            }
+            assert!(Instant::now() < end, "refused request never returned");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(done.1, 0, "returned with nothing written");
+        let status: u8 = mem.read_obj(GuestAddress(base + 16)).unwrap();
+        assert_eq!(status, 0xff, "the device never saw it");
+    }
+    assert_eq!(emu.stats().requests, 0);
+    let mut d = Driver::new(false);
+    for k in 0..4 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    d.settle(&mut g, 1);
+    d.check_disk(&emu);
+}
+
+#[test]
+fn a_paused_state_restores_on_a_second_device_which_finishes_the_held_requests() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu_a, mut a) = open(cfg(1), None, DeviceOptions::default(), &g);
+    ack(&mut a, features::bit(features::RING_EVENT_IDX));
+    a.write_config(0x14, &[1]).unwrap(); // writeback, as a guest may set
+    let _irq = activate(&mut g, &mut a, 1);
+    let mut d = Driver::new(false);
+    for k in 0..3 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    d.settle(&mut g, 1);
+    emu_a.hold_requests(true);
+    for k in 30..33 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    assert!(matches!(a.state(), Err(Error::NotPaused)));
+    a.pause().unwrap();
+    let st = a.state().unwrap();
+    assert_eq!(st.queues[0].position.in_flight.len(), 3);
+    assert_eq!(st.config_writes, vec![(0x14, vec![1])]);
+    let json = serde_json::to_string(&st).unwrap();
+    drop(a);
+
+    // The destination: the saved state, then activation with the guest's
+    // queues as the VMM restores them, paused until resumed.
+    let back: DeviceState = serde_json::from_str(&json).unwrap();
+    let (emu_b, mut b) = open(cfg(1), None, DeviceOptions::default(), &g);
+    // The first three writes went to A's disk; copy them as shared storage
+    // would hold them.
+    for (sector, data) in &d.model {
+        emu_b.disk_write(sector * 512, data);
+    }
+    b.restore(&back).unwrap();
+    assert_eq!(b.acked_features(), st.acked_features);
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let queues = requeue(&g, &b);
+    b.activate(g.mem.clone(), irq, queues).unwrap();
+    assert_eq!(b.data_path(), Some(DataPath::Paused));
+    assert_eq!(emu_b.stats().requests, 0, "nothing runs before resume");
+    b.resume().unwrap();
+    d.settle(&mut g, 1);
+    d.check_disk(&emu_b);
+    assert_eq!(emu_b.stats().requests, 3);
+}
+
+/// The guest's queues as a VMM hands them over after a restore: the same
+/// rings, the memory untouched.
+fn requeue(
+    g: &Guest,
+    dev: &Dev,
+) -> Vec<(usize, virtio_queue::Queue, vmm_sys_util::eventfd::EventFd)> {
+    use virtio_queue::QueueT;
+    g.rings
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let a = r.addrs();
+            let mut q = virtio_queue::Queue::new(dev.queue_max_sizes()[i]).unwrap();
+            q.set_size(r.size());
+            q.set_desc_table_address(Some(a.desc as u32), Some((a.desc >> 32) as u32));
+            q.set_avail_ring_address(Some(a.driver as u32), Some((a.driver >> 32) as u32));
+            q.set_used_ring_address(Some(a.device as u32), Some((a.device >> 32) as u32));
+            q.set_ready(true);
+            (i, q, g.kicks[i].try_clone().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn a_restore_names_what_the_destination_device_lacks_and_changes_nothing() {
+    let _s = serial();
+    let g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (_e, mut a) = open(cfg(2), None, DeviceOptions::default(), &g);
+    ack(&mut a, features::bit(features::RING_EVENT_IDX));
+    let mut st = a.state().unwrap();
+    st.queues.push(vdpa_plugin::QueueState {
+        index: 1,
+        size: 64,
+        rings: [0x10_0000, 0x10_0400, 0x10_1000],
+        position: Default::default(),
+    });
+    // No EVENT_IDX at the destination.
+    let mask = !features::bit(features::RING_EVENT_IDX);
+    let (_e2, mut b) = open(cfg(2), Some(mask), DeviceOptions::default(), &g);
+    let e = b.restore(&st).unwrap_err().to_string();
+    assert!(e.contains("feature bit(s) 29"), "{e}");
+    assert_eq!(b.acked_features(), 0);
+    // One queue at the destination.
+    let (_e3, mut c) = open(cfg(1), None, DeviceOptions::default(), &g);
+    let e = c.restore(&st).unwrap_err().to_string();
+    assert!(e.contains("queue 1: this device has 1 queue(s)"), "{e}");
+    // Too large a queue.
+    let small = EmuConfig {
+        queue_max_size: 32,
+        ..cfg(2)
+    };
+    let (_e4, mut s) = open(small, None, DeviceOptions::default(), &g);
+    let e = s.restore(&st).unwrap_err().to_string();
+    assert!(e.contains("size 64 above this device's maximum 32"), "{e}");
+    // Another version.
+    st.version += 1;
+    let e = a.restore(&st).unwrap_err().to_string();
+    assert!(e.contains("version"), "{e}");
+}
+
+#[test]
+fn behind_a_viommu_shadow_mode_is_refused_with_the_reason() {
+    let _s = serial();
+    let g = Guest::new(RAM, RING_SIZE).unwrap();
+    let opts = DeviceOptions {
+        iommu: true,
+        ..DeviceOptions::default()
+    };
+    let (_e, mut dev) = open(cfg(1), None, opts, &g);
+    let e = dev.start_dirty_log().unwrap_err().to_string();
+    assert!(e.contains("vIOMMU"), "{e}");
+}
