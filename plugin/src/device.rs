@@ -228,6 +228,9 @@ pub struct BridgeDevice<B: VdpaOps + DmaMapper, M: GuestMemory> {
     /// Queue positions of a restored state, for the next activation,
     /// which then stays paused until `resume`.
     restored: Option<Vec<(u16, QueuePosition)>>,
+    /// After a hand-over: the DMA mappings to make again when the device
+    /// is taken back.
+    handed_over: Option<Vec<(u64, u64, u64)>>,
 }
 
 impl<B, M> BridgeDevice<B, M>
@@ -303,6 +306,7 @@ where
             log,
             logging: false,
             restored: None,
+            handed_over: None,
         })
     }
 
@@ -540,7 +544,14 @@ where
     /// Shadow rings need IOVAs the guest never uses: behind a vIOMMU the
     /// guest owns the device's whole IOVA space.
     fn shadow_possible(&self) -> Result<()> {
-        if self.opts.iommu || self.translation.is_some() {
+        // Guest buffers are given to the device at their guest-physical
+        // addresses: every mapping must be IOVA = GPA.
+        let identity = self
+            .dma
+            .mappings()
+            .iter()
+            .all(|&(iova, gpa, _)| iova == gpa);
+        if self.translation.is_some() || !identity {
             return Err(Error::Unsupported(
                 "shadow virtqueues (pause, snapshot, migration) are not supported behind a \
                  vIOMMU: the guest owns the device's whole IOVA space, leaving no address \
@@ -1041,13 +1052,96 @@ where
         Ok(())
     }
 
+    /// Let another process open the device (a migration on the same host,
+    /// where the destination takes the very device this one used): only
+    /// while paused or not active. The DMA mappings are removed (and kept
+    /// in mind) and the backend dropped, which closes the device; the
+    /// paused state stays. [`BridgeDevice::reacquire`] takes it back (a
+    /// failed migration); otherwise everything but [`BridgeDevice::state`],
+    /// `reset` and DMA unmaps fails with [`Error::Released`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotPaused`] while the device runs.
+    pub fn hand_over(&mut self) -> Result<()> {
+        if matches!(
+            self.active.as_ref().map(|a| &a.run),
+            Some(Run::Direct(_) | Run::Shadow(_))
+        ) {
+            return Err(Error::NotPaused);
+        }
+        if self.backend.is_released() {
+            return Ok(());
+        }
+        let maps = self.dma.mappings();
+        self.dma.unmap_all();
+        drop(self.backend.take());
+        self.dma.forget_all();
+        log::info!(
+            "{}: handed over ({} DMA mapping(s) to restore if taken back)",
+            self.name,
+            maps.len()
+        );
+        self.handed_over = Some(maps);
+        Ok(())
+    }
+
+    /// Whether the device was handed over and not taken back.
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.is_some()
+    }
+
+    /// Take the device back after [`BridgeDevice::hand_over`]: `backend`
+    /// (opened again) must be a device of the same type offering every
+    /// feature offered before, with the same queues. It is reset, the DMA
+    /// mappings are made again, and the device stays paused:
+    /// [`BridgeDevice::resume`] runs it.
+    ///
+    /// # Errors
+    ///
+    /// Not handed over, another device, or a mapping failed (the backend
+    /// is then dropped again and a later call may retry).
+    pub fn reacquire(&mut self, mut backend: B) -> Result<()> {
+        let Some(maps) = self.handed_over.clone() else {
+            return Err(Error::Restore("the device was not handed over".into()));
+        };
+        if backend.device_id() != self.device_type {
+            return Err(Error::Restore(format!(
+                "the device taken back is of type {}, not {}",
+                backend.device_id(),
+                self.device_type
+            )));
+        }
+        let missing = self.offered & !backend.device_features();
+        if missing != 0 || usize::from(backend.num_queues()) < self.queue_max_sizes.len() {
+            return Err(Error::Restore(format!(
+                "the device taken back lacks features {missing:#x} or queues ({} < {})",
+                backend.num_queues(),
+                self.queue_max_sizes.len()
+            )));
+        }
+        backend.reset().map_err(backend_err("reset"))?;
+        self.backend.put(backend);
+        for &(iova, gpa, size) in &maps {
+            if let Err(e) = self.dma.map(iova, gpa, size) {
+                self.dma.unmap_all();
+                drop(self.backend.take());
+                self.dma.forget_all();
+                return Err(e);
+            }
+        }
+        self.handed_over = None;
+        log::info!("{}: taken back ({} DMA mapping(s))", self.name, maps.len());
+        Ok(())
+    }
+
     fn shadow_possible_for(&self, acked: u64) -> Result<()> {
         if acked & features::bit(features::RING_PACKED) != 0 {
             return Err(Error::Restore(
                 "the state has packed rings; shadow virtqueues need split rings".into(),
             ));
         }
-        if self.opts.iommu || self.translation.is_some() {
+        if self.translation.is_some() {
             return Err(Error::Restore(
                 "shadow virtqueues are not supported behind a vIOMMU".into(),
             ));

@@ -38,6 +38,11 @@ impl<B> Slot<B> {
         self.guard().take()
     }
 
+    /// Put a backend back (a device taken back after a hand-over).
+    pub fn put(&self, backend: B) {
+        *self.guard() = Some(backend);
+    }
+
     pub fn is_released(&self) -> bool {
         self.guard().is_none()
     }

@@ -216,7 +216,7 @@ impl Driver {
                 "requests never completed: {:?}",
                 self.inflight.keys().collect::<Vec<_>>()
             );
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::yield_now();
         }
     }
 
@@ -506,6 +506,33 @@ fn ring_indices_wrap_at_65535_in_shadow_mode_and_across_a_switch() {
     }
 }
 
+#[test]
+fn the_shadow_rings_own_indices_wrap_at_65535_too() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(1), None, shadowed(), &g);
+    ack(&mut dev, features::bit(features::RING_EVENT_IDX));
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    let t = Instant::now();
+    let mut n = 0u64;
+    // The shadow ring starts at 0 whatever the guest's index: 65,536 and
+    // more requests wrap it.
+    while n < 66_000 {
+        // 16 chains of 3 fill 48 of the 64 descriptors.
+        for _ in 0..16 {
+            d.submit(&mut g, 0, n % 64 == 0, n, false);
+            n += 1;
+        }
+        g.kicks[0].write(1).unwrap();
+        d.settle(&mut g, 1);
+    }
+    assert_eq!(used_idx(&g, 0), n as u16);
+    assert_eq!(emu.stats().requests, n);
+    d.check_disk(&emu);
+    eprintln!("{n} requests through the shadow rings in {:?}", t.elapsed());
+}
+
 /// A small deterministic generator (tests must be repeatable).
 struct Lcg(u64);
 
@@ -747,7 +774,63 @@ fn behind_a_viommu_shadow_mode_is_refused_with_the_reason() {
         iommu: true,
         ..DeviceOptions::default()
     };
+    // The VMM maps guest RAM itself, identity: shadow rings are possible.
     let (_e, mut dev) = open(cfg(1), None, opts, &g);
+    dev.dma().map(0, 0, RAM).unwrap();
+    dev.start_dirty_log().unwrap();
+    dev.stop_dirty_log();
+    // The guest's IOVAs are not its physical addresses: refused.
+    dev.dma().map(1 << 32, 0, 2 * MIB).unwrap();
     let e = dev.start_dirty_log().unwrap_err().to_string();
     assert!(e.contains("vIOMMU"), "{e}");
+    // A translation (the VMM's vIOMMU) refuses too.
+    let (_e, mut dev) = open(cfg(1), None, opts, &g);
+    dev.set_address_translation(Arc::new(|gpa, _| Ok(gpa)));
+    let e = dev.start_dirty_log().unwrap_err().to_string();
+    assert!(e.contains("vIOMMU"), "{e}");
+}
+
+#[test]
+fn a_paused_device_handed_over_and_taken_back_finishes_its_requests() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(1), None, DeviceOptions::default(), &g);
+    ack(&mut dev, 0);
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    emu.hold_requests(true);
+    for k in 0..3 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    assert!(matches!(dev.hand_over(), Err(Error::NotPaused)));
+    dev.pause().unwrap();
+    dev.hand_over().unwrap();
+    assert!(dev.is_handed_over() && dev.is_released());
+    assert_eq!(
+        emu.dma_mapping_count(),
+        0,
+        "nothing mapped once handed over"
+    );
+    // The state is still there for the destination.
+    assert_eq!(dev.state().unwrap().queues[0].position.in_flight.len(), 3);
+    // The migration failed: take it back (another open of the same
+    // function) and run on.
+    emu.hold_requests(false);
+    let again = VpVdpa::open(emu.clone(), OpenOptions::default()).unwrap();
+    dev.reacquire(again).unwrap();
+    assert!(!dev.is_handed_over() && !dev.is_released());
+    assert_eq!(dev.dma().mappings(), vec![(0, 0, RAM)]);
+    dev.resume().unwrap();
+    d.settle(&mut g, 1);
+    d.check_disk(&emu);
+    // Another type of device is refused.
+    dev.pause().unwrap();
+    dev.hand_over().unwrap();
+    let other = Arc::new(EmulatedFunction::new(EmuConfig {
+        num_queues: 0,
+        ..cfg(1)
+    }));
+    if let Ok(vp) = VpVdpa::open(other, OpenOptions::default()) {
+        assert!(dev.reacquire(vp).is_err());
+    }
 }
