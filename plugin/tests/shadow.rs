@@ -521,7 +521,7 @@ fn the_shadow_rings_own_indices_wrap_at_65535_too() {
     while n < 66_000 {
         // 16 chains of 3 fill 48 of the 64 descriptors.
         for _ in 0..16 {
-            d.submit(&mut g, 0, n % 64 == 0, n, false);
+            d.submit(&mut g, 0, n.is_multiple_of(64), n, false);
             n += 1;
         }
         g.kicks[0].write(1).unwrap();
