@@ -180,8 +180,8 @@ impl Layout {
 }
 
 /// Anonymous memory for the shadow rings, DMA-mapped for the device;
-/// unmapped on drop, and kept (leaked) if the backend refuses the unmap,
-/// since the device could still write it.
+/// unmapped on drop, and kept with the backend (freed after it) if the
+/// backend refuses the unmap, since the device could still write it.
 pub(crate) struct ShadowMemory<B: DmaMapper> {
     backend: Arc<Slot<B>>,
     mem: Option<GuestMemoryMmap>,
@@ -227,7 +227,8 @@ impl<B: DmaMapper> ShadowMemory<B> {
             .with(|b| {
                 // SAFETY: the mapping stays alive while the device may use
                 // it: it is owned here, unmapped on drop before the memory
-                // is freed, and leaked when the unmap fails. It is only
+                // is freed, and kept with the backend (freed after its
+                // close) when the unmap fails. It is only
                 // accessed through vm-memory's volatile and atomic
                 // accessors.
                 unsafe { b.dma_map(Iova(iova), len, host) }
@@ -257,10 +258,12 @@ impl<B: DmaMapper> Drop for ShadowMemory<B> {
             Ok(Ok(())) | Err(_) => {}
             Ok(Err(e)) => {
                 log::error!(
-                    "shadow rings at {:#x}: unmap refused ({e}); keeping their memory",
+                    "shadow rings at {:#x}: unmap refused ({e}); their memory is kept until the device is closed",
                     self.iova
                 );
-                std::mem::forget(self.mem.take());
+                if let Some(m) = self.mem.take() {
+                    self.backend.keep(Box::new(m));
+                }
             }
         }
     }

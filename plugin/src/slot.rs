@@ -12,16 +12,28 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 
-pub(crate) struct Slot<B>(Mutex<Option<B>>);
+/// The backend, and memory the device may still reach though the bridge
+/// is done with it (a DMA unmap the backend refused): freed only after the
+/// backend, whose close removes the device's mappings (fields drop in
+/// order).
+pub(crate) struct Slot<B>(Mutex<Option<B>>, Mutex<Vec<Box<dyn Send>>>);
 
 impl<B> Slot<B> {
     pub fn new(backend: B) -> Self {
-        Slot(Mutex::new(Some(backend)))
+        Slot(Mutex::new(Some(backend)), Mutex::new(Vec::new()))
     }
 
     fn guard(&self) -> MutexGuard<'_, Option<B>> {
         // A panic elsewhere must not wedge the control path.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keep `memory` until the slot (and the backend in it) is dropped.
+    pub fn keep(&self, memory: Box<dyn Send>) {
+        self.1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(memory);
     }
 
     /// Run `f` on the backend, unless it was released.
