@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change, so a stale runner fails loudly.
-pub const MANIFEST_VERSION: u32 = 4;
+pub const MANIFEST_VERSION: u32 = 5;
 
 /// PCI vendor id of every virtio device.
 pub const VIRTIO_VENDOR_ID: u16 = 0x1af4;
@@ -45,16 +45,25 @@ pub enum Variant {
     Balloon,
     /// virtio-crypto on QEMU's builtin crypto backend.
     Crypto,
+    /// A second virtio-blk on Blk0's image (`share-rw=on`): a migration's
+    /// destination device on the same storage, and a reader from outside
+    /// the inner guest.
+    Blk0Twin,
+    /// Another virtio-blk on Blk0's image without VIRTIO_RING_F_EVENT_IDX
+    /// (`event_idx=off`): a destination that lacks a negotiated feature.
+    Blk0NoEventIdx,
 }
 
 impl Variant {
     /// Every variant, in PCI slot order.
-    pub const ALL: [Variant; 11] = [
+    pub const ALL: [Variant; 13] = [
         Variant::Blk0,
         Variant::BlkMq,
         Variant::BlkPpv,
         Variant::Legacy,
         Variant::Blk1,
+        Variant::Blk0Twin,
+        Variant::Blk0NoEventIdx,
         Variant::NetUser,
         Variant::NetMq,
         Variant::Rng,
@@ -77,6 +86,8 @@ impl Variant {
             Variant::Console => "console",
             Variant::Balloon => "balloon",
             Variant::Crypto => "crypto",
+            Variant::Blk0Twin => "blk0_twin",
+            Variant::Blk0NoEventIdx => "blk0_no_event_idx",
         }
     }
 }

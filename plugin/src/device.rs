@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vdpa_bridge::types::features;
 use vdpa_bridge::{ConfigRange, DmaMapper, DriverFeatures, NotifyArea, QueueIndex, VdpaOps};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes as _, GuestAddressSpace as _, GuestMemory, GuestMemoryAtomic};
+use vm_memory::{GuestAddressSpace as _, GuestMemory, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::activate::{self, AddressTranslation, QueueArg};
@@ -152,6 +152,12 @@ pub enum NoNotifyMapping {
     /// Kicks must go through the relay thread (`KickPolicy::Relay`).
     #[error("kicks are relayed by policy")]
     Relayed,
+    /// The device always runs on shadow rings (`ShadowPolicy::Always`),
+    /// whose relay must see every kick. (With `ShadowPolicy::Auto` a VMM
+    /// that maps the doorbells must remove the mapping before
+    /// [`BridgeDevice::start_dirty_log`] or [`BridgeDevice::pause`].)
+    #[error("the device runs on shadow rings")]
+    Shadowed,
     /// The backend has no host mapping of its doorbells that holds
     /// nothing else (the pages also hold config structures or the MSI-X
     /// table, the BAR is not mmap-able, or the backend is not PCI).
@@ -227,7 +233,7 @@ pub struct BridgeDevice<B: VdpaOps + DmaMapper, M: GuestMemory> {
     logging: bool,
     /// Queue positions of a restored state, for the next activation,
     /// which then stays paused until `resume`.
-    restored: Option<Vec<(u16, QueuePosition)>>,
+    restored: Option<Vec<QueueState>>,
     /// After a hand-over: the DMA mappings to make again when the device
     /// is taken back.
     handed_over: Option<Vec<(u64, u64, u64)>>,
@@ -390,10 +396,7 @@ where
         if self.opts.iommu || self.backend.is_released() {
             return Ok(());
         }
-        if !matches!(self.active.as_ref().map(|a| &a.run), Some(Run::Shadow(_))) {
-            // Shadow relays hold the log they were started with.
-            self.log = Arc::new(DirtyLog::for_memory(&*self.dma.guest_memory().memory()));
-        }
+        self.log.cover(&*self.dma.guest_memory().memory());
         self.dma.map_guest_memory()
     }
 
@@ -476,20 +479,28 @@ where
         self.shadow_possible()?;
         let qidx = activate::check_queues(&queues, &self.queue_max_sizes, self.acked)?;
         activate::check_rings(&queues, &*mem.memory(), self.acked)?;
-        let restored = self.restored.take();
-        let positions: Vec<(u16, QueuePosition)> = match &restored {
-            Some(saved) => qidx
+        let restored = self.restored.is_some();
+        let positions: Vec<(u16, QueuePosition)> = match &self.restored {
+            Some(saved) => queues
                 .iter()
-                .map(|&i| {
-                    saved
-                        .iter()
-                        .find(|(q, _)| *q == i)
-                        .map(|(_, p)| (i, p.clone()))
-                        .ok_or_else(|| {
-                            Error::Restore(format!(
-                                "queue {i} is activated but was not in the saved state"
-                            ))
-                        })
+                .zip(&qidx)
+                .map(|((_, q, _), &i)| {
+                    let s = saved.iter().find(|s| s.index == i).ok_or_else(|| {
+                        Error::Restore(format!(
+                            "queue {i} is activated but was not in the saved state"
+                        ))
+                    })?;
+                    let rings = [q.desc_table(), q.avail_ring(), q.used_ring()];
+                    if s.size != q.size() || s.rings != rings {
+                        return Err(Error::Restore(format!(
+                            "queue {i}: size {} and rings {rings:x?} differ from the saved \
+                             size {} and rings {:x?}",
+                            q.size(),
+                            s.size,
+                            s.rings
+                        )));
+                    }
+                    Ok((i, s.position.clone()))
                 })
                 .collect::<Result<_>>()?,
             None => queues
@@ -519,7 +530,7 @@ where
             mem,
             interrupt,
         };
-        if restored.is_none() {
+        if !restored {
             if let Run::Paused(p) = std::mem::replace(&mut a.run, Run::Direct(None)) {
                 match self.start_shadow(&a, p) {
                     Ok(s) => a.run = Run::Shadow(s),
@@ -532,6 +543,7 @@ where
                 }
             }
         } else {
+            self.restored = None;
             log::info!(
                 "{}: activated from a saved state, paused until resumed",
                 self.name
@@ -583,7 +595,12 @@ where
                 .iter()
                 .find(|(i, _)| *i == index)
                 .map(|(_, p)| p.clone())
-                .unwrap_or_default();
+                .ok_or_else(|| {
+                    Error::Shadow(format!(
+                        "queue {index}: where the guest's ring stands is not known \
+                         (the device could not be stopped cleanly); reset the device"
+                    ))
+                })?;
             queues.push(ShadowQueueArg {
                 index,
                 guest: shadow::copy_queue(q)?,
@@ -645,11 +662,12 @@ where
                 let _ = b.kick(QueueIndex(q));
             }
         })?;
-        // Busy: a waited queue still holds requests, or a queue holds
-        // requests completed out of order (which the rings cannot name).
-        // Past the drain, a waited queue completed in order is stopped
-        // with its requests (offered again).
-        let settled = |m: &M, late: bool| -> std::result::Result<Option<(u16, usize)>, Error> {
+        // Per queue, the used index up to which the device completed in
+        // an order the rings can tell (all it was given, or in order), or
+        // the queue still busy. Past the drain a waited queue completed in
+        // order is stopped with its requests (offered again).
+        let known = |m: &M, late: bool| -> Result<std::result::Result<Vec<u16>, (u16, usize)>> {
+            let mut marks = Vec::with_capacity(idx.len());
             for (&i, (_, q, _)) in idx.iter().zip(&a.queues) {
                 let (avail, used, held) = shadow::guest_in_flight(q, m)
                     .map_err(|e| Error::Shadow(format!("queue {i}: {e}")))?;
@@ -659,76 +677,63 @@ where
                     held.is_none()
                 };
                 if busy {
-                    return Ok(Some((i, usize::from(avail.wrapping_sub(used)))));
+                    return Ok(Err((i, usize::from(avail.wrapping_sub(used)))));
                 }
+                marks.push(used);
             }
-            Ok(None)
+            Ok(Ok(marks))
         };
         let start = std::time::Instant::now();
-        let mut busy = settled(&a.mem.memory(), false);
-        while matches!(busy, Ok(Some(_))) && start.elapsed() < release::DRAIN {
+        let mut state = known(&a.mem.memory(), false);
+        while matches!(state, Ok(Err(_))) && start.elapsed() < release::DRAIN {
             std::thread::sleep(std::time::Duration::from_millis(1));
-            busy = settled(&a.mem.memory(), false);
+            state = known(&a.mem.memory(), false);
         }
-        if matches!(busy, Ok(Some(_))) {
-            busy = settled(&a.mem.memory(), true);
+        if matches!(state, Ok(Err(_))) {
+            state = known(&a.mem.memory(), true);
         }
-        match busy {
-            Ok(None) => {}
+        let marks = match state {
+            Ok(Ok(m)) => m,
             other => {
                 let why = match other {
-                    Ok(Some((q, n))) => format!(
+                    Ok(Err((q, n))) => format!(
                         "queue {q}: the device still holds {n} request(s) after {:?}, \
                          completed out of order",
                         release::DRAIN
                     ),
                     Err(e) => e.to_string(),
-                    Ok(None) => unreachable!(),
+                    Ok(Ok(_)) => unreachable!(),
                 };
                 // Back to running directly.
                 self.rewire_direct(a)?;
                 return Err(Error::Shadow(format!("cannot stop the device: {why}")));
             }
+        };
+        let reset = self.backend.with(|b| b.reset())?;
+        // Completions on a vector the relay fanned out raised nothing since
+        // the relay stopped: one interrupt per queue lets the guest see
+        // them (a spurious one costs it a look at its used ring).
+        for &q in &idx {
+            if let Err(e) = a.interrupt.trigger(InterruptType::Queue(q)) {
+                log::warn!(
+                    "{}: queue {q}: interrupt after the stop failed: {e}",
+                    self.name
+                );
+            }
         }
-        if let Err(e) = self.backend.with(|b| b.reset())? {
+        // Stopped (or not even resettable): the guest's rings can no longer
+        // be driven directly. Without positions a resume refuses to run.
+        a.run = Run::Paused(Vec::new());
+        if let Err(e) = reset {
             return Err(backend_err("reset")(e));
         }
         let m = a.mem.memory();
         let mut positions = Vec::with_capacity(nq);
-        for (&i, (_, q, _)) in idx.iter().zip(&a.queues) {
-            let (avail, used, held) = shadow::guest_in_flight(q, &*m)
-                .map_err(|e| Error::Shadow(format!("queue {i}: {e}")))?;
-            let in_flight = match held {
-                Some(h) => h,
-                None => {
-                    // Completed out of order while it was stopped: the
-                    // heads between used and avail are the best guess.
-                    log::error!(
-                        "{}: queue {i}: the device completed out of order while stopping; \
-                         offering available positions {used}..{avail} again",
-                        self.name
-                    );
-                    let mut h = Vec::new();
-                    for k in 0..avail.wrapping_sub(used) {
-                        let p = used.wrapping_add(k) % q.size().max(1);
-                        let at = q.avail_ring() + 4 + 2 * u64::from(p);
-                        h.push(
-                            m.read_obj::<u16>(vm_memory::GuestAddress(at))
-                                .map(u16::from_le)
-                                .unwrap_or(0),
-                        );
-                    }
-                    h
-                }
-            };
-            positions.push((
-                i,
-                QueuePosition {
-                    next_avail: avail,
-                    next_used: used,
-                    in_flight,
-                },
-            ));
+        for ((&i, (_, q, _)), &mark) in idx.iter().zip(&a.queues).zip(&marks) {
+            let p = shadow::held_since(q, &*m, mark).map_err(|e| {
+                Error::Shadow(format!("queue {i}: which requests the device held: {e}"))
+            })?;
+            positions.push((i, p));
         }
         Ok(positions)
     }
@@ -807,9 +812,20 @@ where
                 let mut stopped = s.stop();
                 let (dt, nq, acked) = (self.device_type, a.queues.len(), self.acked);
                 stopped.drain(|q| shadow::waited(dt, q, nq, acked), shadow::PAUSE_DRAIN);
-                match self.backend.with(|b| b.reset())? {
-                    Ok(()) => Ok(stopped.finish()),
-                    Err(e) => Err(backend_err("reset")(e)),
+                let reset = self.backend.with(|b| b.reset());
+                // The rings are unmapped (or kept) here: a device that
+                // could not be reset loses access to them.
+                let p = stopped.finish();
+                match reset {
+                    Ok(Ok(())) => Ok(p),
+                    Ok(Err(e)) => {
+                        a.run = Run::Paused(p);
+                        Err(backend_err("reset")(e))
+                    }
+                    Err(e) => {
+                        a.run = Run::Paused(p);
+                        Err(e)
+                    }
                 }
             }
         };
@@ -884,6 +900,8 @@ where
     /// stopped (it then keeps running directly and nothing is logged).
     pub fn start_dirty_log(&mut self) -> Result<()> {
         self.shadow_possible()?;
+        // Memory the VMM added since (it may map guest memory itself).
+        self.log.cover(&*self.dma.guest_memory().memory());
         self.log.take();
         self.logging = true;
         let Some(mut a) = self.active.take() else {
@@ -900,6 +918,9 @@ where
                         }
                         Err(e) => {
                             // Stopped: a resume tries again.
+                            if let Ok(Err(r)) = self.backend.with(|b| b.reset()) {
+                                log::error!("{}: reset after a failed switch: {r}", self.name);
+                            }
                             a.run = Run::Paused(p);
                             Err(e)
                         }
@@ -1042,13 +1063,7 @@ where
         }
         self.acked = state.acked_features;
         self.config_writes = state.config_writes.clone();
-        self.restored = (!state.queues.is_empty()).then(|| {
-            state
-                .queues
-                .iter()
-                .map(|q| (q.index, q.position.clone()))
-                .collect()
-        });
+        self.restored = (!state.queues.is_empty()).then(|| state.queues.clone());
         Ok(())
     }
 
@@ -1223,6 +1238,7 @@ where
         };
         // The shadow rings go once the device cannot use them.
         drop(shadow);
+        self.backend.retry_kept();
         r
     }
 
@@ -1504,6 +1520,9 @@ where
         if self.opts.kick == KickPolicy::Relay {
             return Err(NoNotifyMapping::Relayed);
         }
+        if self.opts.shadow == ShadowPolicy::Always {
+            return Err(NoNotifyMapping::Shadowed);
+        }
         let pages = self
             .backend
             .with(|b| b.notification_pages())
@@ -1563,6 +1582,7 @@ impl<B: VdpaOps + DmaMapper, M: GuestMemory> Drop for BridgeDevice<B, M> {
             log::warn!("reset on drop failed: {e}");
         }
         drop(shadow);
+        self.backend.retry_kept();
         self.dma.unmap_all();
     }
 }

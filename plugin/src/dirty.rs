@@ -2,15 +2,18 @@
 //! migration (see [`crate::BridgeDevice::start_dirty_log`]).
 //!
 //! One bit per 4 KiB page of each guest memory region, set with atomic
-//! `fetch_or` by the shadow relay (no lock on the data path) and taken
-//! with `swap(0)` by the VMM's migration thread. 4 KiB is the granularity
-//! of Cloud Hypervisor's own dirty log whatever the host's page size.
+//! `fetch_or` by the shadow relay and taken with `swap(0)` by the VMM's
+//! migration thread; the region list sits behind a read-write lock that
+//! only memory hotplug takes for writing (the relay's read lock is never
+//! contended otherwise). 4 KiB is the granularity of Cloud Hypervisor's
+//! own dirty log whatever the host's page size.
 //!
 //! vm-memory's `AtomicBitmap` tracks writes made *through* a
 //! `GuestMemoryMmap`; the device's DMA bypasses it, so the bridge keeps
 //! its own log of what it let the device write.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use vm_memory::{GuestMemory, GuestMemoryRegion};
 
@@ -34,7 +37,7 @@ struct Region {
 
 /// Dirty bits over guest memory.
 pub(crate) struct DirtyLog {
-    regions: Vec<Region>,
+    regions: RwLock<Vec<Region>>,
     /// Marks that fell outside every region (a buffer the relay refused
     /// does not reach here; this counts what should never happen).
     outside: AtomicU64,
@@ -43,24 +46,36 @@ pub(crate) struct DirtyLog {
 impl DirtyLog {
     /// A clean log covering every region of `mem`.
     pub fn for_memory<M: GuestMemory>(mem: &M) -> DirtyLog {
-        let mut regions: Vec<Region> = mem
-            .iter()
-            .map(|r| {
-                let len = r.len();
-                let pages = len.div_ceil(DIRTY_PAGE);
-                let words = usize::try_from(pages.div_ceil(64)).unwrap_or(0);
-                Region {
-                    start: r.start_addr().0,
-                    len,
-                    bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
-                }
-            })
-            .collect();
-        regions.sort_by_key(|r| r.start);
-        DirtyLog {
-            regions,
+        let log = DirtyLog {
+            regions: RwLock::new(Vec::new()),
             outside: AtomicU64::new(0),
+        };
+        log.cover(mem);
+        log
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Vec<Region>> {
+        self.regions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cover every region of `mem` too (memory added since), keeping the
+    /// bits of the regions covered already.
+    pub fn cover<M: GuestMemory>(&self, mem: &M) {
+        let mut regions = self.regions.write().unwrap_or_else(|p| p.into_inner());
+        for r in mem.iter() {
+            let (start, len) = (r.start_addr().0, r.len());
+            if regions.iter().any(|k| k.start == start && k.len == len) {
+                continue;
+            }
+            let pages = len.div_ceil(DIRTY_PAGE);
+            let words = usize::try_from(pages.div_ceil(64)).unwrap_or(0);
+            regions.push(Region {
+                start,
+                len,
+                bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            });
         }
+        regions.sort_by_key(|r| r.start);
     }
 
     /// Mark `[gpa, gpa + len)` dirty (nothing for `len` 0).
@@ -72,11 +87,12 @@ impl DirtyLog {
             self.outside.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        let regions = self.read();
         let mut at = gpa;
         // A range may span adjacent regions.
         while at <= last {
-            let i = self.regions.partition_point(|r| r.start <= at);
-            let Some(r) = i.checked_sub(1).and_then(|i| self.regions.get(i)) else {
+            let i = regions.partition_point(|r| r.start <= at);
+            let Some(r) = i.checked_sub(1).and_then(|i| regions.get(i)) else {
                 self.outside.fetch_add(1, Ordering::Relaxed);
                 return;
             };
@@ -102,7 +118,7 @@ impl DirtyLog {
     /// Take the dirty ranges (merged, ascending) and clear them.
     pub fn take(&self) -> Vec<DirtyRange> {
         let mut out: Vec<DirtyRange> = Vec::new();
-        for r in &self.regions {
+        for r in self.read().iter() {
             for (w, word) in r.bits.iter().enumerate() {
                 let mut v = word.swap(0, Ordering::AcqRel);
                 while v != 0 {
@@ -166,6 +182,34 @@ mod tests {
         );
         assert!(l.take().is_empty());
         assert_eq!(l.outside(), 0);
+    }
+
+    #[test]
+    fn memory_added_later_is_covered_and_earlier_bits_kept() {
+        let l = log();
+        l.mark(0x5000, 1);
+        l.mark(0x200000, 1);
+        assert_eq!(l.outside(), 1);
+        let more: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x200000), 0x1000),
+        ])
+        .unwrap();
+        l.cover(&more);
+        l.mark(0x200000, 1);
+        assert_eq!(
+            l.take(),
+            vec![
+                DirtyRange {
+                    gpa: 0x5000,
+                    len: 0x1000
+                },
+                DirtyRange {
+                    gpa: 0x200000,
+                    len: 0x1000
+                },
+            ]
+        );
     }
 
     #[test]

@@ -262,7 +262,7 @@ impl<B: DmaMapper> Drop for ShadowMemory<B> {
                     self.iova
                 );
                 if let Some(m) = self.mem.take() {
-                    self.backend.keep(Box::new(m));
+                    self.backend.keep(self.iova, self.len, Box::new(m));
                 }
             }
         }
@@ -358,8 +358,9 @@ impl ShadowQueue {
         let mut held: Vec<&Pending> = self.pending.iter().filter(|p| p.in_use).collect();
         held.sort_by_key(|p| p.seq);
         let mut in_flight: Vec<u16> = held.iter().map(|p| p.guest_head).collect();
-        in_flight.extend(self.replay.iter().copied());
+        // The stash is older than what is left to replay.
         in_flight.extend(self.stash);
+        in_flight.extend(self.replay.iter().copied());
         QueuePosition {
             next_avail: self.guest.next_avail(),
             next_used: self.guest.next_used(),
@@ -367,14 +368,38 @@ impl ShadowQueue {
         }
     }
 
+    /// The next guest request to offer: the one that waited for room,
+    /// then those to offer again, then new ones.
     fn next_guest_head<M: GuestMemory>(&mut self, mem: &M) -> Option<u16> {
-        if let Some(h) = self.replay.pop_front() {
-            return Some(h);
-        }
         if let Some(h) = self.stash.take() {
             return Some(h);
         }
+        if let Some(h) = self.replay.pop_front() {
+            return Some(h);
+        }
         self.guest.pop_descriptor_chain(mem).map(|c| c.head_index())
+    }
+
+    /// The guest's avail index is more than a ring ahead of what was taken
+    /// (virtio-queue then pops nothing, while its notification check keeps
+    /// reporting more): the queue is broken.
+    fn avail_too_far<M: GuestMemory>(&mut self, mem: &M) -> bool {
+        let next = self.guest.next_avail();
+        match self.guest.avail_idx(mem, Ordering::Acquire) {
+            Ok(a) if a.0.wrapping_sub(next) > self.guest.size() => {
+                self.fail(format!(
+                    "the guest's avail index {} is more than {} ahead of {next}",
+                    a.0,
+                    self.guest.size()
+                ));
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                self.fail(format!("the guest's avail index is unreadable: {e}"));
+                true
+            }
+        }
     }
 
     /// Offer the guest's available requests to the device; returns whether
@@ -394,8 +419,11 @@ impl ShadowQueue {
         // would on the guest's rings.
         let mut ring = kicked;
         loop {
+            let taken = self.guest.next_avail();
             let added = self.fill(mem, smem, log, &mut irq);
             if added > 0 || std::mem::take(&mut ring) {
+                // The shadow ring's index store before the doorbell write.
+                fence(Ordering::SeqCst);
                 if let Err(e) = self.doorbell.ring(u32::from(self.avail_idx)) {
                     log::warn!("shadow queue {}: doorbell write failed: {e}", self.index);
                 }
@@ -406,6 +434,18 @@ impl ShadowQueue {
             // EVENT_IDX: tell the guest to kick for what comes next; a
             // request published meanwhile is taken now.
             match self.guest.enable_notification(mem) {
+                // Nothing taken although more is reported: an index the
+                // ring cannot hold (the queue breaks), never a reason to
+                // spin.
+                Ok(true) if self.guest.next_avail() == taken && added == 0 => {
+                    if !self.avail_too_far(mem) {
+                        log::warn!(
+                            "shadow queue {}: the guest's ring cannot be read",
+                            self.index
+                        );
+                    }
+                    break;
+                }
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -755,90 +795,104 @@ where
             base += len.next_multiple_of(page);
         }
         let acked = plan.acked;
-        let (queues, vectors) = backend.with(|b| -> Result<_> {
-            crate::activate::negotiate(b, acked)?;
-            for (off, data) in &plan.config_writes {
-                let range = vdpa_bridge::ConfigRange::new(*off, data.len(), b.config_size())?;
-                b.write_device_config(range, data)
-                    .map_err(backend_err("write config (replay)"))?;
-            }
-            let mut queues = Vec::with_capacity(plan.queues.len());
-            for (arg, l) in plan.queues.into_iter().zip(&layouts) {
-                let qi = QueueIndex(arg.index);
-                b.set_vring_num(qi, l.size)
-                    .map_err(backend_err("set_vring_num"))?;
-                b.set_vring_addr(
-                    qi,
-                    vdpa_bridge::types::VringAddrs {
-                        desc: l.desc,
-                        driver: l.avail,
-                        device: l.used,
-                    },
-                )
-                .map_err(backend_err("set_vring_addr"))?;
-                b.set_vring_base(qi, 0)
-                    .map_err(backend_err("set_vring_base"))?;
-                b.set_vring_kick(qi, None)
-                    .map_err(backend_err("detach kick eventfd"))?;
-                let doorbell = b.doorbell(qi).map_err(backend_err("doorbell"))?;
-                let notifier = plan.interrupt.notifier(InterruptType::Queue(arg.index));
-                queues.push(ShadowQueue::new(arg, *l, doorbell, notifier, acked));
-            }
-            let vectors = wire_vectors(b, &plan.interrupt, &queues)?;
-            for q in 0..b.num_queues() {
-                if !queues.iter().any(|s| s.index == q) {
-                    b.set_vring_call(QueueIndex(q), None)
-                        .map_err(backend_err("detach call eventfd"))?;
+        // From here on the device may use the shadow rings: on an error it
+        // is reset before their memory goes.
+        let launched = (|| -> Result<(Stopper, Receiver<Run<M>>)> {
+            let (queues, vectors) = backend.with(|b| -> Result<_> {
+                crate::activate::negotiate(b, acked)?;
+                for (off, data) in &plan.config_writes {
+                    let range = vdpa_bridge::ConfigRange::new(*off, data.len(), b.config_size())?;
+                    b.write_device_config(range, data)
+                        .map_err(backend_err("write config (replay)"))?;
                 }
-            }
-            for q in &queues {
-                b.set_vring_enable(QueueIndex(q.index), true)
-                    .map_err(backend_err("set_vring_enable"))?;
-            }
-            crate::activate::driver_ok(b)?;
-            Ok((queues, vectors))
-        })??;
-        let run = Run {
-            queues,
-            vectors,
-            smem,
-            mem: plan.mem,
-            log: plan.log,
-            interrupt: plan.interrupt,
-        };
-        let fds: Vec<&EventFd> = run
-            .queues
-            .iter()
-            .map(|q| &q.kick)
-            .chain(run.vectors.iter().map(|v| &v.fd))
-            .collect();
-        let (epoll, stop) = Stopper::epoll(&fds)?;
-        let (tx, back) = sync_channel(1);
-        let nq = run.queues.len();
-        let stop = stop.spawn(
-            name,
-            ThreadRole::Relay,
-            hook,
-            move |epoll, stopping| {
-                let mut run = run;
-                // What the guest made available before the device ran:
-                // the requests it held (offered again) and new ones.
-                for i in 0..nq {
-                    run.on_kick(i);
+                let mut queues = Vec::with_capacity(plan.queues.len());
+                for (arg, l) in plan.queues.into_iter().zip(&layouts) {
+                    let qi = QueueIndex(arg.index);
+                    b.set_vring_num(qi, l.size)
+                        .map_err(backend_err("set_vring_num"))?;
+                    b.set_vring_addr(
+                        qi,
+                        vdpa_bridge::types::VringAddrs {
+                            desc: l.desc,
+                            driver: l.avail,
+                            device: l.used,
+                        },
+                    )
+                    .map_err(backend_err("set_vring_addr"))?;
+                    b.set_vring_base(qi, 0)
+                        .map_err(backend_err("set_vring_base"))?;
+                    b.set_vring_kick(qi, None)
+                        .map_err(backend_err("detach kick eventfd"))?;
+                    let doorbell = b.doorbell(qi).map_err(backend_err("doorbell"))?;
+                    let notifier = plan.interrupt.notifier(InterruptType::Queue(arg.index));
+                    queues.push(ShadowQueue::new(arg, *l, doorbell, notifier, acked));
                 }
-                run.reap_all();
-                wait_loop(&epoll, stopping, |t| {
-                    if t < nq {
-                        run.on_kick(t);
-                    } else {
-                        run.on_vector(t - nq);
+                let vectors = wire_vectors(b, &plan.interrupt, &queues)?;
+                for q in 0..b.num_queues() {
+                    if !queues.iter().any(|s| s.index == q) {
+                        b.set_vring_call(QueueIndex(q), None)
+                            .map_err(backend_err("detach call eventfd"))?;
                     }
-                });
-                let _ = tx.send(run);
-            },
-            epoll,
-        )?;
-        Ok(Shadow { stop, back, memory })
+                }
+                for q in &queues {
+                    b.set_vring_enable(QueueIndex(q.index), true)
+                        .map_err(backend_err("set_vring_enable"))?;
+                }
+                crate::activate::driver_ok(b)?;
+                Ok((queues, vectors))
+            })??;
+            let run = Run {
+                queues,
+                vectors,
+                smem,
+                mem: plan.mem,
+                log: plan.log,
+                interrupt: plan.interrupt,
+            };
+            let fds: Vec<&EventFd> = run
+                .queues
+                .iter()
+                .map(|q| &q.kick)
+                .chain(run.vectors.iter().map(|v| &v.fd))
+                .collect();
+            let (epoll, stop) = Stopper::epoll(&fds)?;
+            let (tx, back) = sync_channel(1);
+            let nq = run.queues.len();
+            let stop = stop.spawn(
+                name,
+                ThreadRole::Relay,
+                hook,
+                move |epoll, stopping| {
+                    let mut run = run;
+                    // What the guest made available before the device ran:
+                    // the requests it held (offered again) and new ones.
+                    for i in 0..nq {
+                        run.on_kick(i);
+                    }
+                    run.reap_all();
+                    wait_loop(&epoll, stopping, |t| {
+                        if t < nq {
+                            run.on_kick(t);
+                        } else {
+                            run.on_vector(t - nq);
+                        }
+                    });
+                    let _ = tx.send(run);
+                },
+                epoll,
+            )?;
+            Ok((stop, back))
+        })();
+        match launched {
+            Ok((stop, back)) => Ok(Shadow { stop, back, memory }),
+            Err(e) => {
+                if let Ok(Err(r)) = backend.with(|b| b.reset()) {
+                    log::error!("reset after a failed start on shadow rings failed: {r}");
+                }
+                drop(memory);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -1002,8 +1056,10 @@ pub(crate) fn guest_in_flight<M: GuestMemory>(
     let slot = |ring: u64, p: u16, width: u64| ring + 4 + width * u64::from(p % size);
     let read16 = |a: u64| mem.read_obj::<u16>(GuestAddress(a)).map(u16::from_le);
     let read32 = |a: u64| mem.read_obj::<u32>(GuestAddress(a)).map(u32::from_le);
-    // The completed positions whose available slots are not overwritten.
-    let k = size - n;
+    // The completed positions whose available slots are not overwritten:
+    // the slot of `avail - size` is the one the guest fills next, maybe
+    // being written now, so it is not compared.
+    let k = (size - n).saturating_sub(1);
     for back in 1..=k {
         let p = used.wrapping_sub(back);
         let a = read16(slot(q.avail_ring(), p, 2)).map_err(|e| e.to_string())?;
@@ -1018,6 +1074,58 @@ pub(crate) fn guest_in_flight<M: GuestMemory>(
         heads.push(read16(slot(q.avail_ring(), p, 2)).map_err(|e| e.to_string())?);
     }
     Ok((avail, used, Some(heads)))
+}
+
+/// Where queue `q` stands once its device was stopped, given that up to
+/// used index `mark` the device completed exactly what it was given in
+/// available order (all of it, or in order): it holds the requests
+/// available from `mark` on that it has not completed since.
+pub(crate) fn held_since<M: GuestMemory>(
+    q: &Queue,
+    mem: &M,
+    mark: u16,
+) -> std::result::Result<QueuePosition, String> {
+    let avail = q
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(|e| format!("avail index unreadable: {e}"))?
+        .0;
+    let used = q
+        .used_idx(mem, Ordering::Acquire)
+        .map_err(|e| format!("used index unreadable: {e}"))?
+        .0;
+    let size = q.size();
+    let (given, done) = (avail.wrapping_sub(mark), used.wrapping_sub(mark));
+    if given > size || done > given {
+        return Err(format!(
+            "avail index {avail} and used index {used} from {mark} on do not fit a queue of {size}"
+        ));
+    }
+    let read16 = |a: u64| mem.read_obj::<u16>(GuestAddress(a)).map(u16::from_le);
+    let read32 = |a: u64| mem.read_obj::<u32>(GuestAddress(a)).map(u32::from_le);
+    let mut held = Vec::with_capacity(usize::from(given));
+    for i in 0..given {
+        let p = mark.wrapping_add(i) % size;
+        held.push(read16(q.avail_ring() + 4 + 2 * u64::from(p)).map_err(|e| e.to_string())?);
+    }
+    for j in 0..done {
+        let p = mark.wrapping_add(j) % size;
+        let id = read32(q.used_ring() + 4 + 8 * u64::from(p)).map_err(|e| e.to_string())?;
+        match held.iter().position(|&h| u32::from(h) == id) {
+            Some(k) => {
+                held.remove(k);
+            }
+            None => {
+                return Err(format!(
+                    "the device completed request {id}, which it was not given"
+                ))
+            }
+        }
+    }
+    Ok(QueuePosition {
+        next_avail: avail,
+        next_used: used,
+        in_flight: held,
+    })
 }
 
 /// Whether a queue is waited for when the device is stopped: a network

@@ -16,7 +16,15 @@ use crate::error::{Error, Result};
 /// is done with it (a DMA unmap the backend refused): freed only after the
 /// backend, whose close removes the device's mappings (fields drop in
 /// order).
-pub(crate) struct Slot<B>(Mutex<Option<B>>, Mutex<Vec<Box<dyn Send>>>);
+pub(crate) struct Slot<B>(Mutex<Option<B>>, Mutex<Vec<Kept>>);
+
+/// Memory whose DMA mapping at `iova` (`len` bytes) the backend refused
+/// to remove.
+struct Kept {
+    iova: u64,
+    len: u64,
+    _memory: Box<dyn Send>,
+}
 
 impl<B> Slot<B> {
     pub fn new(backend: B) -> Self {
@@ -28,12 +36,15 @@ impl<B> Slot<B> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keep `memory` until the slot (and the backend in it) is dropped.
-    pub fn keep(&self, memory: Box<dyn Send>) {
-        self.1
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(memory);
+    /// Keep `memory`, mapped for the device at `iova` (`len` bytes),
+    /// until its unmap succeeds ([`Slot::retry_kept`]) or the slot (and the
+    /// backend in it) is dropped.
+    pub fn keep(&self, iova: u64, len: u64, memory: Box<dyn Send>) {
+        self.1.lock().unwrap_or_else(|p| p.into_inner()).push(Kept {
+            iova,
+            len,
+            _memory: memory,
+        });
     }
 
     /// Run `f` on the backend, unless it was released.
@@ -53,6 +64,20 @@ impl<B> Slot<B> {
     /// Put a backend back (a device taken back after a hand-over).
     pub fn put(&self, backend: B) {
         *self.guard() = Some(backend);
+    }
+
+    /// Try the refused unmaps again; memory whose unmap succeeds is freed.
+    /// Once the backend is gone its mappings went with it: all is freed.
+    pub fn retry_kept(&self)
+    where
+        B: vdpa_bridge::DmaMapper,
+    {
+        let backend = self.guard();
+        let mut kept = self.1.lock().unwrap_or_else(|p| p.into_inner());
+        match backend.as_ref() {
+            None => kept.clear(),
+            Some(b) => kept.retain(|k| b.dma_unmap(vdpa_bridge::Iova(k.iova), k.len).is_err()),
+        }
     }
 
     pub fn is_released(&self) -> bool {

@@ -452,58 +452,68 @@ fn a_direct_device_paused_resumes_on_shadow_rings() {
 #[test]
 fn ring_indices_wrap_at_65535_in_shadow_mode_and_across_a_switch() {
     let _s = serial();
-    for policy in [ShadowPolicy::Always, ShadowPolicy::Auto] {
-        let mut g = Guest::new(RAM, RING_SIZE).unwrap();
-        let opts = DeviceOptions {
-            shadow: policy,
-            ..DeviceOptions::default()
-        };
-        let (emu, mut dev) = open(cfg(1), None, opts, &g);
-        ack(&mut dev, features::bit(features::RING_EVENT_IDX));
-        let irq = TestInterrupt::new(1, true).unwrap();
-        let mut queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-        let start = 65530u16;
-        {
-            let mem = g.mem.memory();
-            g.rings[0].set_indices(&mem, start).unwrap();
-        }
-        use virtio_queue::QueueT;
-        queues[0].1.set_next_avail(start);
-        queues[0].1.set_next_used(start);
-        if policy == ShadowPolicy::Auto {
-            // A plain device starts at index 0: the guest's queue must too.
-            let mut q = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
-            std::mem::swap(&mut queues, &mut q);
-        }
-        dev.activate(g.mem.clone(), irq.clone(), queues).unwrap();
-        let mut d = Driver::new(false);
-        if policy == ShadowPolicy::Auto {
-            // Bring the guest's indices near the wrap directly (60
-            // requests... 65530 is too many): start logging at index 3,
-            // then wrap in shadow mode below.
-            for k in 0..3 {
-                d.submit(&mut g, 0, true, k, true);
-                d.settle(&mut g, 1);
-            }
-            emu.hold_requests(true);
-            d.submit(&mut g, 0, true, 99, true);
-            dev.start_dirty_log().unwrap();
-            emu.hold_requests(false);
-            g.kicks[0].write(1).unwrap();
+    // Shadow rings from the start, the guest's queue at 65530 (a restored
+    // guest's may be anywhere).
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(1), None, shadowed(), &g);
+    ack(&mut dev, features::bit(features::RING_EVENT_IDX));
+    let irq = TestInterrupt::new(1, true).unwrap();
+    let mut queues = g.queues(1, dev.queue_max_sizes()[0]).unwrap();
+    let start = 65530u16;
+    {
+        let mem = g.mem.memory();
+        g.rings[0].set_indices(&mem, start).unwrap();
+    }
+    use virtio_queue::QueueT;
+    queues[0].1.set_next_avail(start);
+    queues[0].1.set_next_used(start);
+    dev.activate(g.mem.clone(), irq, queues).unwrap();
+    let mut d = Driver::new(false);
+    for k in 0..20u64 {
+        d.submit(&mut g, 0, k % 2 == 0, k, true);
+        if k % 3 == 0 {
             d.settle(&mut g, 1);
         }
-        for k in 0..20u64 {
-            d.submit(&mut g, 0, k % 2 == 0, k, true);
-            if k % 3 == 0 {
-                d.settle(&mut g, 1);
-            }
+    }
+    d.settle(&mut g, 1);
+    assert_eq!(used_idx(&g, 0), start.wrapping_add(20));
+    d.check_disk(&emu);
+
+    // Directly up to just before the wrap (a plain device starts at 0),
+    // then moved to shadow rings with requests held, across the wrap.
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(1), None, DeviceOptions::default(), &g);
+    ack(&mut dev, features::bit(features::RING_EVENT_IDX));
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    let mut n = 0u64;
+    while n < 65_520 {
+        for _ in 0..16 {
+            d.submit(&mut g, 0, n.is_multiple_of(512), n, false);
+            n += 1;
+        }
+        g.kicks[0].write(1).unwrap();
+        d.settle(&mut g, 1);
+    }
+    emu.hold_requests(true);
+    for k in 0..8 {
+        d.submit(&mut g, 0, true, 70_000 + k, true);
+        n += 1;
+    }
+    dev.start_dirty_log().unwrap();
+    emu.hold_requests(false);
+    g.kicks[0].write(1).unwrap();
+    d.settle(&mut g, 1);
+    for round in 0..2 {
+        for k in 0..12 {
+            d.submit(&mut g, 0, true, 80_000 + round * 100 + k, true);
+            n += 1;
         }
         d.settle(&mut g, 1);
-        if policy == ShadowPolicy::Always {
-            assert_eq!(used_idx(&g, 0), start.wrapping_add(20));
-        }
-        d.check_disk(&emu);
     }
+    assert_eq!(used_idx(&g, 0), n as u16);
+    assert!(n > 65_536);
+    d.check_disk(&emu);
 }
 
 #[test]
@@ -795,7 +805,7 @@ fn a_paused_device_handed_over_and_taken_back_finishes_its_requests() {
     let _s = serial();
     let mut g = Guest::new(RAM, RING_SIZE).unwrap();
     let (emu, mut dev) = open(cfg(1), None, DeviceOptions::default(), &g);
-    ack(&mut dev, 0);
+    ack(&mut dev, features::bit(features::RING_EVENT_IDX));
     let _irq = activate(&mut g, &mut dev, 1);
     let mut d = Driver::new(false);
     emu.hold_requests(true);
@@ -823,14 +833,113 @@ fn a_paused_device_handed_over_and_taken_back_finishes_its_requests() {
     dev.resume().unwrap();
     d.settle(&mut g, 1);
     d.check_disk(&emu);
-    // Another type of device is refused.
+    // A device lacking a feature offered before is refused, and the
+    // device stays handed over.
     dev.pause().unwrap();
     dev.hand_over().unwrap();
-    let other = Arc::new(EmulatedFunction::new(EmuConfig {
-        num_queues: 0,
-        ..cfg(1)
-    }));
-    if let Ok(vp) = VpVdpa::open(other, OpenOptions::default()) {
-        assert!(dev.reacquire(vp).is_err());
+    let lacking = VpVdpa::open(
+        emu.clone(),
+        OpenOptions {
+            features_mask: Some(!features::bit(features::RING_EVENT_IDX)),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let e = dev.reacquire(lacking).unwrap_err().to_string();
+    assert!(e.contains("lacks features 0x20000000"), "{e}");
+    assert!(dev.is_handed_over());
+}
+
+#[test]
+fn a_device_completing_out_of_order_is_moved_only_once_it_drained() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(1), None, DeviceOptions::default(), &g);
+    ack(&mut dev, 0);
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    // Batches completed in reverse: the used ring is out of order.
+    emu.reverse_completions(true);
+    emu.hold_requests(true);
+    for k in 0..6 {
+        d.submit(&mut g, 0, true, k, true);
     }
+    emu.hold_requests(false);
+    g.kicks[0].write(1).unwrap();
+    d.settle(&mut g, 1);
+    // Now it holds requests it never finishes: which it holds cannot be
+    // told from the rings, so it is not stopped and keeps running
+    // directly.
+    emu.hold_requests(true);
+    for k in 10..14 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    let e = dev.start_dirty_log().unwrap_err().to_string();
+    assert!(e.contains("completed out of order"), "{e}");
+    assert_eq!(dev.data_path(), Some(DataPath::Direct));
+    emu.hold_requests(false);
+    g.kicks[0].write(1).unwrap();
+    d.settle(&mut g, 1);
+    // A device that drains in time is moved though it completes out of
+    // order.
+    for k in 20..26 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    dev.start_dirty_log().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Shadow));
+    for k in 30..40 {
+        d.submit(&mut g, 0, k % 2 == 0, k, true);
+    }
+    d.settle(&mut g, 1);
+    d.check_disk(&emu);
+}
+
+#[test]
+fn more_indirect_requests_than_shadow_descriptors_wait_their_turn_across_a_pause() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(1), None, shadowed(), &g);
+    ack(&mut dev, features::bit(features::RING_INDIRECT_DESC));
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(true);
+    // 30 guest descriptors, 90 once flattened: 21 fit in the 64 of the
+    // shadow ring, the rest wait.
+    emu.hold_requests(true);
+    for k in 0..30 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    let r = dev.pause().unwrap();
+    // 21 on the shadow ring and the one taken that did not fit; the other
+    // 8 are still available in the guest's ring.
+    assert_eq!(r.held, vec![(0, 22)]);
+    assert_eq!(dev.state().unwrap().queues[0].position.next_avail, 22);
+    emu.hold_requests(false);
+    dev.resume().unwrap();
+    d.settle(&mut g, 1);
+    assert_eq!(emu.stats().requests, 30);
+    d.check_disk(&emu);
+}
+
+#[test]
+fn a_guest_avail_index_far_ahead_breaks_its_queue_without_hanging_the_bridge() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(cfg(1), None, shadowed(), &g);
+    ack(&mut dev, features::bit(features::RING_EVENT_IDX));
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    d.submit(&mut g, 0, true, 1, true);
+    d.settle(&mut g, 1);
+    let avail = g.rings[0].addrs().driver;
+    g.mem
+        .memory()
+        .write_obj(500u16.to_le(), GuestAddress(avail + 2))
+        .unwrap();
+    g.kicks[0].write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    dev.pause().unwrap();
+    dev.reset().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(emu.stats().requests, 1);
 }

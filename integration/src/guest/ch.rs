@@ -63,6 +63,7 @@ pub struct Vdpa {
     id: Option<String>,
     iommu: bool,
     pci_segment: Option<u16>,
+    shadow: bool,
 }
 
 impl Vdpa {
@@ -75,7 +76,14 @@ impl Vdpa {
             id: None,
             iommu: false,
             pci_segment: None,
+            shadow: false,
         }
+    }
+
+    /// Run it on shadow virtqueues from the start (`shadow=on`).
+    pub fn shadow(mut self) -> Self {
+        self.shadow = true;
+        self
     }
 
     /// Put the device behind Cloud Hypervisor's vIOMMU (`iommu=on`).
@@ -116,6 +124,9 @@ impl Vdpa {
         }
         if let Some(n) = self.pci_segment {
             s.push_str(&format!(",pci_segment={n}"));
+        }
+        if self.shadow {
+            s.push_str(",shadow=on");
         }
         s
     }
@@ -215,8 +226,40 @@ impl<'a> Ch<'a> {
         self
     }
 
+    /// A further `--landlock-rules` entry (`path=...,access=r|rw`).
+    pub fn landlock_rule(mut self, rule: &str) -> Self {
+        self.landlock_rules.push(rule.to_string());
+        self
+    }
+
+    /// Open the API socket (pause, snapshot, migration).
+    pub fn api(mut self) -> Self {
+        self.api_socket = true;
+        self
+    }
+
     fn api_socket_path() -> PathBuf {
         Path::new(WORK_DIR).join("api.sock")
+    }
+
+    /// A Cloud Hypervisor with no VM, only its API socket at `name` in the
+    /// work directory: a migration's destination, or the VMM a snapshot is
+    /// restored in (`restore`: `--restore <restore>`).
+    ///
+    /// # Errors
+    /// As [`Ch::start`].
+    pub fn empty(lab: &'a ChRun, name: &str, restore: Option<&str>) -> anyhow::Result<ChVm<'a>> {
+        let sock = Path::new(WORK_DIR).join(name);
+        let _ = std::fs::remove_file(&sock);
+        let mut args = vec![
+            "-v".to_string(),
+            "--api-socket".to_string(),
+            format!("path={}", sock.display()),
+        ];
+        if let Some(r) = restore {
+            args.extend(["--restore".to_string(), r.to_string()]);
+        }
+        spawn(lab, &args, Some(sock))
     }
 
     /// The command line, booting `kernel` and `initramfs`.
@@ -280,42 +323,55 @@ impl<'a> Ch<'a> {
         if let Some(sock) = &api_socket {
             let _ = std::fs::remove_file(sock);
         }
-        let mut child = Command::new(&self.lab.binary)
-            .args(self.args(&kernel, &initramfs))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("start {}", self.lab.binary.display()))?;
-        let (tx, rx) = mpsc::channel::<String>();
-        let out = child.stdout.take().context("no stdout")?;
-        let err = child.stderr.take().context("no stderr")?;
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("ch-stderr: {l}"));
-            }
-        });
-        Ok(ChVm {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-            remote: self.lab.remote.as_deref(),
-            api_socket,
-        })
+        spawn(self.lab, &self.args(&kernel, &initramfs), api_socket)
     }
+}
+
+/// Start Cloud Hypervisor with `args`; its output lines are stamped with
+/// their arrival time.
+fn spawn<'a>(
+    lab: &'a ChRun,
+    args: &[String],
+    api_socket: Option<PathBuf>,
+) -> anyhow::Result<ChVm<'a>> {
+    let mut child = Command::new(&lab.binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {}", lab.binary.display()))?;
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    let out = child.stdout.take().context("no stdout")?;
+    let err = child.stderr.take().context("no stderr")?;
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send((Instant::now(), l));
+        }
+    });
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx2.send((Instant::now(), format!("ch-stderr: {l}")));
+        }
+    });
+    Ok(ChVm {
+        child,
+        lines: rx,
+        seen: Vec::new(),
+        seen_at: Vec::new(),
+        remote: lab.remote.as_deref(),
+        api_socket,
+    })
 }
 
 /// A running Cloud Hypervisor; killed by pid on drop.
 pub struct ChVm<'a> {
     child: Child,
-    lines: mpsc::Receiver<String>,
+    lines: mpsc::Receiver<(Instant, String)>,
     seen: Vec<String>,
+    /// When each line of `seen` arrived.
+    seen_at: Vec<Instant>,
     remote: Option<&'a Path>,
     api_socket: Option<PathBuf>,
 }
@@ -348,10 +404,11 @@ impl ChVm<'_> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) => {
+                Ok((at, l)) => {
                     println!("  | {l}");
                     let hit = l.contains(what);
                     self.seen.push(l);
+                    self.seen_at.push(at);
                     if hit {
                         return Ok(());
                     }
@@ -375,6 +432,41 @@ impl ChVm<'_> {
             }
         }
         bail!("no {what} within {timeout:?}: {}", self.tail())
+    }
+
+    /// Take the lines that arrived so far (echoing them), without waiting.
+    pub fn pump(&mut self) {
+        while let Ok((at, l)) = self.lines.try_recv() {
+            println!("  | {l}");
+            self.seen.push(l);
+            self.seen_at.push(at);
+        }
+    }
+
+    /// The lines so far containing `what`, with their arrival times.
+    pub fn stamped(&self, what: &str) -> Vec<(Instant, &str)> {
+        self.seen
+            .iter()
+            .zip(&self.seen_at)
+            .filter(|(l, _)| l.contains(what))
+            .map(|(l, &at)| (at, l.as_str()))
+            .collect()
+    }
+
+    /// Whether Cloud Hypervisor exited; waits up to `timeout`.
+    pub fn exited(&mut self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            self.pump();
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                self.pump();
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Cloud Hypervisor's exit status, waiting for it until `deadline`.
@@ -478,21 +570,29 @@ impl ChVm<'_> {
             .collect()
     }
 
+    /// `ch-remote --api-socket <socket> <args>`, to run.
+    ///
+    /// # Errors
+    /// No `CH_REMOTE`, or no API socket ([`Ch::hotplug_of`], [`Ch::api`]).
+    pub fn remote_command(&self, args: &[&str]) -> anyhow::Result<Command> {
+        let remote = self.remote.context("CH_REMOTE is not set")?;
+        let sock = self
+            .api_socket
+            .as_ref()
+            .context("Cloud Hypervisor started without an API socket")?;
+        let mut c = Command::new(remote);
+        c.arg("--api-socket").arg(sock).args(args);
+        Ok(c)
+    }
+
     /// Run `ch-remote --api-socket <socket> <args>`; its stdout.
     ///
     /// # Errors
     /// No `CH_REMOTE`, no API socket ([`Ch::hotplug_of`]), or ch-remote
     /// fails; the error carries its stderr.
     pub fn remote(&self, args: &[&str]) -> anyhow::Result<String> {
-        let remote = self.remote.context("CH_REMOTE is not set")?;
-        let sock = self
-            .api_socket
-            .as_ref()
-            .context("Cloud Hypervisor started without an API socket")?;
-        let out = Command::new(remote)
-            .arg("--api-socket")
-            .arg(sock)
-            .args(args)
+        let out = self
+            .remote_command(args)?
             .output()
             .context("run ch-remote")?;
         ensure!(

@@ -57,6 +57,12 @@ pub enum Backend {
     CryptoBuiltin,
     /// Nothing behind the device (virtio-balloon works on guest RAM).
     BalloonOnly,
+    /// The image of another variant, shared (`share-rw=on` on both
+    /// devices): no image of its own, none checked for it.
+    SharedImage {
+        /// Whose image.
+        of: Variant,
+    },
 }
 
 /// What QEMU feeds a console device's guest side.
@@ -98,7 +104,8 @@ pub const DEVICES: &[DeviceSpec] = &[
         vectors: None,
         legacy: false,
         backend: Backend::Image { mib: 16 },
-        extra: "",
+        // Blk0Twin and Blk0NoEventIdx use its image too.
+        extra: "share-rw=on",
         root_port: true,
     },
     DeviceSpec {
@@ -140,6 +147,28 @@ pub const DEVICES: &[DeviceSpec] = &[
         backend: Backend::Image { mib: 16 },
         extra: "",
         root_port: true,
+    },
+    // On the root bus, not behind ports: a port here would renumber the
+    // buses of the ports after it.
+    DeviceSpec {
+        variant: Variant::Blk0Twin,
+        slot: 0x09,
+        num_queues: None,
+        vectors: None,
+        legacy: false,
+        backend: Backend::SharedImage { of: Variant::Blk0 },
+        extra: "share-rw=on",
+        root_port: false,
+    },
+    DeviceSpec {
+        variant: Variant::Blk0NoEventIdx,
+        slot: 0x0a,
+        num_queues: None,
+        vectors: None,
+        legacy: false,
+        backend: Backend::SharedImage { of: Variant::Blk0 },
+        extra: "share-rw=on,event_idx=off",
+        root_port: false,
     },
     DeviceSpec {
         variant: Variant::NetUser,
@@ -214,7 +243,7 @@ impl DeviceSpec {
     /// The kind of device, from what backs it.
     pub fn kind(&self) -> Kind {
         match self.backend {
-            Backend::Image { .. } => Kind::Blk,
+            Backend::Image { .. } | Backend::SharedImage { .. } => Kind::Blk,
             Backend::UserNet | Backend::Tap { .. } => Kind::Net,
             Backend::Rng => Kind::Rng,
             Backend::ConsoleFile => Kind::Console,
@@ -278,7 +307,7 @@ impl DeviceSpec {
             (None, Backend::UserNet) => 1,
             // hw/block/virtio-blk.c: num-queues=auto is
             // virtio_pci_optimal_num_queues(), one per vCPU.
-            (None, Backend::Image { .. }) => SMP,
+            (None, Backend::Image { .. } | Backend::SharedImage { .. }) => SMP,
             // hw/virtio/virtio-rng.c: one requestq.
             (None, Backend::Rng) => 1,
             // hw/char/virtio-serial-bus.c: port 0's two queues and the two
@@ -395,6 +424,16 @@ impl DeviceSpec {
                 ]
             }
             Backend::BalloonOnly => Vec::new(),
+            Backend::SharedImage { of } => {
+                let img = lab_dir.join(format!("{}.img", of.name()));
+                vec![
+                    "-drive".to_string(),
+                    format!(
+                        "if=none,id=drive-{name},format=raw,file={}",
+                        qemu_escape(&img.to_string_lossy())
+                    ),
+                ]
+            }
         };
         if let Some((_, port)) = self.root_port_device() {
             args.push("-device".to_string());

@@ -79,7 +79,9 @@ pub fn build(kernel: &Kernel, modules: &Resolution, work: &Path, out: &Path) -> 
 /// one bridged), print the device's negotiated features, and
 /// power off; other modes (`l3=` on the command line) measure read
 /// throughput of one disk (`perf`) or of the disks with serials `blk0` and
-/// `blk1` side by side (`perfpair`), or wait for a hot-plugged device.
+/// `blk1` side by side (`perfpair`), wait for a hot-plugged device, or
+/// stream verified writes for `l3.secs=` seconds (`stream`, `l3-stream`:
+/// the pause, snapshot and migration cases).
 /// Every result is one `L3-...` line on the serial console.
 pub const L3_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -92,7 +94,8 @@ for m in $(cat /modules.order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
 echo "L3-UP $(cut -d' ' -f1 /proc/uptime)"
 mode=blk
 reps=6
-for w in $(cat /proc/cmdline); do case "$w" in l3=*) mode=${w#l3=} ;; l3.reps=*) reps=${w#l3.reps=} ;; esac; done
+secs=60
+for w in $(cat /proc/cmdline); do case "$w" in l3=*) mode=${w#l3=} ;; l3.reps=*) reps=${w#l3.reps=} ;; l3.secs=*) secs=${w#l3.secs=} ;; esac; done
 cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
 wait_for() { i=0; while [ ! -e "$1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; }
 # The pattern files of vda's image, named by its virtio-blk serial.
@@ -123,6 +126,10 @@ reboot)
 	if cmp -s /tmp/s0 "$exp0"; then echo "L3-READ-OK"; else echo "L3-READ-BAD"; fi
 	echo "L3-REBOOTING"
 	reboot -f
+	;;
+stream)
+	wait_for /dev/vda
+	/bin/l3-stream /dev/vda "$secs"
 	;;
 perf)
 	wait_for /dev/vda

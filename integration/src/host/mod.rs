@@ -164,6 +164,10 @@ fn cloud_hypervisor(
         perf_tool,
         "bin/l3-blkperf",
     )?);
+    files.extend(initramfs::program_with_libraries(
+        &perf_tool.with_file_name("l3-stream"),
+        "bin/l3-stream",
+    )?);
     initramfs::build_with(
         kernel,
         &modules,

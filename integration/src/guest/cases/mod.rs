@@ -16,6 +16,7 @@ pub mod bench;
 pub mod bridge;
 pub mod ch;
 pub mod ch_bench;
+pub mod ch_migrate;
 pub mod faults;
 pub mod plugin;
 pub mod smoke;
@@ -59,6 +60,7 @@ pub fn all() -> Vec<Case> {
     all.extend(plugin::cases());
     all.extend(vhost_vdpa::cases());
     all.extend(ch::cases());
+    all.extend(ch_migrate::cases());
     all.extend(faults::cases());
     all
 }

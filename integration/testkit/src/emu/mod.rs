@@ -214,6 +214,8 @@ struct State {
     reset_stuck: bool,
     /// Requests are not processed (they stay in flight).
     hold_requests: bool,
+    /// Complete each batch of requests in reverse order.
+    reverse: bool,
 }
 
 struct Shared {
@@ -375,6 +377,7 @@ impl EmulatedFunction {
             stats: EmuStats::default(),
             reset_stuck: cfg.never_finish_reset,
             hold_requests: false,
+            reverse: false,
         };
         // An eventfd only fails without file descriptors left.
         let wake = EventFd::new(EFD_NONBLOCK).ok();
@@ -445,6 +448,12 @@ impl EmulatedFunction {
         for q in 0..st.queues.len() {
             st.process(q as u16);
         }
+    }
+
+    /// While `on`, the requests found at each doorbell complete in reverse
+    /// order (as a device with several requests in flight may).
+    pub fn reverse_completions(&self, on: bool) {
+        self.state().reverse = on;
     }
 
     /// The pages (host-page aligned IOVAs) the device wrote by DMA since
@@ -790,21 +799,26 @@ impl State {
         };
         let mut completed = 0u64;
         let mut broken = false;
+        let mut done = Vec::new();
         while let Some(chain) = vq.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             match blk::handle(&mem, chain, &mut self.disk, self.capacity) {
-                Ok(len) => {
-                    if vq.add_used(&mem, head, len).is_err() {
-                        broken = true;
-                        break;
-                    }
-                    completed += 1;
-                }
+                Ok(len) => done.push((head, len)),
                 Err(_) => {
                     broken = true;
                     break;
                 }
             }
+        }
+        if self.reverse {
+            done.reverse();
+        }
+        for (head, len) in done {
+            if vq.add_used(&mem, head, len).is_err() {
+                broken = true;
+                break;
+            }
+            completed += 1;
         }
         // A ring in unmapped memory shows as "nothing available": check
         // the avail ring is readable to tell the two apart.

@@ -1,0 +1,221 @@
+//! `l3-stream`: a continuous stream of verified writes inside the innermost
+//! guest, for the pause, snapshot and migration cases.
+//!
+//! `l3-stream <device> <seconds>` opens the device with O_DIRECT and, for
+//! `<seconds>`, writes 4 KiB blocks one after the other into the upper
+//! half of a 16 MiB disk ([`REGION`], wrapping), each carrying a magic,
+//! its sequence number, its block index, a checksum and a body derived
+//! from the sequence number. Every eighth write it also reads a block
+//! written before into a fresh buffer, which it keeps and checks only at
+//! the end: a read that completed before a migration is verified after it,
+//! so the pages the device wrote must have been carried over. At the end
+//! it reads back every block it wrote and checks it holds the last write.
+//!
+//! Lines: `L3-STREAM-START <region offset> <blocks>`, then about every
+//! 50 ms `L3-SEQ <seq> <uptime centiseconds>`, each failed request as
+//! `L3-STREAM-IOERR <seq> <what>`, and at the end `L3-STREAM-OK writes=<n>
+//! reads=<k> ioerrors=<e>` or `L3-STREAM-BAD <what>`.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+const BLOCK: usize = 4096;
+/// Byte offset of the streamed region: the upper 8 MiB of a 16 MiB disk.
+const REGION: u64 = 8 << 20;
+/// Blocks in the region.
+const BLOCKS: u64 = (8 << 20) / BLOCK as u64;
+const MAGIC: &[u8; 8] = b"L3STREAM";
+/// Reads kept for the final check.
+const MAX_READS: usize = 256;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            println!("L3-STREAM-BAD {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A 4 KiB buffer aligned for O_DIRECT.
+struct Buf {
+    backing: Vec<u8>,
+    off: usize,
+}
+
+impl Buf {
+    fn new() -> Buf {
+        let backing = vec![0u8; 2 * BLOCK];
+        let off = backing.as_ptr().align_offset(BLOCK);
+        Buf { backing, off }
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.backing[self.off..self.off + BLOCK]
+    }
+
+    fn get_mut(&mut self) -> &mut [u8] {
+        &mut self.backing[self.off..self.off + BLOCK]
+    }
+}
+
+fn checksum(data: &[u8]) -> u64 {
+    // FNV-1a.
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The content of the write with sequence number `seq` to block `block`.
+fn fill(buf: &mut [u8], seq: u64, block: u64) {
+    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for b in buf[32..].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    buf[0..8].copy_from_slice(MAGIC);
+    buf[8..16].copy_from_slice(&seq.to_le_bytes());
+    buf[16..24].copy_from_slice(&block.to_le_bytes());
+    let sum = checksum(&buf[32..]);
+    buf[24..32].copy_from_slice(&sum.to_le_bytes());
+}
+
+/// Check `buf` is the write `seq` to block `block`.
+fn check(buf: &[u8], seq: u64, block: u64) -> Result<(), String> {
+    let field = |r: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[r]);
+        u64::from_le_bytes(b)
+    };
+    if &buf[0..8] != MAGIC {
+        return Err(format!("block {block}: no stream block (want seq {seq})"));
+    }
+    let (s, k, sum) = (field(8..16), field(16..24), field(24..32));
+    if s != seq || k != block {
+        return Err(format!(
+            "block {block}: holds seq {s} of block {k}, want seq {seq}"
+        ));
+    }
+    if checksum(&buf[32..]) != sum {
+        return Err(format!("block {block}: seq {seq}: checksum mismatch"));
+    }
+    let mut want = vec![0u8; BLOCK];
+    fill(&mut want, seq, block);
+    if want != buf {
+        return Err(format!("block {block}: seq {seq}: body differs"));
+    }
+    Ok(())
+}
+
+fn uptime_cs() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .and_then(|s| s.replace('.', "").parse().ok())
+        .unwrap_or(0)
+}
+
+fn run() -> anyhow::Result<bool> {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(path), Some(secs)) = (args.get(1), args.get(2)) else {
+        bail!("usage: l3-stream <device> <seconds>");
+    };
+    let secs: u64 = secs.parse().context("seconds")?;
+    let file: File = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("open {path} with O_DIRECT"))?;
+    println!("L3-STREAM-START {REGION} {BLOCKS}");
+    let mut last: Vec<Option<u64>> = vec![None; BLOCKS as usize];
+    let mut kept: Vec<(Buf, u64, u64)> = Vec::new();
+    let mut buf = Buf::new();
+    let (mut seq, mut ioerrors) = (0u64, 0u64);
+    let start = Instant::now();
+    let mut printed = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        let block = seq % BLOCKS;
+        fill(buf.get_mut(), seq, block);
+        match file.write_all_at(buf.get(), REGION + block * BLOCK as u64) {
+            Ok(()) => last[block as usize] = Some(seq),
+            Err(e) => {
+                ioerrors += 1;
+                // The block's content is unknown now.
+                last[block as usize] = None;
+                println!("L3-STREAM-IOERR {seq} write: {e}");
+            }
+        }
+        if seq % 8 == 7 && kept.len() < MAX_READS {
+            let back = (seq.saturating_sub(100)) % BLOCKS;
+            if let Some(s) = last[back as usize] {
+                let mut r = Buf::new();
+                match file.read_exact_at(r.get_mut(), REGION + back * BLOCK as u64) {
+                    Ok(()) => kept.push((r, s, back)),
+                    Err(e) => {
+                        ioerrors += 1;
+                        println!("L3-STREAM-IOERR {seq} read: {e}");
+                    }
+                }
+            }
+        }
+        if printed.elapsed() >= Duration::from_millis(50) {
+            println!("L3-SEQ {seq} {}", uptime_cs());
+            printed = Instant::now();
+        }
+        seq += 1;
+    }
+    println!("L3-SEQ {} {} end", seq.saturating_sub(1), uptime_cs());
+    let mut bad = Vec::new();
+    for (r, s, b) in &kept {
+        if let Err(e) = check(r.get(), *s, *b) {
+            bad.push(format!("read during the stream: {e}"));
+        }
+    }
+    for (b, s) in last.iter().enumerate() {
+        let Some(s) = s else { continue };
+        let b = b as u64;
+        let mut r = Buf::new();
+        file.read_exact_at(r.get_mut(), REGION + b * BLOCK as u64)
+            .with_context(|| format!("read back block {b}"))?;
+        if let Err(e) = check(r.get(), *s, b) {
+            bad.push(e);
+        }
+    }
+    if bad.is_empty() && ioerrors == 0 {
+        println!("L3-STREAM-OK writes={seq} reads={} ioerrors=0", kept.len());
+        Ok(true)
+    } else {
+        println!(
+            "L3-STREAM-BAD ioerrors={ioerrors} {} mismatches, first: {}",
+            bad.len(),
+            bad.first().map_or("-", String::as_str)
+        );
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_checks_only_as_the_write_it_is() {
+        let mut b = vec![0u8; BLOCK];
+        fill(&mut b, 77, 5);
+        assert!(check(&b, 77, 5).is_ok());
+        assert!(check(&b, 78, 5).is_err());
+        assert!(check(&b, 77, 6).is_err());
+        b[100] ^= 1;
+        assert!(check(&b, 77, 5).is_err());
+        assert!(check(&[0u8; BLOCK], 0, 0).is_err());
+    }
+}
