@@ -16,3 +16,4 @@ pub mod host;
 pub mod manifest;
 pub mod pattern;
 pub mod protocol;
+pub mod stream;

@@ -86,6 +86,10 @@ pub struct WriteRecord {
     pub offset: u64,
     /// Byte count.
     pub len: u64,
+    /// Written by `l3-stream` (`crate::stream`'s blocks), not with the
+    /// written pattern.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
 }
 
 /// Text a case sent to a console device, which QEMU writes to the
@@ -231,6 +235,7 @@ mod tests {
             ms: 7,
         }));
         roundtrip(Event::Write(WriteRecord {
+            stream: false,
             device: "blk0".into(),
             offset: 4096,
             len: 512,

@@ -3,9 +3,8 @@
 //!
 //! `l3-stream <device> <seconds>` opens the device with O_DIRECT and, for
 //! `<seconds>`, writes 4 KiB blocks one after the other into the upper
-//! half of a 16 MiB disk ([`REGION`], wrapping), each carrying a magic,
-//! its sequence number, its block index, a checksum and a body derived
-//! from the sequence number. Every eighth write it also reads a block
+//! half of a 16 MiB disk ([`REGION`], wrapping), in the format of
+//! `vdpa_integration::stream`, which the host checks after the VM exits. Every eighth write it also reads a block
 //! written before into a fresh buffer, which it keeps and checks only at
 //! the end: a read that completed before a migration is verified after it,
 //! so the pages the device wrote must have been carried over. At the end
@@ -23,12 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-const BLOCK: usize = 4096;
-/// Byte offset of the streamed region: the upper 8 MiB of a 16 MiB disk.
-const REGION: u64 = 8 << 20;
-/// Blocks in the region.
-const BLOCKS: u64 = (8 << 20) / BLOCK as u64;
-const MAGIC: &[u8; 8] = b"L3STREAM";
+use vdpa_integration::stream::{check, fill, BLOCK, BLOCKS, REGION};
+
 /// Reads kept for the final check.
 const MAX_READS: usize = 256;
 
@@ -63,56 +58,6 @@ impl Buf {
     fn get_mut(&mut self) -> &mut [u8] {
         &mut self.backing[self.off..self.off + BLOCK]
     }
-}
-
-fn checksum(data: &[u8]) -> u64 {
-    // FNV-1a.
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-/// The content of the write with sequence number `seq` to block `block`.
-fn fill(buf: &mut [u8], seq: u64, block: u64) {
-    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for b in buf[32..].iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    buf[0..8].copy_from_slice(MAGIC);
-    buf[8..16].copy_from_slice(&seq.to_le_bytes());
-    buf[16..24].copy_from_slice(&block.to_le_bytes());
-    let sum = checksum(&buf[32..]);
-    buf[24..32].copy_from_slice(&sum.to_le_bytes());
-}
-
-/// Check `buf` is the write `seq` to block `block`.
-fn check(buf: &[u8], seq: u64, block: u64) -> Result<(), String> {
-    let field = |r: std::ops::Range<usize>| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&buf[r]);
-        u64::from_le_bytes(b)
-    };
-    if &buf[0..8] != MAGIC {
-        return Err(format!("block {block}: no stream block (want seq {seq})"));
-    }
-    let (s, k, sum) = (field(8..16), field(16..24), field(24..32));
-    if s != seq || k != block {
-        return Err(format!(
-            "block {block}: holds seq {s} of block {k}, want seq {seq}"
-        ));
-    }
-    if checksum(&buf[32..]) != sum {
-        return Err(format!("block {block}: seq {seq}: checksum mismatch"));
-    }
-    let mut want = vec![0u8; BLOCK];
-    fill(&mut want, seq, block);
-    if want != buf {
-        return Err(format!("block {block}: seq {seq}: body differs"));
-    }
-    Ok(())
 }
 
 fn uptime_cs() -> u64 {
@@ -200,22 +145,5 @@ fn run() -> anyhow::Result<bool> {
             bad.first().map_or("-", String::as_str)
         );
         Ok(false)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_block_checks_only_as_the_write_it_is() {
-        let mut b = vec![0u8; BLOCK];
-        fill(&mut b, 77, 5);
-        assert!(check(&b, 77, 5).is_ok());
-        assert!(check(&b, 78, 5).is_err());
-        assert!(check(&b, 77, 6).is_err());
-        b[100] ^= 1;
-        assert!(check(&b, 77, 5).is_err());
-        assert!(check(&[0u8; BLOCK], 0, 0).is_err());
     }
 }

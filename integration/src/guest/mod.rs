@@ -131,6 +131,15 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// [`declare_stream_to`] for the case's device.
+    ///
+    /// # Errors
+    /// The case has no device.
+    pub fn declare_stream(&self, offset: u64, len: u64) -> anyhow::Result<()> {
+        declare_stream_to(self.dev()?.variant.name(), offset, len);
+        Ok(())
+    }
+
     /// Declare that the case sent `text` to its console device, which the
     /// host then expects in the device's chardev file (see
     /// [`Ctx::declare_write`] for when to declare).
@@ -153,6 +162,19 @@ pub fn declare_write_to(image: &str, offset: u64, len: u64) {
         device: image.to_string(),
         offset,
         len,
+        stream: false,
+    }));
+}
+
+/// Declare that `l3-stream` may write `[offset, offset + len)` of
+/// `image`: the host checks each block holds the pattern or one whole
+/// stream write (`crate::stream`).
+pub fn declare_stream_to(image: &str, offset: u64, len: u64) {
+    emit(&Event::Write(WriteRecord {
+        device: image.to_string(),
+        offset,
+        len,
+        stream: true,
     }));
 }
 

@@ -513,7 +513,7 @@ mod tests {
                 "pcie-root-port,id=rp-blk0,bus=pcie.0,addr=0x03,chassis=3,slot=3",
                 "-device",
                 "virtio-blk-pci,id=blk0,bus=rp-blk0,addr=0x0,drive=drive-blk0,serial=blk0,\
-                 disable-legacy=on,iommu_platform=on",
+                 disable-legacy=on,iommu_platform=on,share-rw=on",
             ]
         );
         assert_eq!(blk0.bdf(), "0000:01:00.0");

@@ -566,14 +566,45 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
             .events
             .iter()
             .filter_map(|e| match e {
-                Event::Write(w) if w.device == image_name => {
+                Event::Write(w) if w.device == image_name && !w.stream => {
                     Some(w.offset..w.offset.saturating_add(w.len))
                 }
                 _ => None,
             })
             .collect();
-        match std::fs::read(image) {
-            Ok(data) => match pattern::first_mismatch(image_name, &data, &written) {
+        let streamed: Vec<_> = report
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Write(w) if w.device == image_name && w.stream => {
+                    Some(w.offset..w.offset.saturating_add(w.len))
+                }
+                _ => None,
+            })
+            .collect();
+        // Streamed blocks hold the pattern or one whole write each; once
+        // checked they compare as the pattern.
+        let read = std::fs::read(image).map(|mut data| {
+            let mut bad = None;
+            for r in &streamed {
+                bad = bad.or_else(|| crate::stream::first_bad(image_name, &data, r.clone()));
+                let (s, e) = (
+                    (r.start as usize).min(data.len()),
+                    (r.end as usize).min(data.len()),
+                );
+                if s < e {
+                    data[s..e].copy_from_slice(&pattern::region(image_name, s as u64, e - s));
+                }
+            }
+            (data, bad)
+        });
+        match read {
+            Ok((_, Some(off))) => summary.push(
+                name,
+                Verdict::Fail,
+                format!("byte {off:#x} of the streamed region holds neither the pattern nor a whole stream write"),
+            ),
+            Ok((data, None)) => match pattern::first_mismatch(image_name, &data, &written) {
                 None => summary.push(name, Verdict::Pass, ""),
                 Some(off) => summary.push(
                     name,

@@ -26,10 +26,11 @@ use vdpa_testkit::driver::{Driver, DriverOptions};
 use crate::guest::ch::{not_configured, Ch, ChVm, Vdpa, BOOT_TIMEOUT};
 use crate::guest::{Case, CaseResult, Ctx, Outcome};
 use crate::manifest::{Device, Variant};
+use crate::stream;
 
 /// Where `l3-stream` writes: the upper 8 MiB of the 16 MiB disk.
-const STREAM_AT: u64 = 8 << 20;
-const STREAM_LEN: u64 = 8 << 20;
+const STREAM_AT: u64 = stream::REGION;
+const STREAM_LEN: u64 = stream::REGION_LEN;
 
 /// The lab VM's directory for sockets and snapshots (its tmpfs, like the
 /// launcher's work directory).
@@ -111,7 +112,7 @@ fn start_stream<'a>(
         .vdpa(&Vdpa::new(&dev.bdf, 1).id(ID))
         .start()?;
     vm.wait("L3-STREAM-START", BOOT_TIMEOUT)?;
-    ctx.declare_write(STREAM_AT, STREAM_LEN)?;
+    ctx.declare_stream(STREAM_AT, STREAM_LEN)?;
     vm.wait("L3-SEQ", Duration::from_secs(30))?;
     // Writes going for a while.
     std::thread::sleep(Duration::from_secs(3));
