@@ -575,7 +575,7 @@ where
                 "shadow virtqueues need split rings (the guest negotiated packed rings)",
             ));
         }
-        Ok(())
+        net_control_state(self.device_type, self.acked)
     }
 
     /// Start shadow mode on the reset device from `positions`.
@@ -1489,6 +1489,35 @@ where
     }
 }
 
+/// A virtio-net device forgets what its control queue was told when it is
+/// reset (the switch to shadow rings resets it), and the bridge does not
+/// replay that state yet. Queue pairs (`VIRTIO_NET_F_MQ`) and VLAN filters
+/// (`VIRTIO_NET_F_CTRL_VLAN`) would then break the guest's traffic, so a
+/// switch is refused with them; receive modes and MAC filters fall back to
+/// the device's defaults (QEMU's: promiscuous), which only lets more
+/// traffic in: allowed, with a warning.
+fn net_control_state(device_type: u32, acked: u64) -> Result<()> {
+    const VIRTIO_ID_NET: u32 = 1;
+    const CTRL_VQ: u64 = 1 << 17;
+    const CTRL_VLAN: u64 = 1 << 19;
+    const MQ: u64 = 1 << 22;
+    if device_type != VIRTIO_ID_NET || acked & CTRL_VQ == 0 {
+        return Ok(());
+    }
+    if acked & (MQ | CTRL_VLAN) != 0 {
+        return Err(Error::Unsupported(
+            "a virtio-net device whose guest negotiated multiple queue pairs or VLAN filtering \
+             cannot move to shadow rings: the control queue's state is not replayed after the \
+             device's reset yet",
+        ));
+    }
+    log::warn!(
+        "virtio-net: receive modes and MAC filters set through the control queue fall back to \
+         the device's defaults on shadow rings (not replayed yet)"
+    );
+    Ok(())
+}
+
 impl<B, M> BridgeDevice<B, M>
 where
     B: VdpaOps + DmaMapper,
@@ -1584,5 +1613,23 @@ impl<B: VdpaOps + DmaMapper, M: GuestMemory> Drop for BridgeDevice<B, M> {
         drop(shadow);
         self.backend.retry_kept();
         self.dma.unmap_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_control_state_refuses_queue_pairs_and_vlans_only() {
+        let ctrl = 1u64 << 17;
+        assert!(net_control_state(1, 0).is_ok());
+        assert!(net_control_state(1, ctrl).is_ok());
+        assert!(net_control_state(1, ctrl | 1 << 22).is_err());
+        assert!(net_control_state(1, ctrl | 1 << 19).is_err());
+        // MQ without a control queue cannot have changed anything; blk's
+        // bit 22 is another feature.
+        assert!(net_control_state(1, 1 << 22).is_ok());
+        assert!(net_control_state(2, ctrl | 1 << 22).is_ok());
     }
 }
