@@ -302,10 +302,14 @@ fn ch_migrate_refused(ctx: &Ctx) -> CaseResult {
     let mut src = start_stream(ctx, lab, 75)?;
     let mut dst = Ch::empty(lab, "dst.sock", None)?;
     let paths = format!(",vdpa_paths=[{ID}@{}]", lacking.bdf);
-    let (sent, _status) = migrate(&src, &dst, &paths)?;
+    let (sent, status) = migrate(&src, &dst, &paths)?;
+    // send-migration returns once the migration started; the source's
+    // log says how it ended.
+    let failed = sent.and_then(|_| src.wait("Migration failed", Duration::from_secs(180)));
     dst.pump();
     dst.kill();
-    ensure!(sent.is_err(), "the migration succeeded");
+    failed.with_context(|| format!("the migration did not fail (receive-migration: {status})"))?;
+    ensure!(!src.has("Migration completed"), "the migration completed");
     let result = stream_ok(&mut src, Duration::from_secs(300), &[]);
     let done = src.wait_done();
     let written = result?;
