@@ -131,6 +131,20 @@ stream)
 	wait_for /dev/vda
 	/bin/l3-stream /dev/vda "$secs"
 	;;
+netping)
+	# One ping after the other for l3.secs= seconds, each result a line
+	# (the lab stamps them: the longest gap is the outage).
+	wait_for /sys/class/net/eth0
+	ip link set eth0 up
+	ip addr add 10.0.2.15/24 dev eth0
+	echo "L3-NETPING-START"
+	end=$(( $(cut -d. -f1 /proc/uptime) + secs )); n=0; ok=0
+	while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+		n=$((n+1))
+		if ping -c 1 -W 1 10.0.2.2 >/dev/null 2>&1; then ok=$((ok+1)); echo "L3-PONG $n"; else echo "L3-LOST $n"; fi
+	done
+	echo "L3-NETPING-DONE sent=$n received=$ok"
+	;;
 perf)
 	wait_for /dev/vda
 	/bin/l3-blkperf "$reps" blk0=/dev/vda
