@@ -40,6 +40,11 @@ pub fn cases() -> Vec<Case> {
             needs: Some(Variant::Blk0),
             run: ch_perf_pair,
         },
+        Case {
+            name: "ch_blk0_blk1_throughput_shadow_vs_direct_side_by_side".to_string(),
+            needs: Some(Variant::Blk0),
+            run: ch_perf_shadow,
+        },
     ]
 }
 
@@ -202,6 +207,54 @@ fn ch_perf(ctx: &Ctx) -> CaseResult {
 /// widens the spread instead of moving the headline, and shows as the
 /// medians by bridged disk.
 fn ch_perf_pair(ctx: &Ctx) -> CaseResult {
+    pair_bench(ctx, &PASSTHROUGH_VS_BRIDGE)
+}
+
+/// The same with both disks bridged, one on shadow rings (`shadow=on`:
+/// every request and completion through the bridge's relay) and one
+/// direct: s/d, the cost of shadow mode (what a device pays while a VM
+/// migrates, and after until the guest resets it).
+fn ch_perf_shadow(ctx: &Ctx) -> CaseResult {
+    pair_bench(ctx, &SHADOW_VS_DIRECT)
+}
+
+/// What a side-by-side benchmark compares: the disk of the numerator and
+/// the other, in one boot.
+struct Pair {
+    /// `b/a`, `s/d`.
+    ratio: &'static str,
+    /// The two paths' names, denominator first.
+    names: [&'static str; 2],
+    /// The boot, the numerator's disk at `num`, the other at `den`.
+    boot: for<'a> fn(Ch<'a>, num: &str, den: &str) -> Ch<'a>,
+    /// Whether the bridge's doorbell wiring is worth reporting.
+    doorbells: bool,
+}
+
+const PASSTHROUGH_VS_BRIDGE: Pair = Pair {
+    ratio: "b/a",
+    names: ["passthrough", "bridge"],
+    // Without Landlock, as in ch_perf: Cloud Hypervisor's own passthrough
+    // is refused its group node under it.
+    boot: |ch, num, den| {
+        ch.without_landlock()
+            .passthrough(den)
+            .vdpa(&Vdpa::new(num, 1))
+    },
+    doorbells: true,
+};
+
+const SHADOW_VS_DIRECT: Pair = Pair {
+    ratio: "s/d",
+    names: ["direct", "shadow"],
+    boot: |ch, num, den| {
+        ch.vdpa(&Vdpa::new(den, 1))
+            .vdpa(&Vdpa::new(num, 1).shadow())
+    },
+    doorbells: false,
+};
+
+fn pair_bench(ctx: &Ctx, pair: &Pair) -> CaseResult {
     let Some(lab) = &ctx.manifest.ch else {
         return Ok(not_configured(ctx));
     };
@@ -221,18 +274,14 @@ fn ch_perf_pair(ctx: &Ctx) -> CaseResult {
         let o = boot % 2;
         let (bridged, passed) = (disks[o], disks[1 - o]);
         let label = format!(
-            "boot {boot}: {} passthrough, {} bridged",
+            "boot {boot}: {} {}, {} {}",
             passed.variant.name(),
-            bridged.variant.name()
+            pair.names[0],
+            bridged.variant.name(),
+            pair.names[1]
         );
-        // Without Landlock, as in ch_perf: Cloud Hypervisor's own
-        // passthrough is refused its group node under it.
-        let mut vm = Ch::new(lab, "perfpair")
-            .without_landlock()
-            .reps(PAIR_REPS)
-            .passthrough(&passed.bdf)
-            .vdpa(&Vdpa::new(&bridged.bdf, 1))
-            .start()?;
+        let ch = Ch::new(lab, "perfpair").reps(PAIR_REPS);
+        let mut vm = (pair.boot)(ch, &bridged.bdf, &passed.bdf).start()?;
         vm.wait_done().context(label.clone())?;
         mapped += usize::from(vm.has(DOORBELLS_MAPPED));
         trapped += usize::from(vm.has(KICKS_TRAPPED));
@@ -249,7 +298,12 @@ fn ch_perf_pair(ctx: &Ctx) -> CaseResult {
                 PAIR_REPS - 1,
                 vm.tail()
             );
-            line.push(format!("{} b/a {}", WORKLOADS[w].name, list(&r, 3)));
+            line.push(format!(
+                "{} {} {}",
+                WORKLOADS[w].name,
+                pair.ratio,
+                list(&r, 3)
+            ));
             ratios[w][o].extend(r);
             rates[w][0].extend(rates_of(samples, 1 - o as u64));
             rates[w][1].extend(rates_of(samples, o as u64));
@@ -257,11 +311,16 @@ fn ch_perf_pair(ctx: &Ctx) -> CaseResult {
         println!("ch-bench: {label}: {}", line.join("; "));
     }
     let pairs = PAIR_REPS - 1;
+    let wiring = if pair.doorbells {
+        format!("; {}", doorbells(mapped, trapped, PAIR_BOOTS))
+    } else {
+        String::new()
+    };
     let mut report = vec![format!(
-        "b/a = bridge rate / passthrough rate, the two measured back to back in one boot; \
+        "{} = {} rate / {} rate, the two measured back to back in one boot; \
          {PAIR_BOOTS} boots, disk roles swapped each boot, {pairs} pairs per boot after a \
-         warm-up (each pair's ratio on the console, ch-bench lines); {}",
-        doorbells(mapped, trapped, PAIR_BOOTS)
+         warm-up (each pair's ratio on the console, ch-bench lines){wiring}",
+        pair.ratio, pair.names[1], pair.names[0]
     )];
     for (w, (by_disk, [a, b])) in WORKLOADS.iter().zip(ratios.iter().zip(&rates)) {
         let headline = spread(&by_disk.concat(), "pair ratios")?;
@@ -272,10 +331,14 @@ fn ch_perf_pair(ctx: &Ctx) -> CaseResult {
         let (pa, pb) = (spread(a, "passthrough rates")?, spread(b, "bridge rates")?);
         let p = w.precision;
         report.push(format!(
-            "{}: b/a {headline} of all pairs; by bridged disk blk0 {m0:.3}, blk1 {m1:.3}; \
-             medians passthrough {:.p$} {u}, bridge {:.p$} {u}",
+            "{}: {} {headline} of all pairs; by {} disk blk0 {m0:.3}, blk1 {m1:.3}; \
+             medians {} {:.p$} {u}, {} {:.p$} {u}",
             w.name,
+            pair.ratio,
+            pair.names[1],
+            pair.names[0],
             pa.median,
+            pair.names[1],
             pb.median,
             u = w.unit_name,
         ));

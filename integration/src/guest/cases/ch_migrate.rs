@@ -414,7 +414,10 @@ fn ch_migrate_net(ctx: &Ctx) -> CaseResult {
     ensure!(src_gone, "the source VMM did not exit after the migration");
     done?;
     end?;
-    let line = dst.last_line("L3-NETPING-DONE").unwrap_or_default().to_string();
+    let line = dst
+        .last_line("L3-NETPING-DONE")
+        .unwrap_or_default()
+        .to_string();
     let count = |k: &str| -> u64 {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(k))
@@ -422,7 +425,10 @@ fn ch_migrate_net(ctx: &Ctx) -> CaseResult {
             .unwrap_or(0)
     };
     let (sent_n, received) = (count("sent="), count("received="));
-    ensure!(received > 0 && dst.has("L3-PONG"), "no answer after the migration: {line}");
+    ensure!(
+        received > 0 && dst.has("L3-PONG"),
+        "no answer after the migration: {line}"
+    );
     let mut at: Vec<Instant> = [&src, &dst]
         .iter()
         .flat_map(|v| v.stamped("L3-PONG").into_iter().map(|(t, _)| t))
