@@ -1088,13 +1088,15 @@ where
         if self.backend.is_released() {
             return Ok(());
         }
+        let t = std::time::Instant::now();
         let maps = self.dma.mappings();
         self.dma.unmap_all();
         drop(self.backend.take());
         self.dma.forget_all();
         log::info!(
-            "{}: handed over ({} DMA mapping(s) to restore if taken back)",
+            "{}: handed over in {:?} ({} DMA mapping(s) to restore if taken back)",
             self.name,
+            t.elapsed(),
             maps.len()
         );
         self.handed_over = Some(maps);

@@ -166,6 +166,14 @@ impl<'a> Ch<'a> {
         self
     }
 
+    /// Give the inner guest Cloud Hypervisor's own emulated virtio-blk on
+    /// the image file at `path` (`--disk`).
+    pub fn disk(mut self, path: &Path) -> Self {
+        self.devices
+            .extend(["--disk".to_string(), format!("path={}", path.display())]);
+        self
+    }
+
     /// Hand the device at `bdf` to the inner guest through Cloud
     /// Hypervisor's own VFIO passthrough (`--device`).
     pub fn passthrough(mut self, bdf: &str) -> Self {

@@ -45,7 +45,156 @@ pub fn cases() -> Vec<Case> {
             needs: Some(Variant::Blk0),
             run: ch_perf_shadow,
         },
+        Case {
+            name: "ch_blk0_migration_downtime_bridge_vs_emulated".to_string(),
+            needs: Some(Variant::Blk0),
+            run: ch_downtime,
+        },
     ]
+}
+
+/// Migrations per configuration of the downtime benchmark.
+const MIGRATIONS: usize = 5;
+
+/// Milliseconds of a duration as Rust's `Debug` prints it (`110.3ms`,
+/// `1.2s`, `850µs`), after `after` in the first line holding it.
+fn logged_ms(vm: &ChVm, after: &str) -> Option<f64> {
+    let rest = vm.line(after)?.split(after).nth(1)?;
+    let word = rest.split_whitespace().next()?;
+    parse_debug_ms(word.trim_end_matches([';', ',']))
+}
+
+/// The inner guest streaming writes migrates to a second VMM in the lab
+/// VM: (a) blk0 through the bridge, (b) Cloud Hypervisor's own emulated
+/// virtio-blk on a copy of blk0's image in the lab VM, alternating,
+/// [`MIGRATIONS`] each. Reports Cloud Hypervisor's logged downtime and the
+/// longest gap between the guest's progress lines seen from outside, and
+/// for (a) the bridge's steps: quiesce (pause), release (hand-over),
+/// open and restore, DMA map of guest RAM, and the resume on shadow rings.
+fn ch_downtime(ctx: &Ctx) -> CaseResult {
+    use crate::guest::cases::ch_migrate::{migrate, DIR, ID};
+    use std::time::Duration;
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
+    };
+    let dev = ctx.dev()?;
+    let image = std::path::Path::new(DIR).join("emulated-blk0.img");
+    std::fs::create_dir_all(DIR)?;
+    std::fs::write(&image, crate::pattern::region("blk0", 0, 16 << 20))?;
+    let mut down: [Vec<f64>; 2] = Default::default();
+    let mut gaps: [Vec<f64>; 2] = Default::default();
+    let steps = [
+        "paused in",
+        "handed over in",
+        "opened and restored in",
+        "DMA map of",
+        "resumed on shadow rings in",
+    ];
+    let mut split: Vec<Vec<f64>> = vec![Vec::new(); steps.len()];
+    for round in 0..MIGRATIONS {
+        for c in 0..2 {
+            let label = format!("migration {round}, {}", ["bridge", "emulated"][c]);
+            let ch = Ch::new(lab, "stream")
+                .cmdline("l3.secs=50")
+                .api()
+                .landlock_rule(&format!("path={DIR},access=rw"));
+            let ch = if c == 0 {
+                ch.vdpa(&Vdpa::new(&dev.bdf, 1).id(ID))
+            } else {
+                ch.disk(&image)
+            };
+            let mut src = ch.start()?;
+            src.wait("L3-STREAM-START", crate::guest::ch::BOOT_TIMEOUT)
+                .context(label.clone())?;
+            if c == 0 {
+                ctx.declare_stream(crate::stream::REGION, crate::stream::REGION_LEN)?;
+            }
+            src.wait("L3-SEQ", Duration::from_secs(30))?;
+            std::thread::sleep(Duration::from_secs(3));
+            let mut dst = Ch::empty(lab, "dst.sock", None)?;
+            let (sent, status) = migrate(&src, &dst, "")?;
+            sent.context(label.clone())?;
+            ensure!(
+                src.exited(Duration::from_secs(180)),
+                "{label}: the source did not exit"
+            );
+            dst.wait("L3-STREAM-", Duration::from_secs(300))
+                .context(label.clone())?;
+            let _ = dst.wait_done();
+            ensure!(status.success(), "{label}: receive-migration {status}");
+            ensure!(dst.has("L3-STREAM-OK"), "{label}: {}", dst.tail());
+            let ms = src
+                .line("downtime of ")
+                .and_then(|l| l.split("downtime of ").nth(1))
+                .and_then(|r| r.split("ms").next())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .with_context(|| format!("{label}: no downtime line"))?;
+            down[c].push(ms);
+            let mut at: Vec<std::time::Instant> = [&src, &dst]
+                .iter()
+                .flat_map(|v| v.stamped("L3-SEQ").into_iter().map(|(t, _)| t))
+                .collect();
+            at.sort();
+            let gap = at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+            gaps[c].push(gap.as_secs_f64() * 1000.0);
+            if c == 0 {
+                for (k, step) in steps.iter().enumerate() {
+                    let vm = if k < 2 { &src } else { &dst };
+                    let v = if *step == "DMA map of" {
+                        vm.line("DMA map of")
+                            .and_then(|l| l.rsplit(" in ").next())
+                            .map(str::to_owned)
+                            .and_then(|d| parse_debug_ms(&d))
+                    } else {
+                        logged_ms(vm, step)
+                    };
+                    if let Some(v) = v {
+                        split[k].push(v);
+                    }
+                }
+            }
+            println!(
+                "ch-bench: {label}: downtime {ms} ms, longest gap {} ms",
+                gap.as_millis()
+            );
+        }
+    }
+    let (a, b) = (
+        spread(&down[0], "bridge downtimes")?,
+        spread(&down[1], "emulated downtimes")?,
+    );
+    let (ga, gb) = (
+        spread(&gaps[0], "bridge gaps")?,
+        spread(&gaps[1], "emulated gaps")?,
+    );
+    let mut report = vec![format!(
+        "{MIGRATIONS} migrations each, alternating; Cloud Hypervisor's downtime (ms): bridge {a}, \
+         emulated {b}, median ratio {:.2} (target <= 1.5); longest gap between progress lines \
+         (ms): bridge {ga}, emulated {gb}; downtimes bridge {} emulated {}",
+        a.median / b.median,
+        list(&down[0], 0),
+        list(&down[1], 0)
+    )];
+    for (k, step) in steps.iter().enumerate() {
+        if let Some(sp) = Spread::of(&split[k]) {
+            report.push(format!("bridge step \"{step}\" (ms): {sp}"));
+        }
+    }
+    Ok(Outcome::PassWith(report.join("; ")))
+}
+
+/// Milliseconds of a `Debug`-printed duration (`12.5ms`, `1.2s`).
+fn parse_debug_ms(d: &str) -> Option<f64> {
+    let d = d.trim();
+    let (num, unit) = d.split_at(d.find(|c: char| !(c.is_ascii_digit() || c == '.'))?);
+    let v: f64 = num.parse().ok()?;
+    Some(match unit.trim() {
+        "s" => v * 1000.0,
+        "ms" => v,
+        "µs" | "us" => v / 1000.0,
+        "ns" => v / 1e6,
+        _ => return None,
+    })
 }
 
 /// Alternating rounds (one boot per configuration each) of
@@ -229,6 +378,11 @@ struct Pair {
     boot: for<'a> fn(Ch<'a>, num: &str, den: &str) -> Ch<'a>,
     /// Whether the bridge's doorbell wiring is worth reporting.
     doorbells: bool,
+    /// Boots, measurements per boot (the first a warm-up), and how long
+    /// one boot may take.
+    boots: usize,
+    reps: usize,
+    within: std::time::Duration,
 }
 
 const PASSTHROUGH_VS_BRIDGE: Pair = Pair {
@@ -242,6 +396,9 @@ const PASSTHROUGH_VS_BRIDGE: Pair = Pair {
             .vdpa(&Vdpa::new(num, 1))
     },
     doorbells: true,
+    boots: PAIR_BOOTS,
+    reps: PAIR_REPS,
+    within: crate::guest::ch::BOOT_TIMEOUT,
 };
 
 const SHADOW_VS_DIRECT: Pair = Pair {
@@ -252,6 +409,11 @@ const SHADOW_VS_DIRECT: Pair = Pair {
             .vdpa(&Vdpa::new(num, 1).shadow())
     },
     doorbells: false,
+    // A shadowed request costs two more thread wake-ups in the lab VM,
+    // slow under TCG: fewer, longer boots.
+    boots: 2,
+    reps: 4,
+    within: std::time::Duration::from_secs(600),
 };
 
 fn pair_bench(ctx: &Ctx, pair: &Pair) -> CaseResult {
@@ -270,7 +432,7 @@ fn pair_bench(ctx: &Ctx, pair: &Pair) -> CaseResult {
     let mut rates: [[Vec<f64>; 2]; 2] = Default::default();
     let mut mapped = 0;
     let mut trapped = 0;
-    for boot in 0..PAIR_BOOTS {
+    for boot in 0..pair.boots {
         let o = boot % 2;
         let (bridged, passed) = (disks[o], disks[1 - o]);
         let label = format!(
@@ -280,9 +442,9 @@ fn pair_bench(ctx: &Ctx, pair: &Pair) -> CaseResult {
             bridged.variant.name(),
             pair.names[1]
         );
-        let ch = Ch::new(lab, "perfpair").reps(PAIR_REPS);
+        let ch = Ch::new(lab, "perfpair").reps(pair.reps);
         let mut vm = (pair.boot)(ch, &bridged.bdf, &passed.bdf).start()?;
-        vm.wait_done().context(label.clone())?;
+        vm.wait("L3-DONE", pair.within).context(label.clone())?;
         mapped += usize::from(vm.has(DOORBELLS_MAPPED));
         trapped += usize::from(vm.has(KICKS_TRAPPED));
         // l3-blkperf numbers the disks by their serial: blk0 is 0.
@@ -291,11 +453,11 @@ fn pair_bench(ctx: &Ctx, pair: &Pair) -> CaseResult {
         for (w, samples) in m.iter().enumerate() {
             let r = paired_ratios(samples, o as u64);
             ensure!(
-                r.len() == PAIR_REPS - 1,
+                r.len() == pair.reps - 1,
                 "{label}: {} {} pairs, want {}: {}",
                 r.len(),
                 WORKLOADS[w].name,
-                PAIR_REPS - 1,
+                pair.reps - 1,
                 vm.tail()
             );
             line.push(format!(
@@ -310,17 +472,17 @@ fn pair_bench(ctx: &Ctx, pair: &Pair) -> CaseResult {
         }
         println!("ch-bench: {label}: {}", line.join("; "));
     }
-    let pairs = PAIR_REPS - 1;
+    let pairs = pair.reps - 1;
     let wiring = if pair.doorbells {
-        format!("; {}", doorbells(mapped, trapped, PAIR_BOOTS))
+        format!("; {}", doorbells(mapped, trapped, pair.boots))
     } else {
         String::new()
     };
     let mut report = vec![format!(
         "{} = {} rate / {} rate, the two measured back to back in one boot; \
-         {PAIR_BOOTS} boots, disk roles swapped each boot, {pairs} pairs per boot after a \
+         {} boots, disk roles swapped each boot, {pairs} pairs per boot after a \
          warm-up (each pair's ratio on the console, ch-bench lines){wiring}",
-        pair.ratio, pair.names[1], pair.names[0]
+        pair.ratio, pair.names[1], pair.names[0], pair.boots
     )];
     for (w, (by_disk, [a, b])) in WORKLOADS.iter().zip(ratios.iter().zip(&rates)) {
         let headline = spread(&by_disk.concat(), "pair ratios")?;
@@ -361,6 +523,15 @@ mod tests {
             WORKLOADS.map(|w| w.tag),
             ["L3-PERF-SEQ ", "L3-PERF-RAND4K "]
         );
+    }
+
+    #[test]
+    fn logged_durations_read_in_milliseconds() {
+        assert_eq!(parse_debug_ms("110.5ms"), Some(110.5));
+        assert_eq!(parse_debug_ms("1.5s"), Some(1500.0));
+        assert_eq!(parse_debug_ms("250µs"), Some(0.25));
+        assert_eq!(parse_debug_ms("12"), None);
+        assert_eq!(parse_debug_ms("ms"), None);
     }
 
     #[test]

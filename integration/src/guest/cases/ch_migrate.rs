@@ -34,10 +34,10 @@ const STREAM_LEN: u64 = stream::REGION_LEN;
 
 /// The lab VM's directory for sockets and snapshots (its tmpfs, like the
 /// launcher's work directory).
-const DIR: &str = "/tmp/ch-l3";
+pub(crate) const DIR: &str = "/tmp/ch-l3";
 
 /// Bridged device id in the migration cases.
-const ID: &str = "disk";
+pub(crate) const ID: &str = "disk";
 
 /// The suite.
 pub fn cases() -> Vec<Case> {
@@ -210,7 +210,7 @@ fn ch_pause(ctx: &Ctx) -> CaseResult {
 
 /// `send-migration` to `dst`, which receives with `receive`; returns
 /// send-migration's result and receive-migration's exit status.
-fn migrate(
+pub(crate) fn migrate(
     src: &ChVm<'_>,
     dst: &ChVm<'_>,
     receive: &str,
