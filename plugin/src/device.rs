@@ -793,12 +793,30 @@ where
     /// rings resumes on shadow rings (a plain virtio-pci device cannot
     /// restart at a ring index other than 0) until the guest resets it.
     ///
+    /// A device that could not run again on shadow rings (behind a
+    /// vIOMMU, packed rings, a net device with control-queue state) is not
+    /// stopped: it keeps running with a warning, as a VMM leaves a
+    /// passthrough device, and [`BridgeDevice::state`] says why it has no
+    /// state. A VMM that mapped the doorbells into its guest must remove
+    /// that mapping first.
+    ///
     /// # Errors
     ///
     /// The device could not be stopped: it kept requests completed out of
     /// order past the drain (it then keeps running), or its reset failed.
     pub fn pause(&mut self) -> Result<PauseReport> {
         let start = std::time::Instant::now();
+        if let (Some(Run::Direct(_)), Err(e)) =
+            (self.active.as_ref().map(|a| &a.run), self.shadow_possible())
+        {
+            // It could not be run again: leave it running, as a VMM leaves
+            // a passthrough device, and say so.
+            log::warn!(
+                "{}: not stopped while the VM is paused (it keeps its DMA): {e}",
+                self.name
+            );
+            return Ok(PauseReport::default());
+        }
         let Some(mut a) = self.active.take() else {
             return Ok(PauseReport::default());
         };
@@ -986,7 +1004,11 @@ where
                     })
                 })
                 .collect(),
-            Some(_) => return Err(Error::NotPaused),
+            Some(_) => {
+                // A device that cannot be stopped says why.
+                self.shadow_possible()?;
+                return Err(Error::NotPaused);
+            }
         };
         Ok(DeviceState {
             version: STATE_VERSION,

@@ -1258,6 +1258,21 @@ fn behind_a_viommu_the_device_is_given_the_guests_iovas_for_its_rings() {
 }
 
 #[test]
+fn behind_a_viommu_a_pause_leaves_the_device_running_and_state_says_why() {
+    let _serial = serial();
+    let mut g = guest();
+    let (emu, mut dev) = viommu_device(&g);
+    let irq = activate_one(&mut g, &mut dev);
+    dev.pause().unwrap();
+    assert_eq!(dev.data_path(), Some(vdpa_plugin::DataPath::Direct));
+    let e = dev.state().unwrap_err().to_string();
+    assert!(e.contains("vIOMMU"), "{e}");
+    let mut data = pattern(4, 4096);
+    assert_eq!(g.blk(0, 1, 32, &mut data, &irq.queues[0]).unwrap(), 0);
+    assert_eq!(emu.disk_read(32 * 512, 4096), data);
+}
+
+#[test]
 fn behind_a_viommu_a_ring_the_guest_did_not_map_is_refused_before_the_device_sees_it() {
     let _serial = serial();
     let mut g = guest();
