@@ -34,6 +34,11 @@ pub fn cases() -> Vec<Case> {
             run: vduse_plugin,
         },
         Case {
+            name: "vhost_vdpa_vduse_moves_to_shadow_rings_pauses_and_logs_dirty_pages".to_string(),
+            needs: None,
+            run: vduse_shadow,
+        },
+        Case {
             name: "cli_lists_and_reads_vhost_vdpa_node".to_string(),
             needs: None,
             run: vduse_cli,
@@ -229,6 +234,67 @@ fn vduse_plugin(ctx: &Ctx) -> CaseResult {
         d.reset()?;
     }
     Ok(Outcome::Pass)
+}
+
+/// The plugin on the VDUSE node moves an active device onto shadow rings
+/// (reset through vhost-vdpa, shadow rings mapped through its IOTLB),
+/// logs the pages its reads wrote, pauses and resumes it: the kernel's
+/// vDPA stack with a device we did not write, and no SUSPEND needed.
+fn vduse_shadow(ctx: &Ctx) -> CaseResult {
+    use vdpa_plugin::{BridgeDevice, DataPath, VdpaDeviceConfig, DIRTY_PAGE};
+    use vdpa_testkit::driver::blk::{T_IN, T_OUT};
+    use vdpa_testkit::harness::{Guest, TestInterrupt};
+
+    let image = ctx
+        .manifest
+        .vduse_image
+        .clone()
+        .context("the host prepared no VDUSE image")?;
+    let (_export, node) = setup(&image)?;
+    let cfg: VdpaDeviceConfig = format!("path={}", node.display()).parse()?;
+    let backend = cfg.open()?;
+    let mut g = Guest::new(32 << 20, 64)?;
+    let mut d = BridgeDevice::new(backend, g.mem.clone(), cfg.device_options(false))?;
+    let want = vdpa_bridge::types::features::bit(vdpa_bridge::types::features::VERSION_1)
+        | vdpa_bridge::types::features::bit(vdpa_bridge::types::features::ACCESS_PLATFORM);
+    d.ack_features(d.features() & want)?;
+    let irq = TestInterrupt::new(1, true)?;
+    let queues = g.queues_sized(&d.queue_max_sizes()[..1])?;
+    d.activate(g.mem.clone(), irq.clone(), queues)?;
+    let read = |g: &mut Guest, lba: u64| -> anyhow::Result<Vec<u8>> {
+        let mut buf = vec![0u8; 4096];
+        ensure!(g.blk(0, T_IN, lba, &mut buf, &irq.queues[0])? == 0, "read {lba}");
+        Ok(buf)
+    };
+    ensure!(read(&mut g, 100)?[..512] == pattern::sector(IMAGE, 100), "direct read");
+    let t = std::time::Instant::now();
+    d.start_dirty_log()?;
+    let switched = t.elapsed();
+    ensure!(d.data_path() == Some(DataPath::Shadow), "{:?}", d.data_path());
+    ensure!(read(&mut g, 200)?[..512] == pattern::sector(IMAGE, 200), "shadowed read");
+    let buf_page = Guest::buffer(0) / DIRTY_PAGE * DIRTY_PAGE;
+    let logged = d.dirty_log();
+    ensure!(
+        logged.iter().any(|r| r.gpa <= buf_page && buf_page < r.gpa + r.len),
+        "the read's buffer page {buf_page:#x} is not in the dirty log {logged:?}"
+    );
+    let sector = 600;
+    let mut data = pattern::written(IMAGE, sector * 512, 4096);
+    let written = g.blk(0, T_OUT, sector, &mut data, &irq.queues[0]);
+    crate::guest::declare_write_to(IMAGE, sector * 512, 4096);
+    ensure!(written? == 0, "shadowed write");
+    let paused = d.pause()?;
+    let st = d.state()?;
+    d.resume()?;
+    ensure!(read(&mut g, sector)? == data, "read back after resume");
+    d.reset()?;
+    Ok(Outcome::PassWith(format!(
+        "switched in {} ms, paused in {} ms, state version {} with {} queue(s)",
+        switched.as_millis(),
+        paused.took.as_millis(),
+        st.version,
+        st.queues.len()
+    )))
 }
 
 /// `vdpa-bridge list` shows the node with its type; `info` reads it.
