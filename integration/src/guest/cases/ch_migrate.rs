@@ -69,6 +69,14 @@ pub fn cases() -> Vec<Case> {
         "ch_blk0_snapshot_restored_in_a_new_vmm_continues_the_writes",
         ch_snapshot_restore,
     );
+    add(
+        "ch_blk0_local_migration_to_a_second_vmm_on_the_same_device",
+        ch_migrate_local,
+    );
+    add(
+        "ch_blk0_migration_whose_destination_is_killed_mid_way_leaves_the_source_running",
+        ch_migrate_killed,
+    );
     out.push(Case {
         name: "ch_net_user_live_migration_under_pings".to_string(),
         needs: Some(Variant::NetUser),
@@ -215,6 +223,16 @@ pub(crate) fn migrate(
     dst: &ChVm<'_>,
     receive: &str,
 ) -> anyhow::Result<(anyhow::Result<String>, std::process::ExitStatus)> {
+    migrate_with(src, dst, receive, "")
+}
+
+/// [`migrate`] with further send-migration options (`,local=on`).
+fn migrate_with(
+    src: &ChVm<'_>,
+    dst: &ChVm<'_>,
+    receive: &str,
+    send: &str,
+) -> anyhow::Result<(anyhow::Result<String>, std::process::ExitStatus)> {
     let sock = Path::new(DIR).join("mig.sock");
     let _ = std::fs::remove_file(&sock);
     let mut recv: Child = dst
@@ -231,7 +249,7 @@ pub(crate) fn migrate(
     let sent = src.remote(&[
         "send-migration",
         &format!(
-            "destination_url=unix:{},downtime_ms=1000,timeout_s=60,timeout_strategy=ignore",
+            "destination_url=unix:{},downtime_ms=1000,timeout_s=60,timeout_strategy=ignore{send}",
             sock.display()
         ),
     ]);
@@ -249,6 +267,10 @@ fn downtime(src: &ChVm<'_>) -> String {
 }
 
 fn migrate_to(ctx: &Ctx, target: Option<Variant>) -> CaseResult {
+    migrate_to_with(ctx, target, "")
+}
+
+fn migrate_to_with(ctx: &Ctx, target: Option<Variant>, send: &str) -> CaseResult {
     let Some(lab) = &ctx.manifest.ch else {
         return Ok(not_configured(ctx));
     };
@@ -258,7 +280,7 @@ fn migrate_to(ctx: &Ctx, target: Option<Variant>) -> CaseResult {
     };
     let mut src = start_stream(ctx, lab, 75)?;
     let mut dst = Ch::empty(lab, "dst.sock", None)?;
-    let (sent, status) = migrate(&src, &dst, &paths)?;
+    let (sent, status) = migrate_with(&src, &dst, &paths, send)?;
     let sent = sent.with_context(|| format!("send-migration failed: {}", src.tail()));
     let src_gone = src.exited(Duration::from_secs(30));
     let result = stream_ok(&mut dst, Duration::from_secs(300), &[&src]);
@@ -272,10 +294,12 @@ fn migrate_to(ctx: &Ctx, target: Option<Variant>) -> CaseResult {
         "handed over for the migration",
         "the source did not hand the device over",
     )?;
-    src.expect(
-        "dirty logging on shadow rings",
-        "the source did not log dirty pages through shadow rings",
-    )?;
+    if send.is_empty() {
+        src.expect(
+            "dirty logging on shadow rings",
+            "the source did not log dirty pages through shadow rings",
+        )?;
+    }
     dst.expect("restored (features", "the destination did not restore")?;
     dst.expect(
         "resumed on shadow rings",
@@ -440,5 +464,59 @@ fn ch_migrate_net(ctx: &Ctx) -> CaseResult {
         downtime(&src),
         sent_n - received,
         gap.as_millis()
+    )))
+}
+
+/// `--local`: guest memory handed over as files, no dirty logging; the
+/// source pauses right after the migration starts.
+fn ch_migrate_local(ctx: &Ctx) -> CaseResult {
+    migrate_to_with(ctx, None, ",local=on")
+}
+
+/// The destination VMM dies during pre-copy: the source's migration
+/// fails, its device (shadowed since dirty logging began) goes on, and
+/// the writes finish verified.
+fn ch_migrate_killed(ctx: &Ctx) -> CaseResult {
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
+    };
+    let mut src = start_stream(ctx, lab, 75)?;
+    let mut dst = Ch::empty(lab, "dst.sock", None)?;
+    let sock = Path::new(DIR).join("mig.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut recv: Child = dst
+        .remote_command(&[
+            "receive-migration",
+            &format!("receiver_url=unix:{}", sock.display()),
+        ])?
+        .spawn()
+        .context("start receive-migration")?;
+    let end = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    src.remote(&[
+        "send-migration",
+        &format!(
+            "destination_url=unix:{},timeout_s=60,timeout_strategy=ignore",
+            sock.display()
+        ),
+    ])?;
+    // Pre-copy under way (the device on shadow rings), then the
+    // destination dies.
+    let shadowed = src.wait("dirty logging on shadow rings", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    dst.kill();
+    let _ = recv.wait();
+    shadowed?;
+    src.wait("Migration failed", Duration::from_secs(180))?;
+    let result = stream_ok(&mut src, Duration::from_secs(300), &[]);
+    let done = src.wait_done();
+    let written = result?;
+    done?;
+    ensure!(!src.has("handed over"), "the source let go of its device");
+    Ok(Outcome::PassWith(format!(
+        "destination killed during pre-copy; source ran on; longest gap {} ms; {written}",
+        longest_gap(&[&src]).as_millis()
     )))
 }

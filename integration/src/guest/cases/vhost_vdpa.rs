@@ -263,19 +263,34 @@ fn vduse_shadow(ctx: &Ctx) -> CaseResult {
     d.activate(g.mem.clone(), irq.clone(), queues)?;
     let read = |g: &mut Guest, lba: u64| -> anyhow::Result<Vec<u8>> {
         let mut buf = vec![0u8; 4096];
-        ensure!(g.blk(0, T_IN, lba, &mut buf, &irq.queues[0])? == 0, "read {lba}");
+        ensure!(
+            g.blk(0, T_IN, lba, &mut buf, &irq.queues[0])? == 0,
+            "read {lba}"
+        );
         Ok(buf)
     };
-    ensure!(read(&mut g, 100)?[..512] == pattern::sector(IMAGE, 100), "direct read");
+    ensure!(
+        read(&mut g, 100)?[..512] == pattern::sector(IMAGE, 100),
+        "direct read"
+    );
     let t = std::time::Instant::now();
     d.start_dirty_log()?;
     let switched = t.elapsed();
-    ensure!(d.data_path() == Some(DataPath::Shadow), "{:?}", d.data_path());
-    ensure!(read(&mut g, 200)?[..512] == pattern::sector(IMAGE, 200), "shadowed read");
+    ensure!(
+        d.data_path() == Some(DataPath::Shadow),
+        "{:?}",
+        d.data_path()
+    );
+    ensure!(
+        read(&mut g, 200)?[..512] == pattern::sector(IMAGE, 200),
+        "shadowed read"
+    );
     let buf_page = Guest::buffer(0) / DIRTY_PAGE * DIRTY_PAGE;
     let logged = d.dirty_log();
     ensure!(
-        logged.iter().any(|r| r.gpa <= buf_page && buf_page < r.gpa + r.len),
+        logged
+            .iter()
+            .any(|r| r.gpa <= buf_page && buf_page < r.gpa + r.len),
         "the read's buffer page {buf_page:#x} is not in the dirty log {logged:?}"
     );
     let sector = 600;
