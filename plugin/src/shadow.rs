@@ -663,6 +663,15 @@ impl ShadowQueue {
     }
 }
 
+/// A queue's doorbell rung through a kick eventfd the backend watches.
+struct EventFdKick(EventFd);
+
+impl vdpa_bridge::RingDoorbell for EventFdKick {
+    fn ring(&self, _next: u32) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
 /// One device vector the relay listens to.
 struct VectorFd {
     fd: EventFd,
@@ -821,9 +830,22 @@ where
                     .map_err(backend_err("set_vring_addr"))?;
                     b.set_vring_base(qi, 0)
                         .map_err(backend_err("set_vring_base"))?;
-                    b.set_vring_kick(qi, None)
-                        .map_err(backend_err("detach kick eventfd"))?;
-                    let doorbell = b.doorbell(qi).map_err(backend_err("doorbell"))?;
+                    let doorbell = match b.doorbell(qi) {
+                        Ok(d) => {
+                            b.set_vring_kick(qi, None)
+                                .map_err(backend_err("detach kick eventfd"))?;
+                            d
+                        }
+                        // No doorbell to write (vhost-vdpa): kick through
+                        // an eventfd of the relay's own.
+                        Err(_) if b.backend_caps().kick_eventfd => {
+                            let fd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+                            b.set_vring_kick(qi, Some(&fd))
+                                .map_err(backend_err("set kick eventfd"))?;
+                            Doorbell::new(Arc::new(EventFdKick(fd)))
+                        }
+                        Err(e) => return Err(backend_err("doorbell")(e)),
+                    };
                     let notifier = plan.interrupt.notifier(InterruptType::Queue(arg.index));
                     queues.push(ShadowQueue::new(arg, *l, doorbell, notifier, acked));
                 }
