@@ -294,6 +294,13 @@ fn migrate_to_with(ctx: &Ctx, target: Option<Variant>, send: &str) -> CaseResult
         "handed over for the migration",
         "the source did not hand the device over",
     )?;
+    // Cloud Hypervisor's shutdown resumes the devices to wake their
+    // threads: the migrated device must stay closed.
+    ensure!(
+        !src.has("taken back"),
+        "the source opened the device again after the migration: {}",
+        src.line("taken back").unwrap_or_default()
+    );
     if send.is_empty() {
         src.expect(
             "dirty logging on shadow rings",
