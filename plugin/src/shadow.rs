@@ -217,8 +217,7 @@ impl<B: DmaMapper> ShadowMemory<B> {
                 )))
             }
         };
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(iova), len as usize)])
-            .map_err(|e| Error::Shadow(format!("cannot allocate the shadow rings: {e}")))?;
+        let mem = shared_memory(iova, len)?;
         let host = mem
             .get_host_address(GuestAddress(iova))
             .map_err(|e| Error::Shadow(format!("shadow ring memory: {e}")))?
@@ -246,6 +245,35 @@ impl<B: DmaMapper> ShadowMemory<B> {
         // Only taken in drop.
         self.mem.as_ref().expect("shadow memory present until drop")
     }
+}
+
+/// `len` bytes of shared memory at `iova`, backed by a memfd: a backend
+/// that gives the device the pages by file (VDUSE behind vhost-vdpa maps
+/// them into its daemon) cannot use anonymous private memory. vm-memory
+/// maps a file but does not create one, hence this wrapper.
+fn shared_memory(iova: u64, len: u64) -> Result<GuestMemoryMmap> {
+    use std::os::fd::FromRawFd;
+    use vm_memory::{FileOffset, GuestRegionMmap, MmapRegion};
+    let err = |what: String| Error::Shadow(format!("cannot allocate the shadow rings: {what}"));
+    let size = usize::try_from(len).map_err(|_| err(format!("{len:#x} bytes")))?;
+    // SAFETY: memfd_create with a NUL-terminated name and no pointer kept;
+    // the result is checked before use.
+    let fd = unsafe { libc::memfd_create(c"vdpa-shadow-rings".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(err(format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len)
+        .map_err(|e| err(format!("ftruncate: {e}")))?;
+    let region = MmapRegion::from_file(FileOffset::new(file, 0), size)
+        .map_err(|e| err(format!("mmap: {e}")))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(iova))
+        .ok_or_else(|| err("region past the end of the address space".into()))?;
+    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| err(e.to_string()))
 }
 
 impl<B: DmaMapper> Drop for ShadowMemory<B> {

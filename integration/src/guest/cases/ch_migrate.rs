@@ -297,9 +297,9 @@ fn migrate_to_with(ctx: &Ctx, target: Option<Variant>, send: &str) -> CaseResult
     // Cloud Hypervisor's shutdown resumes the devices to wake their
     // threads: the migrated device must stay closed.
     ensure!(
-        !src.has("taken back"),
+        !src.has("taken back after"),
         "the source opened the device again after the migration: {}",
-        src.line("taken back").unwrap_or_default()
+        src.line("taken back after").unwrap_or_default()
     );
     if send.is_empty() {
         src.expect(
