@@ -556,17 +556,6 @@ where
     /// Shadow rings need IOVAs the guest never uses: behind a vIOMMU the
     /// guest owns the device's whole IOVA space.
     fn shadow_possible(&self) -> Result<()> {
-        if !self
-            .backend
-            .with(|b| b.backend_caps().shadow_rings)
-            .unwrap_or(true)
-        {
-            return Err(Error::Unsupported(
-                "shadow virtqueues (pause, snapshot, migration) are not supported on this \
-                 backend yet (vhost-vdpa: a VDUSE device returned a read before its data in \
-                 the lab)",
-            ));
-        }
         // Guest buffers are given to the device at their guest-physical
         // addresses: every mapping must be IOVA = GPA.
         let identity = self

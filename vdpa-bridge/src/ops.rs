@@ -225,12 +225,6 @@ pub struct BackendCaps {
     pub suspend: bool,
     /// Per-queue notification areas can be mapped.
     pub notification_area: bool,
-    /// A reset device can be run on rings the VMM owns and restarted at
-    /// ring index 0 with the guest's requests offered again (the plugin's
-    /// shadow virtqueues: pause, snapshot, migration). Proven on the
-    /// virtio-pci transport; not yet on vhost-vdpa, where the lab's VDUSE
-    /// device once returned a read's completion before its data.
-    pub shadow_rings: bool,
 }
 
 /// Where a queue's doorbell lives.

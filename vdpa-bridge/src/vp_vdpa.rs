@@ -670,7 +670,6 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
             call_eventfd: self.msix_vectors() > 0,
             suspend: false,
             notification_area: self.transport.notify_window().is_mapped(),
-            shadow_rings: true,
         }
     }
 

@@ -297,7 +297,6 @@ impl VdpaOps for VhostVdpaDevice {
             call_eventfd: true,
             suspend: self.backend_features & backend_features::SUSPEND != 0,
             notification_area: self.notify.iter().any(Option::is_some),
-            shadow_rings: false,
         }
     }
 
