@@ -1077,14 +1077,8 @@ fn wire_vectors<B: VdpaOps>(
     Ok(out)
 }
 
-/// The guest's avail and used index and, when the device completed the
-/// queue's requests in order so far, the heads it still holds (available
-/// positions `used..avail`); `None` when it completed out of order and
-/// still holds some, so the heads it holds cannot be told from the rings.
-pub(crate) fn guest_in_flight<M: GuestMemory>(
-    q: &Queue,
-    mem: &M,
-) -> std::result::Result<(u16, u16, Option<Vec<u16>>), String> {
+/// The guest's avail and used index of `q`.
+fn ring_indices<M: GuestMemory>(q: &Queue, mem: &M) -> std::result::Result<(u16, u16), String> {
     let avail = q
         .avail_idx(mem, Ordering::Acquire)
         .map_err(|e| format!("avail index unreadable: {e}"))?
@@ -1093,6 +1087,18 @@ pub(crate) fn guest_in_flight<M: GuestMemory>(
         .used_idx(mem, Ordering::Acquire)
         .map_err(|e| format!("used index unreadable: {e}"))?
         .0;
+    Ok((avail, used))
+}
+
+/// The guest's avail and used index and, when the device completed the
+/// queue's requests in order so far, the heads it still holds (available
+/// positions `used..avail`); `None` when it completed out of order and
+/// still holds some, so the heads it holds cannot be told from the rings.
+pub(crate) fn guest_in_flight<M: GuestMemory>(
+    q: &Queue,
+    mem: &M,
+) -> std::result::Result<(u16, u16, Option<Vec<u16>>), String> {
+    let (avail, used) = ring_indices(q, mem)?;
     let size = q.size();
     let n = avail.wrapping_sub(used);
     if n > size {
@@ -1135,14 +1141,7 @@ pub(crate) fn held_since<M: GuestMemory>(
     mem: &M,
     mark: u16,
 ) -> std::result::Result<QueuePosition, String> {
-    let avail = q
-        .avail_idx(mem, Ordering::Acquire)
-        .map_err(|e| format!("avail index unreadable: {e}"))?
-        .0;
-    let used = q
-        .used_idx(mem, Ordering::Acquire)
-        .map_err(|e| format!("used index unreadable: {e}"))?
-        .0;
+    let (avail, used) = ring_indices(q, mem)?;
     let size = q.size();
     let (given, done) = (avail.wrapping_sub(mark), used.wrapping_sub(mark));
     if given > size || done > given {

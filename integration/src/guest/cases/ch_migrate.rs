@@ -216,6 +216,25 @@ fn ch_pause(ctx: &Ctx) -> CaseResult {
     )))
 }
 
+/// Start `receive-migration` on `dst` (with further options `receive`)
+/// at the migration socket, and wait (at most 20 s) until it listens.
+fn receive_on(dst: &ChVm<'_>, receive: &str) -> anyhow::Result<(std::path::PathBuf, Child)> {
+    let sock = Path::new(DIR).join("mig.sock");
+    let _ = std::fs::remove_file(&sock);
+    let recv: Child = dst
+        .remote_command(&[
+            "receive-migration",
+            &format!("receiver_url=unix:{}{receive}", sock.display()),
+        ])?
+        .spawn()
+        .context("start receive-migration")?;
+    let end = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((sock, recv))
+}
+
 /// `send-migration` to `dst`, which receives with `receive`; returns
 /// send-migration's result and receive-migration's exit status.
 pub(crate) fn migrate(
@@ -233,19 +252,7 @@ fn migrate_with(
     receive: &str,
     send: &str,
 ) -> anyhow::Result<(anyhow::Result<String>, std::process::ExitStatus)> {
-    let sock = Path::new(DIR).join("mig.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut recv: Child = dst
-        .remote_command(&[
-            "receive-migration",
-            &format!("receiver_url=unix:{}{receive}", sock.display()),
-        ])?
-        .spawn()
-        .context("start receive-migration")?;
-    let end = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (sock, mut recv) = receive_on(dst, receive)?;
     let sent = src.remote(&[
         "send-migration",
         &format!(
@@ -489,19 +496,7 @@ fn ch_migrate_killed(ctx: &Ctx) -> CaseResult {
     };
     let mut src = start_stream(ctx, lab, 75)?;
     let mut dst = Ch::empty(lab, "dst.sock", None)?;
-    let sock = Path::new(DIR).join("mig.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut recv: Child = dst
-        .remote_command(&[
-            "receive-migration",
-            &format!("receiver_url=unix:{}", sock.display()),
-        ])?
-        .spawn()
-        .context("start receive-migration")?;
-    let end = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (sock, mut recv) = receive_on(&dst, "")?;
     src.remote(&[
         "send-migration",
         &format!(
