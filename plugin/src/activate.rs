@@ -16,7 +16,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{KickPolicy, Wiring};
+use crate::device::{KickPolicy, Wiring, BRIDGE_FEATURES};
 use crate::error::{backend_err, io, Error, Result};
 use crate::interrupt::{InterruptType, VirtioInterrupt};
 use crate::relay::{IrqRelay, IrqTarget, KickRelay};
@@ -141,12 +141,18 @@ pub(crate) fn device_addrs(
     })
 }
 
-/// ACKNOWLEDGE | DRIVER, the acked features, FEATURES_OK (read back by
-/// the backend).
+/// ACKNOWLEDGE | DRIVER, the acked features plus the bridge's own that
+/// the device offers ([`BRIDGE_FEATURES`]), FEATURES_OK (read back by the
+/// backend).
 pub(crate) fn negotiate<B: VdpaOps>(b: &mut B, acked: u64) -> Result<()> {
     b.set_status(status::ACKNOWLEDGE | status::DRIVER)
         .map_err(backend_err("set_status(DRIVER)"))?;
-    b.set_driver_features(acked)
+    let own = if b.backend_caps().suspend {
+        b.device_features() & BRIDGE_FEATURES
+    } else {
+        0
+    };
+    b.set_driver_features(acked | own)
         .map_err(backend_err("set_driver_features"))?;
     b.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK)
         .map_err(backend_err("set_status(FEATURES_OK)"))

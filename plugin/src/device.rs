@@ -106,11 +106,19 @@ impl Default for DeviceOptions {
 /// the device: a guest that negotiated them would drive registers the
 /// VMM's transport does not have (Linux refuses a device offering
 /// VIRTIO_F_RING_RESET on a 56-byte common config, seen with QEMU's
-/// virtio-blk under Cloud Hypervisor). Never offered.
+/// virtio-blk under Cloud Hypervisor). Never offered. VIRTIO_F_SUSPEND is
+/// among them: the VMM's transport has no SUSPEND status bit, and the
+/// bridge negotiates it with the device for itself ([`BRIDGE_FEATURES`]).
 pub const TRANSPORT_ONLY_FEATURES: u64 = features::bit(features::SR_IOV)
     | features::bit(features::NOTIF_CONFIG_DATA)
     | features::bit(features::RING_RESET)
-    | features::bit(features::ADMIN_VQ);
+    | features::bit(features::ADMIN_VQ)
+    | features::bit(features::SUSPEND);
+
+/// Features the bridge negotiates with the device for its own use,
+/// whatever the guest acked, when the device offers them: VIRTIO_F_SUSPEND
+/// (pause without a reset, an exact stop before one).
+pub const BRIDGE_FEATURES: u64 = features::bit(features::SUSPEND);
 
 /// How an activated device's data path is wired (for tests, logs and the
 /// CLI's report).
@@ -191,6 +199,11 @@ enum Run<B: VdpaOps + DmaMapper, M: GuestMemory> {
     Shadow(Shadow<B, M>),
     /// Stopped, with where each queue stands.
     Paused(Vec<(u16, QueuePosition)>),
+    /// Suspended on the guest's rings (VIRTIO_F_SUSPEND or vhost-vdpa's
+    /// suspend): a resume runs it on them again; where each queue stands
+    /// (for a state, or a restart on shadow rings) unless the device could
+    /// not run shadowed (`None`).
+    Suspended(Option<Vec<(u16, QueuePosition)>>),
 }
 
 struct Active<B: VdpaOps + DmaMapper, M: GuestMemory> {
@@ -634,63 +647,51 @@ where
     }
 
     /// Stop a device running on the guest's rings and tell where each
-    /// queue stands. Kicks stop reaching the device, which is given at
-    /// most [`release::DRAIN`] to finish what it holds on the queues a
-    /// stop waits for (all but a network device's receive queues); a
-    /// receive queue completed in order so far hands its buffers back
-    /// unused. Then the device is reset. If a queue is still busy and was
-    /// completed out of order, the device is left running on the guest's
-    /// rings and the error says which.
+    /// queue stands. Kicks stop reaching the device. A device that can be
+    /// suspended ([`VdpaOps::suspend`]) is suspended, which finishes what
+    /// it holds; any other is given at most [`release::DRAIN`] to finish
+    /// what it holds on the queues a stop waits for (all but a network
+    /// device's receive queues); a receive queue completed in order so far
+    /// hands its buffers back unused. Then the device is reset. If a queue
+    /// is still busy and was completed out of order, the device is left
+    /// running on the guest's rings and the error says which.
     fn stop_direct(&self, a: &mut Active<B, M>) -> Result<Vec<(u16, QueuePosition)>> {
-        if let Run::Direct(Some(r)) = &mut a.run {
-            r.stop();
-        }
-        a.run = Run::Direct(None);
-        let nq = a.queues.len();
-        let (acked, dt) = (self.acked, self.device_type);
-        let idx: Vec<u16> = a
-            .queues
-            .iter()
-            .map(|(i, _, _)| u16::try_from(*i).unwrap_or(u16::MAX))
-            .collect();
-        self.backend.with(|b| {
-            for &q in &idx {
-                if let Err(e) = b.set_vring_kick(QueueIndex(q), None) {
-                    log::debug!("{}: detaching queue {q}'s kick: {e}", self.name);
+        let idx = self.detach_direct(a)?;
+        let suspended = self.suspendable() && {
+            match self.backend.with(|b| b.suspend())? {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!(
+                        "{}: suspend failed ({e}); waiting for the device instead",
+                        self.name
+                    );
+                    false
                 }
-                // Whatever the guest published before: the device sees it.
-                let _ = b.kick(QueueIndex(q));
             }
-        })?;
+        };
+        if !suspended {
+            self.backend.with(|b| {
+                for &q in &idx {
+                    // Whatever the guest published before: the device sees it.
+                    let _ = b.kick(QueueIndex(q));
+                }
+            })?;
+        }
         // Per queue, the used index up to which the device completed in
         // an order the rings can tell (all it was given, or in order), or
-        // the queue still busy. Past the drain a waited queue completed in
-        // order is stopped with its requests (offered again).
-        let known = |m: &M, late: bool| -> Result<std::result::Result<Vec<u16>, (u16, usize)>> {
-            let mut marks = Vec::with_capacity(idx.len());
-            for (&i, (_, q, _)) in idx.iter().zip(&a.queues) {
-                let (avail, used, held) = shadow::guest_in_flight(q, m)
-                    .map_err(|e| Error::Shadow(format!("queue {i}: {e}")))?;
-                let busy = if shadow::waited(dt, i, nq, acked) && !late {
-                    avail != used
-                } else {
-                    held.is_none()
-                };
-                if busy {
-                    return Ok(Err((i, usize::from(avail.wrapping_sub(used)))));
-                }
-                marks.push(used);
-            }
-            Ok(Ok(marks))
-        };
+        // the queue still busy. Past the drain (at once when suspended) a
+        // waited queue completed in order is stopped with its requests
+        // (offered again).
         let start = std::time::Instant::now();
-        let mut state = known(&a.mem.memory(), false);
-        while matches!(state, Ok(Err(_))) && start.elapsed() < release::DRAIN {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            state = known(&a.mem.memory(), false);
-        }
-        if matches!(state, Ok(Err(_))) {
-            state = known(&a.mem.memory(), true);
+        let mut state = self.stop_marks(a, suspended);
+        if !suspended {
+            while matches!(state, Ok(Err(_))) && start.elapsed() < release::DRAIN {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                state = self.stop_marks(a, false);
+            }
+            if matches!(state, Ok(Err(_))) {
+                state = self.stop_marks(a, true);
+            }
         }
         let marks = match state {
             Ok(Ok(m)) => m,
@@ -704,6 +705,11 @@ where
                     Err(e) => e.to_string(),
                     Ok(Ok(_)) => unreachable!(),
                 };
+                if suspended {
+                    if let Err(e) = self.backend.with(|b| b.resume())? {
+                        log::error!("{}: resume after a refused stop failed: {e}", self.name);
+                    }
+                }
                 // Back to running directly.
                 self.rewire_direct(a)?;
                 return Err(Error::Shadow(format!("cannot stop the device: {why}")));
@@ -727,15 +733,122 @@ where
         if let Err(e) = reset {
             return Err(backend_err("reset")(e));
         }
+        self.positions_from(a, &marks)
+    }
+
+    /// Stop the direct relay (if any) and detach the guest's kicks from
+    /// the device (they collect in their eventfds); the queue indices.
+    fn detach_direct(&self, a: &mut Active<B, M>) -> Result<Vec<u16>> {
+        if let Run::Direct(Some(r)) = &mut a.run {
+            r.stop();
+        }
+        a.run = Run::Direct(None);
+        let idx: Vec<u16> = a
+            .queues
+            .iter()
+            .map(|(i, _, _)| u16::try_from(*i).unwrap_or(u16::MAX))
+            .collect();
+        self.backend.with(|b| {
+            for &q in &idx {
+                if let Err(e) = b.set_vring_kick(QueueIndex(q), None) {
+                    log::debug!("{}: detaching queue {q}'s kick: {e}", self.name);
+                }
+            }
+        })?;
+        Ok(idx)
+    }
+
+    /// Per queue of a device stopped taking requests, the used index up
+    /// to which it completed what it was given in available order, or
+    /// `Err((queue, outstanding))` for the first queue still busy: one
+    /// with outstanding requests among the queues a stop waits for
+    /// (unless `late`), or completed out of order with some outstanding.
+    #[allow(clippy::type_complexity)]
+    fn stop_marks(
+        &self,
+        a: &Active<B, M>,
+        late: bool,
+    ) -> Result<std::result::Result<Vec<u16>, (u16, usize)>> {
+        let (acked, dt, nq) = (self.acked, self.device_type, a.queues.len());
         let m = a.mem.memory();
-        let mut positions = Vec::with_capacity(nq);
-        for ((&i, (_, q, _)), &mark) in idx.iter().zip(&a.queues).zip(&marks) {
+        let mut marks = Vec::with_capacity(nq);
+        for (i, q, _) in &a.queues {
+            let i = u16::try_from(*i).unwrap_or(u16::MAX);
+            let (avail, used, held) = shadow::guest_in_flight(q, &*m)
+                .map_err(|e| Error::Shadow(format!("queue {i}: {e}")))?;
+            let busy = if shadow::waited(dt, i, nq, acked) && !late {
+                avail != used
+            } else {
+                held.is_none()
+            };
+            if busy {
+                return Ok(Err((i, usize::from(avail.wrapping_sub(used)))));
+            }
+            marks.push(used);
+        }
+        Ok(Ok(marks))
+    }
+
+    /// Where each queue stands once the device stopped, from the marks of
+    /// [`stop_marks`](Self::stop_marks).
+    fn positions_from(&self, a: &Active<B, M>, marks: &[u16]) -> Result<Vec<(u16, QueuePosition)>> {
+        let m = a.mem.memory();
+        let mut positions = Vec::with_capacity(marks.len());
+        for ((i, q, _), &mark) in a.queues.iter().zip(marks) {
+            let i = u16::try_from(*i).unwrap_or(u16::MAX);
             let p = shadow::held_since(q, &*m, mark).map_err(|e| {
                 Error::Shadow(format!("queue {i}: which requests the device held: {e}"))
             })?;
             positions.push((i, p));
         }
         Ok(positions)
+    }
+
+    /// Whether the backend can suspend the device (and the bridge
+    /// negotiated what that takes).
+    fn suspendable(&self) -> bool {
+        self.backend
+            .with(|b| b.backend_caps().suspend)
+            .unwrap_or(false)
+    }
+
+    /// Pause a device running on the guest's rings by suspending it: its
+    /// kicks are detached, it finishes what it holds and stops, and stays
+    /// on the guest's rings. Where each queue stands is computed for a
+    /// state (when the device could run shadowed). On an error the device
+    /// runs directly again (or stays stopped if it cannot be resumed) and
+    /// the caller falls back to a stop with a reset.
+    fn suspend_direct(&self, a: &mut Active<B, M>) -> Result<Option<Vec<(u16, QueuePosition)>>> {
+        self.detach_direct(a)?;
+        if let Err(e) = self.backend.with(|b| b.suspend())? {
+            // A device that set DEVICE_NEEDS_RESET or never suspended is
+            // wired again; the fallback stops it with a reset.
+            self.rewire_direct(a)?;
+            return Err(backend_err("suspend")(e));
+        }
+        if self.shadow_possible().is_err() {
+            return Ok(None);
+        }
+        match self.stop_marks(a, true) {
+            Ok(Ok(marks)) => Ok(Some(self.positions_from(a, &marks)?)),
+            other => {
+                let why = match other {
+                    Ok(Err((q, n))) => format!(
+                        "queue {q}: suspended with {n} request(s) outstanding, completed out of order"
+                    ),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                if let Err(e) = self.backend.with(|b| b.resume())? {
+                    log::error!(
+                        "{}: resume after an unusable suspend failed: {e}",
+                        self.name
+                    );
+                }
+                self.rewire_direct(a)?;
+                Err(Error::Shadow(format!("suspended device: {why}")))
+            }
+        }
     }
 
     /// Wire kicks and interrupts for the guest's rings again (a stop that
@@ -780,25 +893,32 @@ where
         self.active.as_ref().map(|a| match a.run {
             Run::Direct(_) => DataPath::Direct,
             Run::Shadow(_) => DataPath::Shadow,
-            Run::Paused(_) => DataPath::Paused,
+            Run::Paused(_) | Run::Suspended(_) => DataPath::Paused,
         })
     }
 
     /// Stop the device: after this returns it does no DMA into guest
     /// memory and raises no interrupt until [`BridgeDevice::resume`].
-    /// The device is given at most [`release::DRAIN`] to finish what it
-    /// holds, then reset; requests it still held are offered again at
-    /// resume (a virtio-blk request may then run twice: see
-    /// docs/migration.md for why that is safe). A device on the guest's
-    /// rings resumes on shadow rings (a plain virtio-pci device cannot
-    /// restart at a ring index other than 0) until the guest resets it.
+    ///
+    /// A device that can be suspended (VIRTIO_F_SUSPEND, which the bridge
+    /// negotiates itself and never offers to the guest, or vhost-vdpa's
+    /// suspend) is suspended: it finishes what it holds and stops, and a
+    /// device on the guest's rings stays on them (it resumes there, at
+    /// full speed). Any other device is given at most [`release::DRAIN`]
+    /// to finish what it holds, then reset; requests it still held are
+    /// offered again at resume (a virtio-blk request may then run twice:
+    /// see docs/migration.md for why that is safe). A device on the
+    /// guest's rings then resumes on shadow rings (a plain virtio-pci
+    /// device cannot restart at a ring index other than 0) until the
+    /// guest resets it.
     ///
     /// A device that could not run again on shadow rings (behind a
-    /// vIOMMU, packed rings, a net device with control-queue state) is not
-    /// stopped: it keeps running with a warning, as a VMM leaves a
-    /// passthrough device, and [`BridgeDevice::state`] says why it has no
-    /// state. A VMM that mapped the doorbells into its guest must remove
-    /// that mapping first.
+    /// vIOMMU, packed rings, a net device with control-queue state) and
+    /// cannot be suspended is not stopped: it keeps running with a
+    /// warning, as a VMM leaves a passthrough device, and
+    /// [`BridgeDevice::state`] says why it has no state. A VMM that
+    /// mapped the doorbells into its guest must remove that mapping
+    /// first.
     ///
     /// # Errors
     ///
@@ -806,30 +926,83 @@ where
     /// order past the drain (it then keeps running), or its reset failed.
     pub fn pause(&mut self) -> Result<PauseReport> {
         let start = std::time::Instant::now();
-        if let (Some(Run::Direct(_)), Err(e)) =
-            (self.active.as_ref().map(|a| &a.run), self.shadow_possible())
-        {
-            // It could not be run again: leave it running, as a VMM leaves
-            // a passthrough device, and say so.
-            log::warn!(
-                "{}: not stopped while the VM is paused (it keeps its DMA): {e}",
-                self.name
-            );
-            return Ok(PauseReport::default());
+        let direct = matches!(self.active.as_ref().map(|a| &a.run), Some(Run::Direct(_)));
+        let suspendable = direct && self.suspendable();
+        if direct && !suspendable {
+            if let Err(e) = self.shadow_possible() {
+                // It could not be run again: leave it running, as a VMM
+                // leaves a passthrough device, and say so.
+                log::warn!(
+                    "{}: not stopped while the VM is paused (it keeps its DMA): {e}",
+                    self.name
+                );
+                return Ok(PauseReport::default());
+            }
         }
         let Some(mut a) = self.active.take() else {
             return Ok(PauseReport::default());
         };
+        if suspendable {
+            match self.suspend_direct(&mut a) {
+                Ok(p) => {
+                    a.run = Run::Suspended(p);
+                    self.active = Some(a);
+                    let r = PauseReport {
+                        took: start.elapsed(),
+                        held: Vec::new(),
+                    };
+                    log::info!(
+                        "{}: suspended in {:?} on the guest's rings",
+                        self.name,
+                        r.took
+                    );
+                    return Ok(r);
+                }
+                Err(e) => {
+                    if let Err(why) = self.shadow_possible() {
+                        log::warn!(
+                            "{}: not stopped while the VM is paused (suspend failed: {e}; \
+                             it keeps its DMA): {why}",
+                            self.name
+                        );
+                        self.active = Some(a);
+                        return Ok(PauseReport::default());
+                    }
+                    log::warn!("{}: {e}; stopping it with a reset instead", self.name);
+                }
+            }
+        }
         let result = match std::mem::replace(&mut a.run, Run::Direct(None)) {
             Run::Paused(p) => Ok(p),
+            Run::Suspended(p) => {
+                a.run = Run::Suspended(p);
+                self.active = Some(a);
+                return Ok(PauseReport::default());
+            }
             Run::Direct(relay) => {
                 a.run = Run::Direct(relay);
                 self.stop_direct(&mut a)
             }
             Run::Shadow(s) => {
                 let mut stopped = s.stop();
+                // A suspended device finished what it took; the rest of
+                // what the relay offered it stays for the resume.
+                let suspended = self.suspendable()
+                    && match self.backend.with(|b| b.suspend()) {
+                        Ok(Ok(())) => true,
+                        Ok(Err(e)) => {
+                            log::warn!("{}: suspend failed ({e}); draining instead", self.name);
+                            false
+                        }
+                        Err(_) => false,
+                    };
                 let (dt, nq, acked) = (self.device_type, a.queues.len(), self.acked);
-                stopped.drain(|q| shadow::waited(dt, q, nq, acked), shadow::PAUSE_DRAIN);
+                let limit = if suspended {
+                    std::time::Duration::ZERO
+                } else {
+                    shadow::PAUSE_DRAIN
+                };
+                stopped.drain(|q| shadow::waited(dt, q, nq, acked), limit);
                 let reset = self.backend.with(|b| b.reset());
                 // The rings are unmapped (or kept) here: a device that
                 // could not be reset loses access to them.
@@ -873,8 +1046,9 @@ where
         out
     }
 
-    /// Run a paused device again, on shadow rings, offering first what it
-    /// held. Does nothing when not paused.
+    /// Run a paused device again: a suspended one on the guest's rings
+    /// (unless dirty logging needs it shadowed), any other on shadow
+    /// rings, offering first what it held. Does nothing when not paused.
     ///
     /// # Errors
     ///
@@ -885,19 +1059,15 @@ where
             return Ok(());
         };
         let r = match std::mem::replace(&mut a.run, Run::Direct(None)) {
-            Run::Paused(p) => match self.start_shadow(&a, p.clone()) {
-                Ok(s) => {
-                    a.run = Run::Shadow(s);
-                    Ok(())
-                }
+            Run::Suspended(p) if !self.logging => match self.resume_direct(&mut a) {
+                Ok(()) => Ok(()),
                 Err(e) => {
-                    if let Ok(Err(r)) = self.backend.with(|b| b.reset()) {
-                        log::error!("{}: reset after a failed resume: {r}", self.name);
-                    }
-                    a.run = Run::Paused(p);
-                    Err(e)
+                    log::warn!("{}: resuming on the guest's rings failed: {e}", self.name);
+                    self.restart_shadowed(&mut a, p, true)
                 }
             },
+            Run::Suspended(p) => self.restart_shadowed(&mut a, p, true),
+            Run::Paused(p) => self.restart_shadowed(&mut a, Some(p), false),
             other => {
                 a.run = other;
                 Ok(())
@@ -905,6 +1075,64 @@ where
         };
         self.active = Some(a);
         r
+    }
+
+    /// A suspended device runs on the guest's rings again: resumed, its
+    /// kicks and interrupts wired (kicks that came meanwhile delivered).
+    fn resume_direct(&self, a: &mut Active<B, M>) -> Result<()> {
+        let t = std::time::Instant::now();
+        self.backend
+            .with(|b| b.resume())?
+            .map_err(backend_err("resume"))?;
+        self.rewire_direct(a)?;
+        log::info!(
+            "{}: resumed on the guest's rings in {:?}",
+            self.name,
+            t.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Run the device on shadow rings from `positions`, reset first if
+    /// `suspended` (none: it cannot be; it stays paused and the error says
+    /// why).
+    fn restart_shadowed(
+        &self,
+        a: &mut Active<B, M>,
+        positions: Option<Vec<(u16, QueuePosition)>>,
+        suspended: bool,
+    ) -> Result<()> {
+        let Some(p) = positions else {
+            if let Ok(Err(r)) = self.backend.with(|b| b.reset()) {
+                log::error!("{}: reset of a device that cannot resume: {r}", self.name);
+            }
+            a.run = Run::Paused(Vec::new());
+            return match self.shadow_possible() {
+                Err(e) => Err(e),
+                Ok(()) => Err(Error::Shadow("where the queues stand is not known".into())),
+            };
+        };
+        let reset = if suspended {
+            self.backend
+                .with(|b| b.reset())?
+                .map_err(backend_err("reset"))
+        } else {
+            Ok(())
+        };
+        let started = reset.and_then(|()| self.start_shadow(a, p.clone()));
+        match started {
+            Ok(s) => {
+                a.run = Run::Shadow(s);
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok(Err(r)) = self.backend.with(|b| b.reset()) {
+                    log::error!("{}: reset after a failed resume: {r}", self.name);
+                }
+                a.run = Run::Paused(p);
+                Err(e)
+            }
+        }
     }
 
     /// Start recording the guest pages the device writes: a running
@@ -988,7 +1216,7 @@ where
         let queues = match &self.active {
             None => Vec::new(),
             Some(Active {
-                run: Run::Paused(p),
+                run: Run::Paused(p) | Run::Suspended(Some(p)),
                 queues,
                 ..
             }) => queues
@@ -1101,11 +1329,20 @@ where
     ///
     /// [`Error::NotPaused`] while the device runs.
     pub fn hand_over(&mut self) -> Result<()> {
-        if matches!(
-            self.active.as_ref().map(|a| &a.run),
-            Some(Run::Direct(_) | Run::Shadow(_))
-        ) {
-            return Err(Error::NotPaused);
+        if let Some(a) = self.active.as_mut() {
+            match std::mem::replace(&mut a.run, Run::Paused(Vec::new())) {
+                Run::Suspended(Some(p)) => a.run = Run::Paused(p),
+                Run::Suspended(None) => {
+                    a.run = Run::Suspended(None);
+                    self.shadow_possible()?;
+                    return Err(Error::NotPaused);
+                }
+                other @ (Run::Direct(_) | Run::Shadow(_)) => {
+                    a.run = other;
+                    return Err(Error::NotPaused);
+                }
+                other => a.run = other,
+            }
         }
         if self.backend.is_released() {
             return Ok(());
@@ -1331,7 +1568,8 @@ where
                     }
                     Some(stopped.finish())
                 }
-                Run::Paused(p) => Some(p),
+                Run::Paused(p) | Run::Suspended(Some(p)) => Some(p),
+                Run::Suspended(None) => None,
             };
             if let Some(p) = positions {
                 self.release_positions(&mut report, a, p, &mut orphans, &mut answering);

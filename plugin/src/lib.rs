@@ -47,7 +47,7 @@ pub use activate::AddressTranslation;
 pub use config::{DevicePath, VdpaDeviceConfig};
 pub use device::{
     BridgeDevice, DataPath, DeviceOptions, GuestNotifyMapping, KickPolicy, NoNotifyMapping,
-    PauseReport, ShadowPolicy, Wiring, TRANSPORT_ONLY_FEATURES,
+    PauseReport, ShadowPolicy, Wiring, BRIDGE_FEATURES, TRANSPORT_ONLY_FEATURES,
 };
 pub use dirty::{DirtyRange, DIRTY_PAGE};
 pub use dma::{DmaHandle, DmaStats};

@@ -943,3 +943,262 @@ fn a_guest_avail_index_far_ahead_breaks_its_queue_without_hanging_the_bridge() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert_eq!(emu.stats().requests, 1);
 }
+
+/// The emulated device offering virtio 1.4's VIRTIO_F_SUSPEND.
+fn suspendable(queues: u16) -> EmuConfig {
+    let mut c = cfg(queues);
+    c.extra_features |= features::bit(features::SUSPEND);
+    c
+}
+
+#[test]
+fn virtio_f_suspend_is_negotiated_by_the_bridge_and_never_offered_to_the_guest() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(suspendable(1), None, DeviceOptions::default(), &g);
+    let bit = features::bit(features::SUSPEND);
+    assert_eq!(dev.features() & bit, 0, "offered to the guest");
+    assert!(
+        dev.ack_features(bit).is_err(),
+        "a guest acking it is refused"
+    );
+    ack(&mut dev, 0);
+    assert_eq!(dev.acked_features() & bit, 0);
+    let _irq = activate(&mut g, &mut dev, 1);
+    assert_ne!(
+        emu.driver_features() & bit,
+        0,
+        "not negotiated with the device"
+    );
+    // A device without it is not asked for it.
+    let mut g2 = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu2, mut dev2) = open(cfg(1), None, DeviceOptions::default(), &g2);
+    ack(&mut dev2, 0);
+    let _irq2 = activate(&mut g2, &mut dev2, 1);
+    assert_eq!(emu2.driver_features() & bit, 0);
+}
+
+#[test]
+fn a_suspendable_device_pauses_without_a_reset_finishing_what_it_holds_and_resumes_directly() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(suspendable(2), None, DeviceOptions::default(), &g);
+    ack(&mut dev, features::bit(features::RING_EVENT_IDX));
+    let _irq = activate(&mut g, &mut dev, 2);
+    let mut d = Driver::new(false);
+    for k in 0..4 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    d.settle(&mut g, 2);
+    // Requests the device holds when the pause comes.
+    emu.hold_requests(true);
+    for k in 10..13 {
+        d.submit(&mut g, 1, true, k, true);
+    }
+    let resets = emu.stats().resets;
+    let r = dev.pause().unwrap();
+    assert!(r.held.is_empty(), "{r:?}");
+    assert!(r.took < vdpa_plugin::DRAIN, "{r:?}");
+    assert_eq!(dev.data_path(), Some(DataPath::Paused));
+    let st = emu.stats();
+    assert_eq!(
+        (st.suspends, st.resets),
+        (1, resets),
+        "suspended, not reset"
+    );
+    let status = emu.device_status();
+    assert_eq!(
+        status & (vdpa_bridge::types::status::SUSPEND | vdpa_bridge::types::status::DRIVER_OK),
+        vdpa_bridge::types::status::SUSPEND,
+        "status {status:#x}"
+    );
+    // The suspend finished the held requests before it returned.
+    assert_eq!(d.reap(&mut g, 1), 3);
+    // Suspended: a kick and a new request change nothing in guest memory.
+    device_wrote(&emu);
+    let used = (used_idx(&g, 0), used_idx(&g, 1));
+    emu.hold_requests(false);
+    d.submit(&mut g, 0, false, 0, true);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(device_wrote(&emu).is_empty(), "DMA while suspended");
+    assert_eq!((used_idx(&g, 0), used_idx(&g, 1)), used);
+    // Its state holds nothing in flight.
+    let state = dev.state().unwrap();
+    assert!(state.queues.iter().all(|q| q.position.in_flight.is_empty()));
+    assert_eq!(state.queues[1].position.next_used, used.1);
+    // Resumed on the guest's rings, the kick that came meanwhile served.
+    dev.resume().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Direct));
+    assert_eq!(emu.stats().resumes, 1);
+    assert_eq!(emu.stats().resets, resets, "never reset");
+    d.settle(&mut g, 2);
+    for k in 20..30 {
+        d.submit(&mut g, (k % 2) as u16, k % 3 == 0, k, true);
+    }
+    d.settle(&mut g, 2);
+    d.check_disk(&emu);
+    // Twice is harmless.
+    dev.pause().unwrap();
+    dev.pause().unwrap();
+    dev.resume().unwrap();
+    dev.resume().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Direct));
+    assert_eq!(emu.stats().resets, resets);
+}
+
+#[test]
+fn a_suspend_drains_exactly_before_the_switch_to_shadow_rings_and_before_a_shadowed_pause() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(suspendable(1), None, DeviceOptions::default(), &g);
+    ack(&mut dev, 0);
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    // Completed out of order and still holding requests: without a
+    // suspend the switch would be refused (see
+    // a_device_completing_out_of_order_is_moved_only_once_it_drained).
+    emu.reverse_completions(true);
+    emu.hold_requests(true);
+    for k in 0..6 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    emu.hold_requests(false);
+    g.kicks[0].write(1).unwrap();
+    d.settle(&mut g, 1);
+    emu.hold_requests(true);
+    for k in 10..14 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    let t = Instant::now();
+    dev.start_dirty_log().unwrap();
+    assert!(t.elapsed() < vdpa_plugin::DRAIN, "{:?}", t.elapsed());
+    assert_eq!(dev.data_path(), Some(DataPath::Shadow));
+    assert_eq!(emu.stats().suspends, 1);
+    emu.hold_requests(false);
+    d.settle(&mut g, 1);
+    // Shadowed: the pause suspends too, and what the relay offered but
+    // the device did not take is held for the resume.
+    emu.reverse_completions(false);
+    d.submit(&mut g, 0, true, 40, true);
+    d.settle(&mut g, 1);
+    emu.hold_requests(true);
+    for k in 50..53 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    let r = dev.pause().unwrap();
+    assert_eq!(emu.stats().suspends, 2);
+    assert!(r.took < vdpa_plugin::PAUSE_DRAIN, "{r:?}");
+    assert!(r.held.is_empty(), "the suspend finished them: {r:?}");
+    emu.hold_requests(false);
+    dev.resume().unwrap();
+    for k in 60..70 {
+        d.submit(&mut g, 0, k % 2 == 0, k, true);
+    }
+    d.settle(&mut g, 1);
+    d.check_disk(&emu);
+}
+
+#[test]
+fn a_device_that_does_not_suspend_is_paused_with_a_reset_within_the_bound() {
+    use vdpa_testkit::emu::SuspendBehaviour;
+    let _s = serial();
+    for behaviour in [SuspendBehaviour::Never, SuspendBehaviour::NeedsReset] {
+        let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+        let (emu, mut dev) = open(suspendable(1), None, DeviceOptions::default(), &g);
+        ack(&mut dev, 0);
+        let _irq = activate(&mut g, &mut dev, 1);
+        let mut d = Driver::new(false);
+        emu.suspend_behaviour(behaviour);
+        emu.hold_requests(true);
+        for k in 0..3 {
+            d.submit(&mut g, 0, true, k, true);
+        }
+        let resets = emu.stats().resets;
+        let r = dev.pause().unwrap();
+        // The suspend's bound (the reset timeout, 500 ms) plus the drain.
+        assert!(
+            r.took < vdpa_plugin::DRAIN + Duration::from_secs(2),
+            "{behaviour:?}: {r:?}"
+        );
+        assert_eq!(r.held, vec![(0, 3)], "{behaviour:?}");
+        assert_eq!(emu.stats().suspends, 0);
+        assert!(emu.stats().resets > resets, "{behaviour:?}: not reset");
+        emu.suspend_behaviour(SuspendBehaviour::Finish);
+        emu.hold_requests(false);
+        dev.resume().unwrap();
+        assert_eq!(dev.data_path(), Some(DataPath::Shadow));
+        d.settle(&mut g, 1);
+        d.check_disk(&emu);
+    }
+}
+
+#[test]
+fn a_suspended_device_is_handed_over_and_runs_shadowed_when_taken_back() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(suspendable(1), None, DeviceOptions::default(), &g);
+    ack(&mut dev, features::bit(features::RING_EVENT_IDX));
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    for k in 0..3 {
+        d.submit(&mut g, 0, true, k, true);
+    }
+    d.settle(&mut g, 1);
+    dev.pause().unwrap();
+    // Published while suspended (not taken): offered after the move.
+    d.submit(&mut g, 0, true, 9, false);
+    dev.hand_over().unwrap();
+    assert_eq!(emu.dma_mapping_count(), 0);
+    let again = VpVdpa::open(emu.clone(), OpenOptions::default()).unwrap();
+    dev.reacquire(again).unwrap();
+    dev.resume().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Shadow));
+    g.kicks[0].write(1).unwrap();
+    d.settle(&mut g, 1);
+    d.check_disk(&emu);
+    // Dirty logging asked for while suspended: the resume goes shadowed.
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let (emu, mut dev) = open(suspendable(1), None, DeviceOptions::default(), &g);
+    ack(&mut dev, 0);
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    dev.pause().unwrap();
+    dev.start_dirty_log().unwrap();
+    dev.resume().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Shadow));
+    d.submit(&mut g, 0, false, 0, true);
+    d.submit(&mut g, 0, true, 1, true);
+    d.settle(&mut g, 1);
+    d.check_disk(&emu);
+    assert!(!dev.dirty_log().is_empty());
+}
+
+#[test]
+fn a_suspendable_device_behind_a_viommu_is_paused_and_resumed_but_has_no_state() {
+    let _s = serial();
+    let mut g = Guest::new(RAM, RING_SIZE).unwrap();
+    let opts = DeviceOptions {
+        iommu: true,
+        ..DeviceOptions::default()
+    };
+    let (emu, mut dev) = open(suspendable(1), None, opts, &g);
+    dev.dma().map(0, 0, RAM).unwrap();
+    dev.set_address_translation(Arc::new(|gpa, _| Ok(gpa)));
+    ack(&mut dev, 0);
+    let _irq = activate(&mut g, &mut dev, 1);
+    let mut d = Driver::new(false);
+    d.submit(&mut g, 0, true, 1, true);
+    d.settle(&mut g, 1);
+    // It could not run shadowed, but a suspend stops it all the same.
+    dev.pause().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Paused));
+    assert_eq!(emu.stats().suspends, 1);
+    let e = dev.state().unwrap_err().to_string();
+    assert!(e.contains("vIOMMU"), "{e}");
+    assert!(dev.hand_over().is_err());
+    dev.resume().unwrap();
+    assert_eq!(dev.data_path(), Some(DataPath::Direct));
+    d.submit(&mut g, 0, false, 0, true);
+    d.settle(&mut g, 1);
+    d.check_disk(&emu);
+}

@@ -121,6 +121,12 @@ impl VdpaOps for AnyDevice {
     fn reset(&mut self) -> Result<()> {
         each!(self, d => Ok(d.reset()?))
     }
+    fn suspend(&mut self) -> Result<()> {
+        each!(self, d => Ok(d.suspend()?))
+    }
+    fn resume(&mut self) -> Result<()> {
+        each!(self, d => Ok(d.resume()?))
+    }
     fn num_queues(&self) -> u16 {
         each!(self, d => d.num_queues())
     }

@@ -52,7 +52,7 @@ pub use device_path::DevicePath;
 pub use error::{Error, Result};
 pub use ops::{
     BackendCaps, ConfigRange, DmaMapper, Doorbell, DriverFeatures, IrqGroup, IrqPlan, NotifyArea,
-    NotifyPages, OpsError, RingDoorbell, Suspend, VdpaOps,
+    NotifyPages, OpsError, RingDoorbell, VdpaOps,
 };
 pub use pci::{PciError, PciFunction};
 pub use types::{DeviceType, Iova, IovaRange, QueueIndex, VringAddrs};

@@ -221,7 +221,9 @@ pub struct BackendCaps {
     pub kick_eventfd: bool,
     /// Device interrupts are delivered straight to an eventfd.
     pub call_eventfd: bool,
-    /// The device can be suspended and resumed.
+    /// The device can be suspended and resumed ([`VdpaOps::suspend`]):
+    /// VIRTIO_F_SUSPEND offered (virtio-pci) or `VHOST_BACKEND_F_SUSPEND`
+    /// and `_RESUME` acked (vhost-vdpa).
     pub suspend: bool,
     /// Per-queue notification areas can be mapped.
     pub notification_area: bool,
@@ -520,6 +522,24 @@ pub trait VdpaOps: Send {
     fn removal_request(&self) -> Option<&EventFd> {
         None
     }
+
+    /// Suspend the running device (virtio 1.4 VIRTIO_F_SUSPEND, which the
+    /// driver must have negotiated; vhost-vdpa's `VHOST_VDPA_SUSPEND`): it
+    /// takes no more requests, and (virtio: should) finishes those it
+    /// holds and raises their interrupts first; its queues keep their
+    /// positions. Bounded: a device that does not suspend in time is an
+    /// error, and the device must then be reset. Only when
+    /// [`BackendCaps::suspend`].
+    fn suspend(&mut self) -> Result<(), Self::Error> {
+        Err(OpsError::Unsupported("suspend").into())
+    }
+
+    /// Run a suspended device again from where its queues stand (virtio:
+    /// DRIVER_OK set again; vhost-vdpa: `VHOST_VDPA_RESUME`). Bounded like
+    /// [`suspend`](Self::suspend).
+    fn resume(&mut self) -> Result<(), Self::Error> {
+        Err(OpsError::Unsupported("resume").into())
+    }
 }
 
 /// IOVA mappings for device DMA.
@@ -550,14 +570,6 @@ pub trait DmaMapper {
 
     /// Remove the mapping at `iova`.
     fn dma_unmap(&self, iova: Iova, size: u64) -> Result<(), Self::Error>;
-}
-
-/// Optional: suspend and resume the device (vhost-vdpa `VHOST_VDPA_SUSPEND`).
-pub trait Suspend: VdpaOps {
-    /// Stop the device processing queues, keeping its state.
-    fn suspend(&mut self) -> Result<(), Self::Error>;
-    /// Resume after [`Suspend::suspend`].
-    fn resume(&mut self) -> Result<(), Self::Error>;
 }
 
 #[cfg(test)]

@@ -87,6 +87,11 @@ pub mod status {
     pub const DEVICE_NEEDS_RESET: u8 = c::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
     /// Something went wrong in the guest; it has given up on the device.
     pub const FAILED: u8 = c::VIRTIO_CONFIG_S_FAILED as u8;
+    /// With VIRTIO_F_SUSPEND negotiated: the driver asks the device to
+    /// suspend, the device shows it is (virtio 1.4 §2.1 "SUSPEND (16)",
+    /// §3.4 "Device Suspend"). Not in virtio-bindings 0.2.7, whose headers
+    /// predate it.
+    pub const SUSPEND: u8 = 0x10;
 }
 
 /// The transport and ring feature bits (virtio 1.2 §6) the bridge acts on,
@@ -118,6 +123,10 @@ pub mod features {
     pub const RING_RESET: u32 = c::VIRTIO_F_RING_RESET;
     /// Administration virtqueue.
     pub const ADMIN_VQ: u32 = c::VIRTIO_F_ADMIN_VQ;
+    /// The driver can suspend the device with the SUSPEND status bit
+    /// (virtio 1.4 §6, "VIRTIO_F_SUSPEND(43)"). Not in virtio-bindings
+    /// 0.2.7; Linux's uapi headers do not have it either.
+    pub const SUSPEND: u32 = 43;
 
     /// Mask with one bit set.
     pub const fn bit(n: u32) -> u64 {

@@ -668,7 +668,7 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
         BackendCaps {
             kick_eventfd: true,
             call_eventfd: self.msix_vectors() > 0,
-            suspend: false,
+            suspend: self.offered & features::bit(features::SUSPEND) != 0,
             notification_area: self.transport.notify_window().is_mapped(),
         }
     }
@@ -733,6 +733,51 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
 
     fn reset(&mut self) -> Result<()> {
         self.reset_device()
+    }
+
+    /// Virtio 1.4 Device Suspend: SUSPEND written on top of the running
+    /// status, then the device must show SUSPEND set and DRIVER_OK clear
+    /// within the reset timeout.
+    fn suspend(&mut self) -> Result<()> {
+        if !self.negotiated(features::SUSPEND) {
+            return Err(OpsError::Unsupported("suspend: VIRTIO_F_SUSPEND not negotiated").into());
+        }
+        if self.status & status::DRIVER_OK == 0 {
+            return Err(OpsError::BadState {
+                op: "suspend",
+                status: self.status,
+            }
+            .into());
+        }
+        let shown = self.transport.set_status_and_wait(
+            "suspend",
+            self.status | status::SUSPEND,
+            status::SUSPEND,
+            status::DRIVER_OK,
+        )?;
+        self.status = shown;
+        Ok(())
+    }
+
+    /// DRIVER_OK written again; the device must show it set and SUSPEND
+    /// clear within the reset timeout.
+    fn resume(&mut self) -> Result<()> {
+        if self.status & status::SUSPEND == 0 {
+            return Err(OpsError::BadState {
+                op: "resume",
+                status: self.status,
+            }
+            .into());
+        }
+        let running = (self.status & !status::SUSPEND) | status::DRIVER_OK;
+        let shown = self.transport.set_status_and_wait(
+            "resume",
+            running,
+            status::DRIVER_OK,
+            status::SUSPEND,
+        )?;
+        self.status = shown;
+        Ok(())
     }
 
     fn num_queues(&self) -> u16 {

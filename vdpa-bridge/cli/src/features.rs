@@ -15,7 +15,7 @@ use virtio_bindings::{
     virtio_scsi as scsi,
 };
 
-/// Feature bits every device type shares (virtio 1.3 §6).
+/// Feature bits every device type shares (virtio 1.3 §6, and 1.4's SUSPEND).
 const GENERIC: &[(u32, &str)] = &[
     (cfg::VIRTIO_F_NOTIFY_ON_EMPTY, "NOTIFY_ON_EMPTY"),
     (cfg::VIRTIO_F_ANY_LAYOUT, "ANY_LAYOUT"),
@@ -31,6 +31,8 @@ const GENERIC: &[(u32, &str)] = &[
     (cfg::VIRTIO_F_NOTIF_CONFIG_DATA, "NOTIF_CONFIG_DATA"),
     (cfg::VIRTIO_F_RING_RESET, "RING_RESET"),
     (cfg::VIRTIO_F_ADMIN_VQ, "ADMIN_VQ"),
+    // Virtio 1.4; not in virtio-bindings 0.2.7.
+    (vdpa_bridge::types::features::SUSPEND, "SUSPEND"),
 ];
 
 /// virtio-blk (virtio 1.3 §5.2.3, legacy bits from §5.2.3.1).

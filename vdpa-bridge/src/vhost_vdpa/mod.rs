@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device_path::is_vhost_vdpa_path;
 use crate::ops::{
     provision, BackendCaps, ConfigRange, DmaMapper, Doorbell, DriverFeatures, IrqPlan, NotifyArea,
-    OpsError, RingDoorbell, Suspend, VdpaOps,
+    OpsError, RingDoorbell, VdpaOps,
 };
 use crate::types::{features, status, Iova, IovaRange, QueueIndex, VringAddrs};
 
@@ -295,9 +295,24 @@ impl VdpaOps for VhostVdpaDevice {
         BackendCaps {
             kick_eventfd: true,
             call_eventfd: true,
-            suspend: self.backend_features & backend_features::SUSPEND != 0,
+            suspend: self.backend_features & (backend_features::SUSPEND | backend_features::RESUME)
+                == backend_features::SUSPEND | backend_features::RESUME,
             notification_area: self.notify.iter().any(Option::is_some),
         }
+    }
+
+    fn suspend(&mut self) -> Result<()> {
+        if self.backend_features & backend_features::SUSPEND == 0 {
+            return Err(OpsError::Unsupported("suspend").into());
+        }
+        self.vdpa.suspend().map_err(ioctl("VHOST_VDPA_SUSPEND"))
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        if self.backend_features & backend_features::RESUME == 0 {
+            return Err(OpsError::Unsupported("resume").into());
+        }
+        sys::resume(&self.vdpa)
     }
 
     fn status(&mut self) -> Result<u8> {
@@ -528,22 +543,6 @@ impl DmaMapper for VhostVdpaDevice {
         self.vdpa
             .dma_unmap(iova.0, size)
             .map_err(ioctl("IOTLB invalidate"))
-    }
-}
-
-impl Suspend for VhostVdpaDevice {
-    fn suspend(&mut self) -> Result<()> {
-        if self.backend_features & backend_features::SUSPEND == 0 {
-            return Err(OpsError::Unsupported("suspend").into());
-        }
-        self.vdpa.suspend().map_err(ioctl("VHOST_VDPA_SUSPEND"))
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        if self.backend_features & backend_features::RESUME == 0 {
-            return Err(OpsError::Unsupported("resume").into());
-        }
-        sys::resume(&self.vdpa)
     }
 }
 

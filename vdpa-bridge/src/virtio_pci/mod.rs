@@ -67,6 +67,25 @@ pub enum TransportError {
     /// The device did not reach status 0 after a reset.
     #[error("device did not finish reset within {0:?}")]
     ResetTimeout(Duration),
+    /// The device did not show a status change asked of it (suspend or
+    /// resume) in time.
+    #[error("device did not {what} within {waited:?} (status {status:#x})")]
+    StatusTimeout {
+        /// What was asked.
+        what: &'static str,
+        /// How long it was given.
+        waited: Duration,
+        /// The status it last showed.
+        status: u8,
+    },
+    /// The device set DEVICE_NEEDS_RESET instead of doing what was asked.
+    #[error("device could not {what}: it set DEVICE_NEEDS_RESET (status {status:#x})")]
+    NeedsReset {
+        /// What was asked.
+        what: &'static str,
+        /// The status it showed.
+        status: u8,
+    },
     /// The device cleared FEATURES_OK: it refused the driver's features.
     #[error("device refused features {0:#x} (FEATURES_OK not kept)")]
     FeaturesRefused(u64),
@@ -354,6 +373,46 @@ impl<P: PciFunction + ?Sized> ModernTransport<P> {
             }
             if start.elapsed() >= timeout {
                 return Err(TransportError::ResetTimeout(timeout));
+            }
+            std::thread::sleep(sleep);
+            sleep = (sleep * 2).min(Duration::from_millis(10));
+        }
+    }
+
+    /// Write `write` to device status, then wait (bounded by the reset
+    /// timeout) until the status has every bit of `set` and none of
+    /// `clear`: how virtio 1.4's Device Suspend reports both suspending
+    /// (SUSPEND set, DRIVER_OK clear) and resuming (the reverse).
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::NeedsReset`] when the device sets
+    /// DEVICE_NEEDS_RESET instead, [`TransportError::StatusTimeout`],
+    /// [`TransportError::DeviceRemoved`].
+    pub fn set_status_and_wait(
+        &self,
+        what: &'static str,
+        write: u8,
+        set: u8,
+        clear: u8,
+    ) -> Result<u8> {
+        self.common.write8(common::DEVICE_STATUS, write)?;
+        let start = Instant::now();
+        let mut sleep = Duration::from_micros(10);
+        loop {
+            let s = self.status()?;
+            if s & status::DEVICE_NEEDS_RESET != 0 {
+                return Err(TransportError::NeedsReset { what, status: s });
+            }
+            if s & set == set && s & clear == 0 {
+                return Ok(s);
+            }
+            if start.elapsed() >= self.reset_timeout {
+                return Err(TransportError::StatusTimeout {
+                    what,
+                    waited: self.reset_timeout,
+                    status: s,
+                });
             }
             std::thread::sleep(sleep);
             sleep = (sleep * 2).min(Duration::from_millis(10));

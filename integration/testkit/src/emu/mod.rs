@@ -166,6 +166,28 @@ pub struct EmuStats {
     pub dma_refused: u64,
     /// ioeventfd registrations made or removed (`set_ioeventfd` calls).
     pub ioeventfd_changes: u64,
+    /// Virtio resets (status 0) honoured.
+    pub resets: u64,
+    /// Suspends done (VIRTIO_F_SUSPEND).
+    pub suspends: u64,
+    /// Resumes from a suspend.
+    pub resumes: u64,
+}
+
+/// What the emulated device does when its driver sets SUSPEND (with
+/// VIRTIO_F_SUSPEND offered through [`EmuConfig::extra_features`] and
+/// negotiated).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SuspendBehaviour {
+    /// As virtio 1.4 §3.4 says it should: finish every request it holds
+    /// (those [`EmulatedFunction::hold_requests`] kept), raise their
+    /// interrupts, then show SUSPEND and clear DRIVER_OK.
+    #[default]
+    Finish,
+    /// Never show SUSPEND (a device stuck on its way to suspending).
+    Never,
+    /// Fail to suspend: set DEVICE_NEEDS_RESET, as the spec allows.
+    NeedsReset,
 }
 
 #[derive(Default)]
@@ -216,6 +238,7 @@ struct State {
     hold_requests: bool,
     /// Complete each batch of requests in reverse order.
     reverse: bool,
+    suspend: SuspendBehaviour,
 }
 
 struct Shared {
@@ -378,6 +401,7 @@ impl EmulatedFunction {
             reset_stuck: cfg.never_finish_reset,
             hold_requests: false,
             reverse: false,
+            suspend: SuspendBehaviour::default(),
         };
         // An eventfd only fails without file descriptors left.
         let wake = EventFd::new(EFD_NONBLOCK).ok();
@@ -469,6 +493,11 @@ impl EmulatedFunction {
         self.state().hold_requests = on;
     }
 
+    /// How the device answers a SUSPEND from now on.
+    pub fn suspend_behaviour(&self, b: SuspendBehaviour) {
+        self.state().suspend = b;
+    }
+
     /// While `on`, every DMA unmap fails with EIO and leaves the mapping
     /// in place, as an IOMMU that refuses the unmap would.
     pub fn refuse_dma_unmap(&self, on: bool) {
@@ -526,6 +555,11 @@ impl EmulatedFunction {
     pub fn device_status(&self) -> u8 {
         self.state().status
     }
+
+    /// The features its driver negotiated, as the device sees them.
+    pub fn driver_features(&self) -> u64 {
+        self.state().driver_features
+    }
 }
 
 impl Drop for EmulatedFunction {
@@ -560,6 +594,7 @@ impl State {
         if self.reset_stuck {
             return;
         }
+        self.stats.resets += 1;
         self.reset_now(c);
     }
 
@@ -745,7 +780,39 @@ impl State {
             self.reset(c);
             return;
         }
-        let mut v = v;
+        let suspend_on = self.driver_features & features::bit(features::SUSPEND) != 0;
+        if suspend_on && self.status & status::SUSPEND != 0 {
+            // Suspended: DRIVER_OK resumes (virtio 1.4 §3.4); the queues
+            // go on from where they stand.
+            if v & status::DRIVER_OK != 0 {
+                self.status = (self.status | status::DRIVER_OK) & !status::SUSPEND;
+                self.stats.resumes += 1;
+            }
+            return;
+        }
+        if suspend_on
+            && v & status::SUSPEND != 0
+            && self.status & status::DRIVER_OK != 0
+            && self.status & status::DEVICE_NEEDS_RESET == 0
+        {
+            match self.suspend {
+                SuspendBehaviour::Finish => {
+                    // What it holds counts as taken: finished first.
+                    let hold = std::mem::replace(&mut self.hold_requests, false);
+                    for q in 0..self.queues.len() {
+                        self.process(q as u16);
+                    }
+                    self.hold_requests = hold;
+                    self.status = (self.status | status::SUSPEND) & !status::DRIVER_OK;
+                    self.stats.suspends += 1;
+                }
+                SuspendBehaviour::Never => {}
+                SuspendBehaviour::NeedsReset => self.status |= status::DEVICE_NEEDS_RESET,
+            }
+            return;
+        }
+        // SUSPEND means nothing without the feature or before DRIVER_OK.
+        let mut v = v & !status::SUSPEND;
         let newly = v & !self.status;
         if newly & status::FEATURES_OK != 0 {
             let ok = self.driver_features & !self.offered(c) == 0
