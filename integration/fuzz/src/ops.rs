@@ -4,6 +4,7 @@
 //! The bytes give the device's shape and misbehaviour ([`EmuConfig`]:
 //! queues, maximum sizes, MSI-X vectors, notify multiplier, features, a
 //! reset that never finishes, a function-level reset that helps or not,
+//! VIRTIO_F_SUSPEND and how the device answers a suspend,
 //! DRIVER_OK refused, an ioeventfd limit, the IOVA range), the VMM's
 //! options ([`DeviceOptions`]), a provisioning mask, then up to
 //! [`MAX_OPS`] operations: feature acks, config reads and writes,
@@ -40,7 +41,7 @@ use vdpa_bridge::IovaRange;
 use vdpa_plugin::{BridgeDevice, DeviceOptions, Error, KickPolicy, ShadowPolicy};
 use vdpa_testkit::driver::blk::T_IN;
 use vdpa_testkit::driver::ring::Buf;
-use vdpa_testkit::emu::{EmuConfig, EmulatedFunction};
+use vdpa_testkit::emu::{EmuConfig, EmulatedFunction, SuspendBehaviour};
 use vdpa_testkit::harness::{Guest, Mem, TestInterrupt};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestRegionMmap, MmapRegion};
@@ -145,7 +146,14 @@ fn emu_config(r: &mut Reader) -> EmuConfig {
         .iter()
         .enumerate()
         .filter(|(i, _)| bits & (1 << i) != 0)
-        .fold(0, |f, (_, &b)| f | features::bit(b));
+        .fold(0, |f, (_, &b)| f | features::bit(b))
+        // Bit 12, unused before: virtio 1.4's SUSPEND (older corpus inputs
+        // decode as before).
+        | if bits & (1 << 12) != 0 {
+            features::bit(features::SUSPEND)
+        } else {
+            0
+        };
     EmuConfig {
         num_queues: u16::from(r.u8() % 5),
         queue_max_size: r.choose(&[256, 256, 64, 2, 1, 0, 3, 1024]),
@@ -213,6 +221,15 @@ impl World {
             self.removed || st == 0 || !self.emu.bus_master(),
             "device left running (status {st:#x}, bus master on) after {after}"
         );
+    }
+
+    /// Stopped: reset as [`World::assert_quiesced`] says, or suspended
+    /// (SUSPEND shown, DRIVER_OK clear).
+    fn assert_stopped(&self, after: &str) {
+        let st = self.emu.device_status();
+        if st & (status::SUSPEND | status::DRIVER_OK) != status::SUSPEND {
+            self.assert_quiesced(after);
+        }
     }
 
     fn assert_no_relay(&self, after: &str) {
@@ -454,7 +471,7 @@ fn migrate(r: &mut Reader, w: &mut World) {
                 match w.dev.data_path() {
                     Some(vdpa_plugin::DataPath::Paused) => {
                         w.assert_no_relay("a pause");
-                        w.assert_quiesced("a pause");
+                        w.assert_stopped("a pause");
                     }
                     // A device that could not run again on shadow rings
                     // (vIOMMU, packed rings) is left running; its state
@@ -471,6 +488,16 @@ fn migrate(r: &mut Reader, w: &mut World) {
         }
         2 => {
             let _ = w.dev.start_dirty_log();
+            // A device that suspends, never does, or fails to (virtio 1.4
+            // allows DEVICE_NEEDS_RESET) from now on. Only read when it
+            // negotiated SUSPEND, so older corpus inputs decode as before.
+            if w.emu.driver_features() & features::bit(features::SUSPEND) != 0 {
+                w.emu.suspend_behaviour(r.choose(&[
+                    SuspendBehaviour::Finish,
+                    SuspendBehaviour::Never,
+                    SuspendBehaviour::NeedsReset,
+                ]));
+            }
         }
         3 => w.dev.stop_dirty_log(),
         4 => {
