@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::{KickPolicy, Wiring, BRIDGE_FEATURES};
 use crate::error::{backend_err, io, Error, Result};
 use crate::interrupt::{InterruptType, VirtioInterrupt};
+use crate::net_ctrl::SharedControl;
 use crate::relay::{IrqRelay, IrqTarget, KickRelay};
 
 /// What the VMM hands over for one queue: its index, the queue as the
@@ -290,13 +291,21 @@ pub(crate) fn wire_kicks<B: VdpaOps>(
     qidx: &[u16],
     policy: KickPolicy,
     acked: u64,
+    control: Option<&(u16, SharedControl)>,
     wiring: &mut Wiring,
 ) -> Result<Vec<KickRelay>> {
     let reason = relay_reason(policy, b.backend_caps(), acked);
     let notif_data = reason == Some(RelayReason::NotificationData);
     let mut relays = Vec::new();
     for ((_, q, kick), &qi) in queues.iter().zip(qidx) {
-        if reason.is_none() {
+        // A net control queue's commands are recorded on their way: its
+        // kicks always go through the relay.
+        let watch = control.filter(|(c, _)| *c == qi).map(|(_, w)| w.clone());
+        if watch.is_some() {
+            b.set_vring_kick(QueueIndex(qi), None)
+                .map_err(backend_err("detach kick eventfd"))?;
+        }
+        if reason.is_none() && watch.is_none() {
             match b.set_vring_kick(QueueIndex(qi), Some(kick)) {
                 Ok(()) => {
                     wiring.direct_kicks.push(qi);
@@ -320,12 +329,26 @@ pub(crate) fn wire_kicks<B: VdpaOps>(
         } else {
             None
         };
+        let doorbell = match b.doorbell(QueueIndex(qi)) {
+            Ok(d) => d,
+            // No doorbell to write (vhost-vdpa): the relay kicks through an
+            // eventfd of its own.
+            Err(_) if watch.is_some() && b.backend_caps().kick_eventfd => {
+                let fd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+                b.set_vring_kick(QueueIndex(qi), Some(&fd))
+                    .map_err(backend_err("set kick eventfd"))?;
+                vdpa_bridge::Doorbell::new(Arc::new(crate::shadow::EventFdKick(fd)))
+            }
+            Err(e) => return Err(backend_err("doorbell")(e)),
+        };
         relays.push(KickRelay {
             fd: kick.try_clone().map_err(io("dup kick eventfd"))?,
-            doorbell: b
-                .doorbell(QueueIndex(qi))
-                .map_err(backend_err("doorbell"))?,
+            doorbell,
             avail_idx_addr,
+            control: match watch {
+                Some(w) => Some((crate::shadow::copy_queue(q)?, w)),
+                None => None,
+            },
         });
         wiring.relayed_kicks.push(qi);
     }

@@ -14,6 +14,7 @@ use crate::dirty::{DirtyLog, DirtyRange};
 use crate::dma::DmaHandle;
 use crate::error::{backend_err, Error, Result};
 use crate::interrupt::{InterruptType, ThreadHook, VirtioInterrupt};
+use crate::net_ctrl::{self, ControlWatch, NetControlState, SharedControl};
 use crate::relay::{Relay, RelayPlan};
 use crate::release::{self, Orphan, OrphanQueue, ReleaseReport};
 use crate::shadow::{self, QueuePosition, Shadow, ShadowPlan, ShadowQueueArg};
@@ -166,6 +167,11 @@ pub enum NoNotifyMapping {
     /// [`BridgeDevice::start_dirty_log`] or [`BridgeDevice::pause`].)
     #[error("the device runs on shadow rings")]
     Shadowed,
+    /// A virtio-net device with a control queue: the bridge records every
+    /// control command (replayed after a reset it does), so that queue's
+    /// kicks must reach the relay.
+    #[error("the net control queue's kicks must reach the bridge")]
+    ControlQueue,
     /// The backend has no host mapping of its doorbells that holds
     /// nothing else (the pages also hold config structures or the MSI-X
     /// table, the BAR is not mmap-able, or the backend is not PCI).
@@ -250,6 +256,11 @@ pub struct BridgeDevice<B: VdpaOps + DmaMapper, M: GuestMemory> {
     /// After a hand-over: the DMA mappings to make again when the device
     /// is taken back.
     handed_over: Option<Vec<(u64, u64, u64)>>,
+    /// A net device's control queue and what its driver set through it
+    /// (see `net_ctrl`), from activation to the guest's next reset.
+    control: Option<(u16, SharedControl)>,
+    /// The control state of a restored state, for the next activation.
+    restored_control: Option<NetControlState>,
 }
 
 impl<B, M> BridgeDevice<B, M>
@@ -326,6 +337,8 @@ where
             logging: false,
             restored: None,
             handed_over: None,
+            control: None,
+            restored_control: None,
         })
     }
 
@@ -453,6 +466,21 @@ where
         if self.active.is_some() {
             return Err(Error::AlreadyActive);
         }
+        let indices: Vec<u16> = queues
+            .iter()
+            .filter_map(|(i, _, _)| u16::try_from(*i).ok())
+            .collect();
+        self.control = net_ctrl::control_queue(self.device_type, self.acked, &indices).map(|ci| {
+            let seen = queues
+                .iter()
+                .find(|(i, _, _)| *i == usize::from(ci))
+                .map_or(0, |(_, q, _)| q.next_avail());
+            let watch = ControlWatch {
+                state: self.restored_control.take().unwrap_or_default(),
+                seen,
+            };
+            (ci, Arc::new(std::sync::Mutex::new(watch)))
+        });
         let shadowed =
             self.opts.shadow == ShadowPolicy::Always || self.logging || self.restored.is_some();
         if shadowed {
@@ -588,7 +616,7 @@ where
                 "shadow virtqueues need split rings (the guest negotiated packed rings)",
             ));
         }
-        net_control_state(self.device_type, self.acked)
+        Ok(())
     }
 
     /// Start shadow mode on the reset device from `positions`.
@@ -633,6 +661,7 @@ where
                 log: self.log.clone(),
                 acked: self.acked,
                 config_writes: self.config_writes.clone(),
+                control: self.control.clone(),
             },
             format!("{}-shadow", self.name),
             self.thread_hook.clone(),
@@ -755,6 +784,12 @@ where
                 }
             }
         })?;
+        // Control commands published without a kick yet.
+        if let Some((ci, w)) = &self.control {
+            if let Some((_, q, _)) = a.queues.iter().find(|(i, _, _)| *i == usize::from(*ci)) {
+                net_ctrl::lock(w).catch_up(q, &*a.mem.memory());
+            }
+        }
         Ok(idx)
     }
 
@@ -862,8 +897,15 @@ where
         let mut wiring = Wiring::default();
         let relay = self.backend.with(|b| -> Result<Option<Relay>> {
             let irqs = activate::wire_interrupts(b, &a.interrupt, &qidx, &mut wiring)?;
-            let kicks =
-                activate::wire_kicks(b, &a.queues, &qidx, self.opts.kick, self.acked, &mut wiring)?;
+            let kicks = activate::wire_kicks(
+                b,
+                &a.queues,
+                &qidx,
+                self.opts.kick,
+                self.acked,
+                self.control.as_ref(),
+                &mut wiring,
+            )?;
             let plan = RelayPlan {
                 kicks,
                 irqs,
@@ -1244,6 +1286,10 @@ where
             acked_features: self.acked,
             config_writes: self.config_writes.clone(),
             queues,
+            net_control: self
+                .control
+                .as_ref()
+                .map(|(_, w)| net_ctrl::lock(w).state.clone()),
         })
     }
 
@@ -1259,9 +1305,9 @@ where
     /// [`Error::Restore`] naming what does not match; nothing changes
     /// then.
     pub fn restore(&mut self, state: &DeviceState) -> Result<()> {
-        if state.version != STATE_VERSION {
+        if state.version != STATE_VERSION && state.version != 1 {
             return Err(Error::Restore(format!(
-                "state version {}, this bridge reads version {STATE_VERSION}",
+                "state version {}, this bridge reads versions 1 to {STATE_VERSION}",
                 state.version
             )));
         }
@@ -1313,6 +1359,7 @@ where
         }
         self.acked = state.acked_features;
         self.config_writes = state.config_writes.clone();
+        self.restored_control = state.net_control.clone();
         self.restored = (!state.queues.is_empty()).then(|| state.queues.clone());
         Ok(())
     }
@@ -1444,7 +1491,15 @@ where
         activate::program_queues(b, queues, &qidx, acked, self.translation.as_ref())?;
         let mut wiring = Wiring::default();
         let irqs = activate::wire_interrupts(b, &interrupt, &qidx, &mut wiring)?;
-        let kicks = activate::wire_kicks(b, queues, &qidx, self.opts.kick, acked, &mut wiring)?;
+        let kicks = activate::wire_kicks(
+            b,
+            queues,
+            &qidx,
+            self.opts.kick,
+            acked,
+            self.control.as_ref(),
+            &mut wiring,
+        )?;
         activate::detach_unused(b, &qidx, &wiring)?;
         activate::enable_queues(b, &qidx)?;
         let relay_plan = RelayPlan {
@@ -1491,6 +1546,10 @@ where
         self.acked = 0;
         self.config_writes.clear();
         self.restored = None;
+        // The guest's driver starts over: the device forgets what the
+        // control queue set, and so does the bridge.
+        self.control = None;
+        self.restored_control = None;
         let r = match self.backend.with(|b| b.reset()) {
             // A released device has nothing left to reset: the guest's
             // driver resets it on its way out, which must not fail.
@@ -1751,35 +1810,6 @@ where
     }
 }
 
-/// A virtio-net device forgets what its control queue was told when it is
-/// reset (the switch to shadow rings resets it), and the bridge does not
-/// replay that state yet. Queue pairs (`VIRTIO_NET_F_MQ`) and VLAN filters
-/// (`VIRTIO_NET_F_CTRL_VLAN`) would then break the guest's traffic, so a
-/// switch is refused with them; receive modes and MAC filters fall back to
-/// the device's defaults (QEMU's: promiscuous), which only lets more
-/// traffic in: allowed, with a warning.
-fn net_control_state(device_type: u32, acked: u64) -> Result<()> {
-    const VIRTIO_ID_NET: u32 = 1;
-    const CTRL_VQ: u64 = 1 << 17;
-    const CTRL_VLAN: u64 = 1 << 19;
-    const MQ: u64 = 1 << 22;
-    if device_type != VIRTIO_ID_NET || acked & CTRL_VQ == 0 {
-        return Ok(());
-    }
-    if acked & (MQ | CTRL_VLAN) != 0 {
-        return Err(Error::Unsupported(
-            "a virtio-net device whose guest negotiated multiple queue pairs or VLAN filtering \
-             cannot move to shadow rings: the control queue's state is not replayed after the \
-             device's reset yet",
-        ));
-    }
-    log::warn!(
-        "virtio-net: receive modes and MAC filters set through the control queue fall back to \
-         the device's defaults on shadow rings (not replayed yet)"
-    );
-    Ok(())
-}
-
 impl<B, M> BridgeDevice<B, M>
 where
     B: VdpaOps + DmaMapper,
@@ -1813,6 +1843,11 @@ where
         }
         if self.opts.shadow == ShadowPolicy::Always {
             return Err(NoNotifyMapping::Shadowed);
+        }
+        const VIRTIO_ID_NET: u32 = 1;
+        const CTRL_VQ: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ;
+        if self.device_type == VIRTIO_ID_NET && self.offered & CTRL_VQ != 0 {
+            return Err(NoNotifyMapping::ControlQueue);
         }
         let pages = self
             .backend
@@ -1875,23 +1910,5 @@ impl<B: VdpaOps + DmaMapper, M: GuestMemory> Drop for BridgeDevice<B, M> {
         drop(shadow);
         self.backend.retry_kept();
         self.dma.unmap_all();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn net_control_state_refuses_queue_pairs_and_vlans_only() {
-        let ctrl = 1u64 << 17;
-        assert!(net_control_state(1, 0).is_ok());
-        assert!(net_control_state(1, ctrl).is_ok());
-        assert!(net_control_state(1, ctrl | 1 << 22).is_err());
-        assert!(net_control_state(1, ctrl | 1 << 19).is_err());
-        // MQ without a control queue cannot have changed anything; blk's
-        // bit 22 is another feature.
-        assert!(net_control_state(1, 1 << 22).is_ok());
-        assert!(net_control_state(2, ctrl | 1 << 22).is_ok());
     }
 }

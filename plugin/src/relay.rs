@@ -12,20 +12,27 @@
 //!   guest interrupt of its group, through the guest's eventfd or
 //!   [`VirtioInterrupt::trigger`].
 //!
+//! * **Net control queue**: a virtio-net control queue's kicks always come
+//!   here, and the commands the guest published are recorded (see
+//!   `net_ctrl`) before the device is rung.
+//!
 //! Everything the loop touches is built before the thread starts: the loop
 //! itself does no allocation and takes no lock (guest memory is read
-//! through `GuestMemoryAtomic`, an `ArcSwap` load).
+//! through `GuestMemoryAtomic`, an `ArcSwap` load), except on a net
+//! control-queue kick (control path: it records the command).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vdpa_bridge::Doorbell;
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::Result;
 use crate::interrupt::{InterruptType, VirtioInterrupt};
 use crate::interrupt::{ThreadHook, ThreadRole};
+use crate::net_ctrl::{self, SharedControl};
 use crate::thread::{wait_loop, Stopper};
 
 /// One relayed kick.
@@ -37,6 +44,9 @@ pub(crate) struct KickRelay {
     /// With notification data: the guest address of the avail ring's
     /// `idx` field, read on every kick.
     pub avail_idx_addr: Option<GuestAddress>,
+    /// A net control queue: the guest's queue and where its commands are
+    /// recorded.
+    pub control: Option<(Queue, SharedControl)>,
 }
 
 /// Where one fanned-out interrupt goes.
@@ -122,6 +132,9 @@ fn relay_kick<M: GuestMemory>(k: &KickRelay, mem: &GuestMemoryAtomic<M>) {
     // Consume the count; a spurious wakeup (EAGAIN) needs no kick.
     if k.fd.read().is_err() {
         return;
+    }
+    if let Some((q, watch)) = &k.control {
+        net_ctrl::lock(watch).catch_up(q, &*mem.memory());
     }
     let next = match k.avail_idx_addr {
         Some(addr) => match mem.memory().load::<u16>(addr, Ordering::Acquire) {

@@ -48,6 +48,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::dirty::DirtyLog;
 use crate::error::{backend_err, io, Error, Result};
 use crate::interrupt::{InterruptType, ThreadHook, ThreadRole, VirtioInterrupt};
+use crate::net_ctrl::{self, ControlCommand, SharedControl};
 use crate::slot::Slot;
 use crate::thread::{wait_loop, Stopper};
 
@@ -190,15 +191,22 @@ pub(crate) struct ShadowMemory<B: DmaMapper> {
 }
 
 impl<B: DmaMapper> ShadowMemory<B> {
-    /// Memory for rings of `sizes`, at the top of the device's IOVA range,
-    /// which must lie above every region of `guest`.
-    fn new<M: GuestMemory>(backend: Arc<Slot<B>>, guest: &M, sizes: &[u16]) -> Result<Self> {
+    /// Memory for rings of `sizes` and `extra` bytes after them (the
+    /// bridge's own control commands), at the top of the device's IOVA
+    /// range, which must lie above every region of `guest`.
+    fn new<M: GuestMemory>(
+        backend: Arc<Slot<B>>,
+        guest: &M,
+        sizes: &[u16],
+        extra: u64,
+    ) -> Result<Self> {
         let page = vdpa_bridge::host::page_size();
-        let len: u64 = sizes
+        let len: u64 = (sizes
             .iter()
             .map(|&s| Layout::at(0, s).1.next_multiple_of(page))
             .sum::<u64>()
-            .max(page);
+            + extra.next_multiple_of(page))
+        .max(page);
         let range = backend.with(|b| b.iova_range())?;
         let top = range.last.saturating_add(1).min(1 << 63);
         let iova = top.checked_sub(len).map(|v| v / page * page);
@@ -302,6 +310,12 @@ impl<B: DmaMapper> Drop for ShadowMemory<B> {
 #[derive(Default)]
 struct Pending {
     in_use: bool,
+    /// The bridge's own request (a replayed control command): never
+    /// completed to the guest, never offered again.
+    own: bool,
+    /// A guest's net control command (class, command, data) and the guest
+    /// address of its ack, recorded with the ack when it completes.
+    control: Option<(u8, u8, Vec<u8>, u64)>,
     guest_head: u16,
     ndesc: u16,
     seq: u64,
@@ -330,6 +344,8 @@ pub(crate) struct ShadowQueue {
     stash: Option<u16>,
     scratch: Vec<Seg>,
     broken: bool,
+    /// A net device's control queue: every command offered is recorded.
+    control: Option<SharedControl>,
 }
 
 /// What a shadow queue needs from activation.
@@ -372,18 +388,19 @@ impl ShadowQueue {
             stash: None,
             scratch: Vec::with_capacity(n),
             broken: false,
+            control: None,
         }
     }
 
-    /// Requests the device holds now.
+    /// Requests of the guest the device holds now.
     pub fn in_flight(&self) -> usize {
-        self.pending.iter().filter(|p| p.in_use).count()
+        self.pending.iter().filter(|p| p.in_use && !p.own).count()
     }
 
     /// Where the guest's queue stands (the device must be stopped for
     /// this to stay true).
     pub fn position(&self) -> QueuePosition {
-        let mut held: Vec<&Pending> = self.pending.iter().filter(|p| p.in_use).collect();
+        let mut held: Vec<&Pending> = self.pending.iter().filter(|p| p.in_use && !p.own).collect();
         held.sort_by_key(|p| p.seq);
         let mut in_flight: Vec<u16> = held.iter().map(|p| p.guest_head).collect();
         // The stash is older than what is left to replay.
@@ -520,15 +537,22 @@ impl ShadowQueue {
                 self.stash = Some(head);
                 break;
             }
-            self.post(smem, head, &segs);
+            let control = self.control.as_ref().and_then(|_| {
+                let ack = segs.iter().find(|s| s.write)?.addr;
+                let (class, command, data) = net_ctrl::parse(mem, &segs)?;
+                Some((class, command, data, ack))
+            });
+            let id = self.post(smem, head, &segs, false);
+            self.pending[usize::from(id)].control = control;
             self.scratch = segs;
             added += 1;
         }
         added
     }
 
-    /// Write `segs` as a chain of free shadow descriptors and publish it.
-    fn post(&mut self, smem: &GuestMemoryMmap, guest_head: u16, segs: &[Seg]) {
+    /// Write `segs` as a chain of free shadow descriptors and publish it
+    /// (`own`: a request of the bridge, not of the guest).
+    fn post(&mut self, smem: &GuestMemoryMmap, guest_head: u16, segs: &[Seg], own: bool) -> u16 {
         let ids_start = self.free.len() - segs.len();
         let ids: &[u16] = &self.free[ids_start..];
         let head = ids[ids.len() - 1];
@@ -562,6 +586,8 @@ impl ShadowQueue {
             }
         }
         p.in_use = true;
+        p.own = own;
+        p.control = None;
         p.guest_head = guest_head;
         p.ndesc = segs.len() as u16;
         p.seq = self.seq;
@@ -577,6 +603,7 @@ impl ShadowQueue {
             GuestAddress(self.layout.avail + 2),
             Ordering::Release,
         );
+        head
     }
 
     fn complete_guest<M: GuestMemory>(&mut self, mem: &M, log: &DirtyLog, head: u16, len: u32) {
@@ -649,23 +676,139 @@ impl ShadowQueue {
                     return done;
                 };
                 p.in_use = false;
-                for &(addr, l) in &p.writable {
-                    log.mark(addr, u64::from(l));
+                let own = p.own;
+                // The ack is read before the guest can see the answer.
+                if let (Some((class, command, data, ack)), Some(w)) =
+                    (p.control.take(), &self.control)
+                {
+                    let accepted = mem
+                        .read_obj::<u8>(GuestAddress(ack))
+                        .map(|a| a == VIRTIO_NET_OK)
+                        .unwrap_or(false);
+                    net_ctrl::lock(w)
+                        .state
+                        .record(class, command, &data, Some(accepted));
+                }
+                if !own {
+                    for &(addr, l) in &p.writable {
+                        log.mark(addr, u64::from(l));
+                    }
                 }
                 // A device cannot have written more than it was given.
                 let len = u64::from(len).min(p.writable_bytes) as u32;
                 let (guest_head, ndesc) = (p.guest_head, p.ndesc);
-                let mut d = id as u16;
-                for _ in 0..ndesc {
-                    self.free.push(d);
-                    d = self.next[usize::from(d)];
-                }
-                self.complete_guest(mem, log, guest_head, len);
+                self.free_chain(id as u16, ndesc);
                 self.last_used = self.last_used.wrapping_add(1);
-                done = true;
+                if !own {
+                    self.complete_guest(mem, log, guest_head, len);
+                    done = true;
+                }
             }
         }
         done
+    }
+
+    fn free_chain(&mut self, head: u16, ndesc: u16) {
+        let mut d = head;
+        for _ in 0..ndesc {
+            self.free.push(d);
+            d = self.next[usize::from(d)];
+        }
+    }
+
+    /// Send the bridge's own control commands (a net device's state,
+    /// replayed after a reset) one at a time on this queue, before any
+    /// guest request: each is written to `scratch` (bridge memory the
+    /// device can read, `scratch_len` bytes), offered, and waited for
+    /// until `deadline`. Returns how many the device refused; a command
+    /// not finished by the deadline ends the replay with an error (it
+    /// stays with the device and is dropped when it completes).
+    fn inject(
+        &mut self,
+        smem: &GuestMemoryMmap,
+        scratch: u64,
+        scratch_len: u64,
+        cmds: &[ControlCommand],
+        deadline: Instant,
+    ) -> std::result::Result<usize, String> {
+        let mut refused = 0;
+        for c in cmds {
+            let n = 2 + c.data.len() as u64;
+            if n + 1 > scratch_len || self.free.len() < 2 {
+                return Err(format!(
+                    "command {}.{} ({n} bytes) does not fit",
+                    c.class, c.command
+                ));
+            }
+            let mut bytes = Vec::with_capacity(n as usize + 1);
+            bytes.extend_from_slice(&[c.class, c.command]);
+            bytes.extend_from_slice(&c.data);
+            bytes.push(VIRTIO_NET_ERR);
+            smem.write_slice(&bytes, GuestAddress(scratch))
+                .map_err(|e| format!("scratch write: {e}"))?;
+            let segs = [
+                Seg {
+                    addr: scratch,
+                    len: n as u32,
+                    write: false,
+                },
+                Seg {
+                    addr: scratch + n,
+                    len: 1,
+                    write: true,
+                },
+            ];
+            self.post(smem, 0, &segs, true);
+            fence(Ordering::SeqCst);
+            self.doorbell
+                .ring(u32::from(self.avail_idx))
+                .map_err(|e| format!("doorbell: {e}"))?;
+            loop {
+                let idx = smem
+                    .load::<u16>(GuestAddress(self.layout.used + 2), Ordering::Acquire)
+                    .map(u16::from_le)
+                    .map_err(|e| e.to_string())?;
+                if idx != self.last_used {
+                    let at =
+                        self.layout.used + 4 + 8 * u64::from(self.last_used % self.layout.size);
+                    let id = smem
+                        .read_obj::<u32>(GuestAddress(at))
+                        .map(u32::from_le)
+                        .map_err(|e| e.to_string())?;
+                    let p = usize::try_from(id)
+                        .ok()
+                        .and_then(|i| self.pending.get_mut(i))
+                        .filter(|p| p.in_use && p.own)
+                        .ok_or_else(|| format!("the device completed descriptor {id}"))?;
+                    p.in_use = false;
+                    let ndesc = p.ndesc;
+                    self.free_chain(id as u16, ndesc);
+                    self.last_used = self.last_used.wrapping_add(1);
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "command {}.{} not finished in time",
+                        c.class, c.command
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let ack: u8 = smem
+                .read_obj(GuestAddress(scratch + n))
+                .map_err(|e| e.to_string())?;
+            if ack != VIRTIO_NET_OK {
+                log::warn!(
+                    "shadow queue {}: the device refused replayed control command {}.{} ({} bytes)",
+                    self.index,
+                    c.class,
+                    c.command,
+                    c.data.len()
+                );
+                refused += 1;
+            }
+        }
+        Ok(refused)
     }
 
     fn fail(&mut self, what: String) {
@@ -692,7 +835,7 @@ impl ShadowQueue {
 }
 
 /// A queue's doorbell rung through a kick eventfd the backend watches.
-struct EventFdKick(EventFd);
+pub(crate) struct EventFdKick(pub EventFd);
 
 impl vdpa_bridge::RingDoorbell for EventFdKick {
     fn ring(&self, _next: u32) -> std::io::Result<()> {
@@ -790,6 +933,13 @@ pub(crate) struct Shadow<B: DmaMapper, M: GuestMemory> {
 /// reset (the rest is offered again at resume).
 pub const PAUSE_DRAIN: Duration = Duration::from_millis(1000);
 
+/// Bridge memory for one replayed control command and its ack.
+const CONTROL_SCRATCH: u64 = net_ctrl::MAX_COMMAND as u64 + 4096;
+/// How long replaying a net device's control state may take in all.
+const REPLAY_LIMIT: Duration = Duration::from_millis(1000);
+const VIRTIO_NET_OK: u8 = virtio_bindings::virtio_net::VIRTIO_NET_OK as u8;
+const VIRTIO_NET_ERR: u8 = virtio_bindings::virtio_net::VIRTIO_NET_ERR as u8;
+
 /// What starting shadow mode needs besides the backend.
 pub(crate) struct ShadowPlan<M: GuestMemory> {
     pub queues: Vec<ShadowQueueArg>,
@@ -798,6 +948,8 @@ pub(crate) struct ShadowPlan<M: GuestMemory> {
     pub log: Arc<DirtyLog>,
     pub acked: u64,
     pub config_writes: Vec<(u64, Vec<u8>)>,
+    /// A net device's control queue and its state, replayed first.
+    pub control: Option<(u16, SharedControl)>,
 }
 
 impl<B, M> Shadow<B, M>
@@ -820,7 +972,16 @@ where
             ));
         }
         let sizes: Vec<u16> = plan.queues.iter().map(|q| q.guest.size()).collect();
-        let memory = ShadowMemory::new(backend.clone(), &*plan.mem.memory(), &sizes)?;
+        let control = plan
+            .control
+            .clone()
+            .filter(|(i, _)| plan.queues.iter().any(|q| q.index == *i));
+        let scratch_len = if control.is_some() {
+            CONTROL_SCRATCH
+        } else {
+            0
+        };
+        let memory = ShadowMemory::new(backend.clone(), &*plan.mem.memory(), &sizes, scratch_len)?;
         let smem = memory.memory().clone();
         // Zeroed rings.
         let mut base = memory.iova;
@@ -831,6 +992,7 @@ where
             layouts.push(l);
             base += len.next_multiple_of(page);
         }
+        let scratch = base;
         let acked = plan.acked;
         // From here on the device may use the shadow rings: on an error it
         // is reset before their memory goes.
@@ -875,7 +1037,13 @@ where
                         Err(e) => return Err(backend_err("doorbell")(e)),
                     };
                     let notifier = plan.interrupt.notifier(InterruptType::Queue(arg.index));
-                    queues.push(ShadowQueue::new(arg, *l, doorbell, notifier, acked));
+                    let index = arg.index;
+                    let mut q = ShadowQueue::new(arg, *l, doorbell, notifier, acked);
+                    q.control = control
+                        .as_ref()
+                        .filter(|(c, _)| *c == index)
+                        .map(|(_, w)| w.clone());
+                    queues.push(q);
                 }
                 let vectors = wire_vectors(b, &plan.interrupt, &queues)?;
                 for q in 0..b.num_queues() {
@@ -891,6 +1059,27 @@ where
                 crate::activate::driver_ok(b)?;
                 Ok((queues, vectors))
             })??;
+            let mut queues = queues;
+            if let Some((ci, watch)) = &control {
+                let cmds = net_ctrl::lock(watch).state.replay();
+                if let Some(q) = queues.iter_mut().find(|q| q.index == *ci) {
+                    if !cmds.is_empty() {
+                        let t = Instant::now();
+                        match q.inject(&smem, scratch, scratch_len, &cmds, t + REPLAY_LIMIT) {
+                            Ok(refused) => log::info!(
+                                "net control state replayed: {} command(s), {refused} refused, in {:?}",
+                                cmds.len(),
+                                t.elapsed()
+                            ),
+                            Err(e) => log::error!(
+                                "net control state not fully replayed ({} command(s)): {e}; \
+                                 the device may filter or spread traffic unlike the guest asked",
+                                cmds.len()
+                            ),
+                        }
+                    }
+                }
+            }
             let run = Run {
                 queues,
                 vectors,

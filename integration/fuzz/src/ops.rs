@@ -187,6 +187,7 @@ fn emu_config(r: &mut Reader) -> EmuConfig {
         ]),
         fail_driver_ok: r.one_in(8),
         max_ioeventfds: r.choose(&[None, None, Some(0), Some(1), Some(2)]),
+        net: false,
     }
 }
 

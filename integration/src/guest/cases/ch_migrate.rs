@@ -415,14 +415,15 @@ fn ch_snapshot_restore(ctx: &Ctx) -> CaseResult {
     )))
 }
 
-/// VIRTIO_NET_F_CTRL_VLAN: masked off, since the bridge does not replay
-/// the control queue's VLAN filters after the device's reset yet (a guest
-/// that negotiated them is refused a move to shadow rings).
-const NET_F_CTRL_VLAN: u32 = 19;
+/// The plugin's log line when a net device's control state was set again.
+const REPLAYED: &str = "net control state replayed";
 
 /// Pings through the bridged net device (QEMU's user-mode network) one
 /// after the other while the VM migrates to a second VMM on the same
-/// device: how many were lost, and the longest gap between answers.
+/// device: how many were lost, and the longest gap between answers. The
+/// device's control-queue state (receive modes, MAC filters, VLAN filters
+/// negotiated) is replayed after the switch to shadow rings and on the
+/// destination, every command accepted by QEMU's device.
 fn ch_migrate_net(ctx: &Ctx) -> CaseResult {
     let Some(lab) = &ctx.manifest.ch else {
         return Ok(not_configured(ctx));
@@ -433,9 +434,7 @@ fn ch_migrate_net(ctx: &Ctx) -> CaseResult {
         .api()
         .vdpa(
             // Receive, transmit and control queue.
-            &Vdpa::new(&dev.bdf, 3)
-                .id(ID)
-                .features_mask(!(1u64 << NET_F_CTRL_VLAN)),
+            &Vdpa::new(&dev.bdf, 3).id(ID),
         )
         .start()?;
     src.wait("L3-NETPING-START", BOOT_TIMEOUT)?;
@@ -473,8 +472,26 @@ fn ch_migrate_net(ctx: &Ctx) -> CaseResult {
         .collect();
     at.sort();
     let gap = at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    // The control state set again, on the source at the switch to shadow
+    // rings and on the destination, QEMU's device refusing nothing.
+    let replayed = |vm: &ChVm| -> anyhow::Result<String> {
+        let line = vm
+            .last_line(REPLAYED)
+            .ok_or_else(|| anyhow::anyhow!("net control state not replayed"))?
+            .to_string();
+        ensure!(line.contains(" 0 refused"), "replay refused: {line}");
+        Ok(line
+            .split(REPLAYED)
+            .nth(1)
+            .unwrap_or_default()
+            .trim_start_matches(':')
+            .trim()
+            .to_string())
+    };
+    let (on_src, on_dst) = (replayed(&src)?, replayed(&dst)?);
     Ok(Outcome::PassWith(format!(
-        "{}; {} of {sent_n} pings lost; longest gap between answers {} ms",
+        "{}; {} of {sent_n} pings lost; longest gap between answers {} ms; control state \
+         replayed on the source ({on_src}) and the destination ({on_dst})",
         downtime(&src),
         sent_n - received,
         gap.as_millis()

@@ -15,6 +15,9 @@
 
 mod blk;
 mod dma;
+mod net;
+
+pub use net::{NetState, DEFAULT_MAC};
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +89,9 @@ pub struct EmuConfig {
     /// Refuse ioeventfd registrations beyond this many (like the kernel's
     /// per-device limit of VFIO ioeventfds).
     pub max_ioeventfds: Option<usize>,
+    /// A virtio-net device instead of virtio-blk: `num_queues` must then
+    /// be 2 × queue pairs + 1 (the control queue last). See `net.rs`.
+    pub net: bool,
 }
 
 impl Default for EmuConfig {
@@ -109,6 +115,7 @@ impl Default for EmuConfig {
                 last: (1 << 48) - 1,
             },
             fail_driver_ok: false,
+            net: false,
         }
     }
 }
@@ -128,7 +135,30 @@ impl EmuConfig {
             .min(2048)
     }
 
+    /// Queue pairs of a net device.
+    fn pairs(&self) -> u16 {
+        (self.num_queues.max(1) - 1) / 2
+    }
+
+    fn config_len(&self) -> usize {
+        if self.net {
+            net::CONFIG_LEN
+        } else {
+            blk::CONFIG_LEN
+        }
+    }
+
     fn features(&self) -> u64 {
+        if self.net {
+            let mut f = features::bit(features::ACCESS_PLATFORM)
+                | features::bit(features::RING_EVENT_IDX)
+                | net::features(self.pairs())
+                | self.extra_features;
+            if self.offer_version_1 {
+                f |= features::bit(features::VERSION_1);
+            }
+            return f;
+        }
         let mut f = features::bit(features::ACCESS_PLATFORM)
             | features::bit(features::RING_EVENT_IDX)
             | features::bit(BLK_F_SIZE_MAX)
@@ -239,6 +269,8 @@ struct State {
     /// Complete each batch of requests in reverse order.
     reverse: bool,
     suspend: SuspendBehaviour,
+    /// A net device's control state.
+    net: Option<NetState>,
 }
 
 struct Shared {
@@ -292,7 +324,8 @@ fn config_space(c: &EmuConfig) -> Vec<u8> {
     let mut s = vec![0u8; 4096];
     let modern = !c.legacy_only;
     put(&mut s, 0x00, &cfg::VIRTIO_VENDOR_ID.to_le_bytes());
-    let dev_id: u16 = if modern { 0x1042 } else { 0x1001 };
+    let virtio_id: u16 = if c.net { 1 } else { 2 };
+    let dev_id: u16 = if modern { 0x1040 + virtio_id } else { 0x1001 };
     put(&mut s, 0x02, &dev_id.to_le_bytes());
     put(&mut s, 0x06, &cfg::STATUS_CAP_LIST.to_le_bytes());
     s[0x08] = u8::from(modern); // revision
@@ -300,7 +333,7 @@ fn config_space(c: &EmuConfig) -> Vec<u8> {
                                             // BAR0: 64-bit memory, BAR1 its upper half.
     put(&mut s, 0x10, &(0xfe00_0000u32 | 0x4).to_le_bytes());
     put(&mut s, 0x2c, &cfg::VIRTIO_VENDOR_ID.to_le_bytes());
-    put(&mut s, 0x2e, &2u16.to_le_bytes()); // subsystem id: virtio type
+    put(&mut s, 0x2e, &virtio_id.to_le_bytes()); // subsystem id: virtio type
     s[cfg::CAPABILITIES_POINTER as usize] = 0x40;
     let mut at = 0x40usize;
     let mut caps: Vec<Vec<u8>> = Vec::new();
@@ -326,7 +359,7 @@ fn config_space(c: &EmuConfig) -> Vec<u8> {
         caps.push(vcap(
             cap_type::DEVICE,
             DEVICE_OFF,
-            blk::CONFIG_LEN as u64,
+            c.config_len() as u64,
             &[],
         ));
         caps.push(vcap(
@@ -402,6 +435,7 @@ impl EmulatedFunction {
             hold_requests: false,
             reverse: false,
             suspend: SuspendBehaviour::default(),
+            net: cfg.net.then(NetState::default),
         };
         // An eventfd only fails without file descriptors left.
         let wake = EventFd::new(EFD_NONBLOCK).ok();
@@ -556,6 +590,11 @@ impl EmulatedFunction {
         self.state().status
     }
 
+    /// A net device's control state (`None` for blk).
+    pub fn net_state(&self) -> Option<NetState> {
+        self.state().net.clone()
+    }
+
     /// The features its driver negotiated, as the device sees them.
     pub fn driver_features(&self) -> u64 {
         self.state().driver_features
@@ -606,6 +645,9 @@ impl State {
         self.config_msix = NO_VECTOR;
         self.queue_select = 0;
         self.isr = 0;
+        if let Some(n) = &mut self.net {
+            *n = NetState::default();
+        }
         for (i, q) in self.queues.iter_mut().enumerate() {
             *q = VqState {
                 size: c.max_size_of(i),
@@ -867,9 +909,21 @@ impl State {
         let mut completed = 0u64;
         let mut broken = false;
         let mut done = Vec::new();
-        while let Some(chain) = vq.pop_descriptor_chain(&mem) {
+        let nq = self.queues.len();
+        // A net device keeps its receive buffers (no packet comes).
+        let net_rx = self.net.is_some() && qi + 1 < nq && qi % 2 == 0;
+        while let Some(chain) = (!net_rx).then(|| vq.pop_descriptor_chain(&mem)).flatten() {
             let head = chain.head_index();
-            match blk::handle(&mem, chain, &mut self.disk, self.capacity) {
+            let handled = match &mut self.net {
+                Some(st) if qi + 1 == nq => {
+                    let pairs = ((nq - 1) / 2) as u16;
+                    net::control(&mem, chain, st, pairs)
+                }
+                // Transmitted into the void.
+                Some(_) => Ok(0),
+                None => blk::handle(&mem, chain, &mut self.disk, self.capacity),
+            };
+            match handled {
                 Ok(len) => done.push((head, len)),
                 Err(_) => {
                     broken = true;
@@ -917,7 +971,10 @@ impl State {
             self.bump_reads -= 1;
             self.generation = self.generation.wrapping_add(1);
         }
-        let cfg = blk::config(self.capacity, self.queues.len() as u16);
+        let cfg: Vec<u8> = match &self.net {
+            Some(st) => net::config(st, ((self.queues.len().max(1) - 1) / 2) as u16).to_vec(),
+            None => blk::config(self.capacity, self.queues.len() as u16).to_vec(),
+        };
         for (i, b) in buf.iter_mut().enumerate() {
             *b = cfg.get(off as usize + i).copied().unwrap_or(0);
         }
@@ -1127,7 +1184,7 @@ unsafe impl PciFunction for EmulatedFunction {
         } else if (ISR_OFF..ISR_OFF + 4).contains(&offset) {
             // Reading the ISR clears it.
             buf[0] = std::mem::take(&mut st.isr);
-        } else if (DEVICE_OFF..DEVICE_OFF + blk::CONFIG_LEN as u64).contains(&offset) {
+        } else if (DEVICE_OFF..DEVICE_OFF + c.config_len() as u64).contains(&offset) {
             st.device_cfg_read(offset - DEVICE_OFF, buf);
         } else if (MSIX_TABLE_OFF..MSIX_TABLE_OFF + st.msix_table.len() as u64).contains(&offset) {
             let o = (offset - MSIX_TABLE_OFF) as usize;
