@@ -63,7 +63,137 @@ pub fn cases() -> Vec<Case> {
         "misbehaving_guest_is_refused_and_io_still_works",
         misbehaving_guest,
     );
+    add(
+        Variant::NetMq,
+        "control_state_replayed_after_the_bridges_resets",
+        net_control_replayed,
+    );
     out
+}
+
+/// Send one control command on queue `ctrl` as Linux's virtio-net does
+/// (class and command, data, a writable ack byte; kick; wait) and return
+/// the device's ack.
+fn net_command(g: &mut Guest, ctrl: u16, class: u32, cmd: u32, data: &[u8]) -> anyhow::Result<u8> {
+    use vdpa_testkit::driver::ring::Buf;
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    let base = Guest::buffer(ctrl);
+    let mem = g.mem.memory();
+    let mut bytes = vec![class as u8, cmd as u8];
+    bytes.extend_from_slice(data);
+    mem.write_slice(&bytes, GuestAddress(base))?;
+    mem.write_obj(0xffu8, GuestAddress(base + 4096))?;
+    let bufs = [
+        Buf {
+            addr: base,
+            len: bytes.len() as u32,
+            write: false,
+        },
+        Buf {
+            addr: base + 4096,
+            len: 1,
+            write: true,
+        },
+    ];
+    let ring = &mut g.rings[usize::from(ctrl)];
+    ring.post(&mem, &bufs)?;
+    g.kicks[usize::from(ctrl)].write(1)?;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if ring.pop_used(&mem)?.is_some() {
+            return Ok(mem.read_obj(GuestAddress(base + 4096))?);
+        }
+        ensure!(
+            std::time::Instant::now() < end,
+            "control command {class}.{cmd} not answered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// QEMU's virtio-net (four pairs, control queue): the guest sets a MAC
+/// address, three queue pairs, a VLAN filter and receive modes through the
+/// control queue in direct mode. The bridge's switch to shadow rings
+/// resets the device; the MAC in its config (which QEMU's reset sets back
+/// to `mac=`) shows the replay set it again. A pause resets it (the MAC
+/// reads back as `mac=`), the resume replays it.
+fn net_control_replayed(ctx: &Ctx) -> CaseResult {
+    use virtio_bindings::virtio_net as n;
+    let mut g = Guest::new(GUEST_RAM, 64)?;
+    let (_f, mut d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
+    let want = features::bit(features::VERSION_1)
+        | features::bit(features::ACCESS_PLATFORM)
+        | [
+            n::VIRTIO_NET_F_MAC,
+            n::VIRTIO_NET_F_CTRL_VQ,
+            n::VIRTIO_NET_F_CTRL_RX,
+            n::VIRTIO_NET_F_CTRL_VLAN,
+            n::VIRTIO_NET_F_CTRL_MAC_ADDR,
+            n::VIRTIO_NET_F_MQ,
+        ]
+        .iter()
+        .fold(0u64, |f, b| f | 1 << b);
+    ensure!(
+        d.features() & want == want,
+        "device lacks {:#x}",
+        want & !d.features()
+    );
+    d.ack_features(want)?;
+    let _irq = activate(&mut d, &mut g)?;
+    let ctrl = u16::try_from(d.queue_max_sizes().len() - 1)?;
+    let mac = |d: &Dev| -> anyhow::Result<[u8; 6]> {
+        let mut m = [0u8; 6];
+        d.read_config(0, &mut m)?;
+        Ok(m)
+    };
+    let original = mac(&d)?;
+    let set = [0x02, 0x00, 0x00, 0x00, 0xbe, 0xef];
+    let ok = n::VIRTIO_NET_OK as u8;
+    for (class, cmd, data) in [
+        (n::VIRTIO_NET_CTRL_MAC, n::VIRTIO_NET_CTRL_MAC_ADDR_SET, set.to_vec()),
+        (n::VIRTIO_NET_CTRL_MQ, n::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 3u16.to_le_bytes().to_vec()),
+        (n::VIRTIO_NET_CTRL_VLAN, n::VIRTIO_NET_CTRL_VLAN_ADD, 5u16.to_le_bytes().to_vec()),
+        (n::VIRTIO_NET_CTRL_RX, n::VIRTIO_NET_CTRL_RX_PROMISC, vec![0]),
+    ] {
+        let ack = net_command(&mut g, ctrl, class, cmd, &data)?;
+        ensure!(ack == ok, "command {class}.{cmd}: ack {ack}");
+    }
+    ensure!(mac(&d)? == set, "MAC_ADDR_SET did not change the config's MAC");
+    d.start_dirty_log()?;
+    ensure!(
+        d.data_path() == Some(vdpa_plugin::DataPath::Shadow),
+        "not on shadow rings"
+    );
+    let after_switch = mac(&d)?;
+    ensure!(
+        after_switch == set,
+        "after the switch (a reset) the MAC is {after_switch:02x?}, not the one set"
+    );
+    d.pause()?;
+    let paused = mac(&d)?;
+    ensure!(
+        paused == original,
+        "the paused (reset) device's MAC is {paused:02x?}, not mac= {original:02x?}"
+    );
+    d.resume()?;
+    ensure!(mac(&d)? == set, "the MAC was not set again at the resume");
+    // Commands on shadow rings keep working and are kept.
+    let ack = net_command(&mut g, ctrl, n::VIRTIO_NET_CTRL_VLAN, n::VIRTIO_NET_CTRL_VLAN_ADD, &7u16.to_le_bytes())?;
+    ensure!(ack == ok, "VLAN_ADD on shadow rings: ack {ack}");
+    d.pause()?;
+    let st = d.state()?;
+    let nc = st.net_control.context("no control state")?;
+    ensure!(
+        nc.vlans.iter().copied().collect::<Vec<_>>() == [5, 7],
+        "VLANs kept {:?}",
+        nc.vlans
+    );
+    d.reset()?;
+    Ok(Outcome::PassWith(format!(
+        "MAC {set:02x?} set through the control queue, {original:02x?} after each reset, \
+         {set:02x?} again after the replay ({} command(s) kept)",
+        nc.commands.len() + nc.vlans.len()
+    )))
 }
 
 /// virtio-net through the plugin: the guest's rx/tx rings in guest
