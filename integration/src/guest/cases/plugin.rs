@@ -150,15 +150,34 @@ fn net_control_replayed(ctx: &Ctx) -> CaseResult {
     let set = [0x02, 0x00, 0x00, 0x00, 0xbe, 0xef];
     let ok = n::VIRTIO_NET_OK as u8;
     for (class, cmd, data) in [
-        (n::VIRTIO_NET_CTRL_MAC, n::VIRTIO_NET_CTRL_MAC_ADDR_SET, set.to_vec()),
-        (n::VIRTIO_NET_CTRL_MQ, n::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 3u16.to_le_bytes().to_vec()),
-        (n::VIRTIO_NET_CTRL_VLAN, n::VIRTIO_NET_CTRL_VLAN_ADD, 5u16.to_le_bytes().to_vec()),
-        (n::VIRTIO_NET_CTRL_RX, n::VIRTIO_NET_CTRL_RX_PROMISC, vec![0]),
+        (
+            n::VIRTIO_NET_CTRL_MAC,
+            n::VIRTIO_NET_CTRL_MAC_ADDR_SET,
+            set.to_vec(),
+        ),
+        (
+            n::VIRTIO_NET_CTRL_MQ,
+            n::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+            3u16.to_le_bytes().to_vec(),
+        ),
+        (
+            n::VIRTIO_NET_CTRL_VLAN,
+            n::VIRTIO_NET_CTRL_VLAN_ADD,
+            5u16.to_le_bytes().to_vec(),
+        ),
+        (
+            n::VIRTIO_NET_CTRL_RX,
+            n::VIRTIO_NET_CTRL_RX_PROMISC,
+            vec![0],
+        ),
     ] {
         let ack = net_command(&mut g, ctrl, class, cmd, &data)?;
         ensure!(ack == ok, "command {class}.{cmd}: ack {ack}");
     }
-    ensure!(mac(&d)? == set, "MAC_ADDR_SET did not change the config's MAC");
+    ensure!(
+        mac(&d)? == set,
+        "MAC_ADDR_SET did not change the config's MAC"
+    );
     d.start_dirty_log()?;
     ensure!(
         d.data_path() == Some(vdpa_plugin::DataPath::Shadow),
@@ -178,7 +197,13 @@ fn net_control_replayed(ctx: &Ctx) -> CaseResult {
     d.resume()?;
     ensure!(mac(&d)? == set, "the MAC was not set again at the resume");
     // Commands on shadow rings keep working and are kept.
-    let ack = net_command(&mut g, ctrl, n::VIRTIO_NET_CTRL_VLAN, n::VIRTIO_NET_CTRL_VLAN_ADD, &7u16.to_le_bytes())?;
+    let ack = net_command(
+        &mut g,
+        ctrl,
+        n::VIRTIO_NET_CTRL_VLAN,
+        n::VIRTIO_NET_CTRL_VLAN_ADD,
+        &7u16.to_le_bytes(),
+    )?;
     ensure!(ack == ok, "VLAN_ADD on shadow rings: ack {ack}");
     d.pause()?;
     let st = d.state()?;
@@ -572,7 +597,7 @@ fn doorbell_page_io(ctx: &Ctx) -> CaseResult {
 /// reach it); provisioned without one, the page maps.
 fn net_doorbell_page(ctx: &Ctx) -> CaseResult {
     let g = Guest::new(GUEST_RAM, 64)?;
-    let (_f, d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
+    let (f, d) = open(ctx.dev()?, &g, DeviceOptions::default())?;
     let nq = d.queue_max_sizes().len();
     ensure!(nq == 9, "{nq} queues");
     ensure!(
@@ -582,7 +607,9 @@ fn net_doorbell_page(ctx: &Ctx) -> CaseResult {
         ),
         "a net device with a control queue got its doorbells mapped"
     );
+    // Closed (the group too) before it is opened again.
     drop(d);
+    drop(f);
     const CTRL_VQ: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ;
     let f = Arc::new(VfioFunction::open(&ctx.dev()?.bdf).context("claim through VFIO")?);
     let vp = VpVdpa::open(
