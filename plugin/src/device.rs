@@ -470,17 +470,24 @@ where
             .iter()
             .filter_map(|(i, _, _)| u16::try_from(*i).ok())
             .collect();
-        self.control = net_ctrl::control_queue(self.device_type, self.acked, &indices).map(|ci| {
-            let seen = queues
-                .iter()
-                .find(|(i, _, _)| *i == usize::from(ci))
-                .map_or(0, |(_, q, _)| q.next_avail());
-            let watch = ControlWatch {
-                state: self.restored_control.take().unwrap_or_default(),
-                seen,
-            };
-            (ci, Arc::new(std::sync::Mutex::new(watch)))
-        });
+        // Split rings at guest-physical addresses only: a packed ring or a
+        // vIOMMU's IOVAs cannot be read as the watch reads them (neither
+        // device can run shadowed either).
+        let watchable =
+            self.acked & features::bit(features::RING_PACKED) == 0 && self.translation.is_none();
+        self.control = net_ctrl::control_queue(self.device_type, self.acked, &indices)
+            .filter(|_| watchable)
+            .map(|ci| {
+                let seen = queues
+                    .iter()
+                    .find(|(i, _, _)| *i == usize::from(ci))
+                    .map_or(0, |(_, q, _)| q.next_avail());
+                let watch = ControlWatch {
+                    state: self.restored_control.take().unwrap_or_default(),
+                    seen,
+                };
+                (ci, Arc::new(std::sync::Mutex::new(watch)))
+            });
         let shadowed =
             self.opts.shadow == ShadowPolicy::Always || self.logging || self.restored.is_some();
         if shadowed {
@@ -684,9 +691,13 @@ where
     /// hands its buffers back unused. Then the device is reset. If a queue
     /// is still busy and was completed out of order, the device is left
     /// running on the guest's rings and the error says which.
-    fn stop_direct(&self, a: &mut Active<B, M>) -> Result<Vec<(u16, QueuePosition)>> {
+    fn stop_direct(
+        &self,
+        a: &mut Active<B, M>,
+        try_suspend: bool,
+    ) -> Result<Vec<(u16, QueuePosition)>> {
         let idx = self.detach_direct(a)?;
-        let suspended = self.suspendable() && {
+        let mut suspended = try_suspend && self.suspendable() && {
             match self.backend.with(|b| b.suspend())? {
                 Ok(()) => true,
                 Err(e) => {
@@ -713,6 +724,19 @@ where
         // (offered again).
         let start = std::time::Instant::now();
         let mut state = self.stop_marks(a, suspended);
+        if suspended && matches!(state, Ok(Err(_))) {
+            // Suspended with requests outstanding out of order (virtio's
+            // "finish what it holds" is a should; vhost-vdpa promises
+            // nothing): run it again and wait as for any device.
+            log::warn!(
+                "{}: suspended with requests outstanding; waiting for it instead",
+                self.name
+            );
+            if let Err(e) = self.backend.with(|b| b.resume())? {
+                log::warn!("{}: resume after the suspend failed: {e}", self.name);
+            }
+            suspended = false;
+        }
         if !suspended {
             while matches!(state, Ok(Err(_))) && start.elapsed() < release::DRAIN {
                 std::thread::sleep(std::time::Duration::from_millis(1));
@@ -734,11 +758,6 @@ where
                     Err(e) => e.to_string(),
                     Ok(Ok(_)) => unreachable!(),
                 };
-                if suspended {
-                    if let Err(e) = self.backend.with(|b| b.resume())? {
-                        log::error!("{}: resume after a refused stop failed: {e}", self.name);
-                    }
-                }
                 // Back to running directly.
                 self.rewire_direct(a)?;
                 return Err(Error::Shadow(format!("cannot stop the device: {why}")));
@@ -855,11 +874,26 @@ where
     /// the caller falls back to a stop with a reset.
     fn suspend_direct(&self, a: &mut Active<B, M>) -> Result<Option<Vec<(u16, QueuePosition)>>> {
         self.detach_direct(a)?;
+        let idx: Vec<u16> = a
+            .queues
+            .iter()
+            .map(|(i, _, _)| u16::try_from(*i).unwrap_or(u16::MAX))
+            .collect();
         if let Err(e) = self.backend.with(|b| b.suspend())? {
             // A device that set DEVICE_NEEDS_RESET or never suspended is
             // wired again; the fallback stops it with a reset.
             self.rewire_direct(a)?;
             return Err(backend_err("suspend")(e));
+        }
+        // What it finished while suspending raised nothing on a vector
+        // the stopped relay fanned out: one interrupt per queue.
+        for &q in &idx {
+            if let Err(e) = a.interrupt.trigger(InterruptType::Queue(q)) {
+                log::warn!(
+                    "{}: queue {q}: interrupt after the suspend failed: {e}",
+                    self.name
+                );
+            }
         }
         if self.shadow_possible().is_err() {
             return Ok(None);
@@ -955,8 +989,7 @@ where
     /// guest resets it.
     ///
     /// A device that could not run again on shadow rings (behind a
-    /// vIOMMU, packed rings, a net device with control-queue state) and
-    /// cannot be suspended is not stopped: it keeps running with a
+    /// vIOMMU, packed rings) and cannot be suspended is not stopped: it keeps running with a
     /// warning, as a VMM leaves a passthrough device, and
     /// [`BridgeDevice::state`] says why it has no state. A VMM that
     /// mapped the doorbells into its guest must remove that mapping
@@ -1023,7 +1056,8 @@ where
             }
             Run::Direct(relay) => {
                 a.run = Run::Direct(relay);
-                self.stop_direct(&mut a)
+                // Not suspended again when that just failed.
+                self.stop_direct(&mut a, !suspendable)
             }
             Run::Shadow(s) => {
                 let mut stopped = s.stop();
@@ -1198,7 +1232,7 @@ where
         let r = match std::mem::replace(&mut a.run, Run::Direct(None)) {
             Run::Direct(relay) => {
                 a.run = Run::Direct(relay);
-                match self.stop_direct(&mut a) {
+                match self.stop_direct(&mut a, true) {
                     Ok(p) => match self.start_shadow(&a, p.clone()) {
                         Ok(s) => {
                             a.run = Run::Shadow(s);
@@ -1261,7 +1295,7 @@ where
                 run: Run::Paused(p) | Run::Suspended(Some(p)),
                 queues,
                 ..
-            }) => queues
+            }) if !p.is_empty() || queues.is_empty() => queues
                 .iter()
                 .filter_map(|(i, q, _)| {
                     let index = u16::try_from(*i).ok()?;
@@ -1274,22 +1308,39 @@ where
                     })
                 })
                 .collect(),
+            Some(Active {
+                run: Run::Paused(_),
+                ..
+            }) => {
+                return Err(Error::Shadow(
+                    "the device was stopped without knowing where its queues stand \
+                     (its stop or resume failed); it has no state"
+                        .into(),
+                ))
+            }
             Some(_) => {
                 // A device that cannot be stopped says why.
                 self.shadow_possible()?;
                 return Err(Error::NotPaused);
             }
         };
+        let net_control = self
+            .control
+            .as_ref()
+            .map(|(_, w)| net_ctrl::lock(w).state.clone());
         Ok(DeviceState {
-            version: STATE_VERSION,
+            // Version 1 when there is nothing version 2 added: an older
+            // bridge takes it.
+            version: if net_control.is_some() {
+                STATE_VERSION
+            } else {
+                1
+            },
             device_type: self.device_type,
             acked_features: self.acked,
             config_writes: self.config_writes.clone(),
             queues,
-            net_control: self
-                .control
-                .as_ref()
-                .map(|(_, w)| net_ctrl::lock(w).state.clone()),
+            net_control,
         })
     }
 
@@ -1356,6 +1407,9 @@ where
         }
         if !state.queues.is_empty() {
             self.shadow_possible_for(state.acked_features)?;
+        }
+        if let Some(nc) = &state.net_control {
+            nc.check().map_err(Error::Restore)?;
         }
         self.acked = state.acked_features;
         self.config_writes = state.config_writes.clone();
@@ -1490,6 +1544,9 @@ where
         activate::negotiate(b, acked)?;
         activate::program_queues(b, queues, &qidx, acked, self.translation.as_ref())?;
         let mut wiring = Wiring::default();
+        // Everything detached first: what the wiring below attaches stays
+        // (a relayed queue's own kick eventfd on vhost-vdpa included).
+        activate::detach_unused(b, &qidx, &Wiring::default())?;
         let irqs = activate::wire_interrupts(b, &interrupt, &qidx, &mut wiring)?;
         let kicks = activate::wire_kicks(
             b,
@@ -1500,7 +1557,6 @@ where
             self.control.as_ref(),
             &mut wiring,
         )?;
-        activate::detach_unused(b, &qidx, &wiring)?;
         activate::enable_queues(b, &qidx)?;
         let relay_plan = RelayPlan {
             kicks,

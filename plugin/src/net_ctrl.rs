@@ -36,6 +36,9 @@ use crate::shadow::{walk, Seg};
 pub const MAX_COMMAND: usize = 64 << 10;
 /// Most commands kept (VLAN filters apart).
 const MAX_KEPT: usize = 512;
+/// Most bytes of command data kept in all (a state stays small enough to
+/// replay and to save).
+pub const MAX_TOTAL: usize = 1 << 20;
 /// Most commands of one kind kept while their acks are unknown.
 const UNVERIFIED_PER_KIND: usize = 4;
 
@@ -82,6 +85,19 @@ impl NetControlState {
     /// The kind of a state-setting command (`None`: it sets nothing the
     /// bridge replays, or is a VLAN filter, kept as a set).
     fn kind(class: u8, command: u8, data: &[u8]) -> Option<(u8, u8, u16)> {
+        // Commands of a fixed size (virtio 1.3 §5.1.6.5) must have it.
+        let fixed = match (class, command) {
+            (CLASS_RX, _) => Some(1),
+            (CLASS_MAC, MAC_ADDR_SET) => Some(6),
+            (CLASS_MQ, MQ_VQ_PAIRS_SET) => Some(2),
+            (CLASS_OFFLOADS, _) => Some(8),
+            (CLASS_COAL, COAL_VQ_SET) => Some(12),
+            (CLASS_COAL, _) => Some(8),
+            _ => None,
+        };
+        if fixed.is_some_and(|n| data.len() != n) {
+            return None;
+        }
         match (class, command) {
             (CLASS_RX, 0..=5) | (CLASS_MAC, 0..=1) | (CLASS_OFFLOADS, 0) => {
                 Some((class, command, 0))
@@ -116,8 +132,12 @@ impl NetControlState {
             return;
         }
         if let (CLASS_VLAN, VLAN_ADD | VLAN_DEL) = (class, command) {
-            if let Some(b) = data.get(..2) {
-                let vid = u16::from_le_bytes([b[0], b[1]]) & 0x0fff;
+            // A VLAN id is 12 bits: a larger one is refused by a device
+            // (and not kept).
+            if let Some(vid) = (data.len() == 2)
+                .then(|| u16::from_le_bytes([data[0], data[1]]))
+                .filter(|v| *v < 4096)
+            {
                 if command == VLAN_ADD {
                     self.vlans.insert(vid);
                 } else {
@@ -137,7 +157,8 @@ impl NetControlState {
                 self.commands.remove(i);
             }
         }
-        if self.commands.len() >= MAX_KEPT {
+        let total: usize = self.commands.iter().map(|k| k.data.len()).sum();
+        if self.commands.len() >= MAX_KEPT || total + data.len() > MAX_TOTAL {
             log::error!("net control command {class}.{command}: too many kept; not recorded");
             return;
         }
@@ -146,6 +167,30 @@ impl NetControlState {
             command,
             data: data.to_vec(),
         });
+    }
+
+    /// A state from outside (a restore): within the bounds recording
+    /// keeps.
+    ///
+    /// # Errors
+    ///
+    /// What exceeds them.
+    pub fn check(&self) -> Result<(), String> {
+        let total: usize = self.commands.iter().map(|k| k.data.len()).sum();
+        if self.commands.len() > MAX_KEPT
+            || total > MAX_TOTAL
+            || self.commands.iter().any(|k| k.data.len() > MAX_COMMAND)
+        {
+            return Err(format!(
+                "net control state of {} command(s), {total} bytes: more than kept \
+                 ({MAX_KEPT} commands, {MAX_TOTAL} bytes, {MAX_COMMAND} each)",
+                self.commands.len()
+            ));
+        }
+        if let Some(v) = self.vlans.iter().find(|v| **v >= 4096) {
+            return Err(format!("net control state: VLAN id {v} out of range"));
+        }
+        Ok(())
     }
 
     /// Whether nothing was set.
@@ -279,6 +324,16 @@ pub(crate) fn control_queue(device_type: u32, acked: u64, activated: &[u16]) -> 
 mod tests {
     use super::*;
 
+    /// A class the bridge does not know: never kept.
+    const CLASS_UNKNOWN: u8 = 77;
+
+    /// `VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET` data for queue `vq`.
+    fn coal(vq: u16) -> Vec<u8> {
+        let mut d = vq.to_le_bytes().to_vec();
+        d.extend_from_slice(&[0, 0, 9, 0, 0, 0, 9, 0, 0, 0]);
+        d
+    }
+
     fn cmd(class: u8, command: u8, data: &[u8]) -> ControlCommand {
         ControlCommand {
             class,
@@ -301,8 +356,12 @@ mod tests {
         // Queries and announcement acks set nothing.
         s.record(3, 0, &[], Some(true));
         s.record(CLASS_COAL, COAL_VQ_GET, &[0, 0], Some(true));
-        s.record(CLASS_COAL, COAL_VQ_SET, &[1, 0, 9, 9], Some(true));
-        s.record(CLASS_COAL, COAL_VQ_SET, &[2, 0, 9, 9], Some(true));
+        s.record(CLASS_COAL, COAL_VQ_SET, &coal(1), Some(true));
+        s.record(CLASS_COAL, COAL_VQ_SET, &coal(2), Some(true));
+        // Wrong sizes for fixed-size commands, a VLAN id past 12 bits.
+        s.record(CLASS_RX, 2, &[1, 1], Some(true));
+        s.record(CLASS_COAL, COAL_VQ_SET, &[3, 0], Some(true));
+        s.record(CLASS_VLAN, VLAN_ADD, &4101u16.to_le_bytes(), None);
         s.record(99, 1, &[1], Some(true));
         assert_eq!(
             s.replay(),
@@ -312,8 +371,8 @@ mod tests {
                 cmd(CLASS_OFFLOADS, 0, &3u64.to_le_bytes()),
                 cmd(CLASS_RX, 0, &[0]),
                 cmd(CLASS_VLAN, VLAN_ADD, &7u16.to_le_bytes()),
-                cmd(CLASS_COAL, COAL_VQ_SET, &[1, 0, 9, 9]),
-                cmd(CLASS_COAL, COAL_VQ_SET, &[2, 0, 9, 9]),
+                cmd(CLASS_COAL, COAL_VQ_SET, &coal(1)),
+                cmd(CLASS_COAL, COAL_VQ_SET, &coal(2)),
             ]
         );
         // Refused: dropped. Unknown acks: the last few kept, in order.
@@ -347,9 +406,23 @@ mod tests {
     fn a_hostile_guest_cannot_grow_the_state_without_bound() {
         let mut s = NetControlState::default();
         for vq in 0..2000u16 {
-            s.record(CLASS_COAL, COAL_VQ_SET, &vq.to_le_bytes(), Some(true));
+            s.record(CLASS_COAL, COAL_VQ_SET, &coal(vq), Some(true));
         }
         assert_eq!(s.commands.len(), MAX_KEPT);
+        assert!(s.check().is_ok());
+        // Large tables: at most a few of each kind, the total bounded.
+        let mut s = NetControlState::default();
+        for k in 0..40u8 {
+            s.record(CLASS_UNKNOWN, k, &[k; 1], Some(true));
+            s.record(CLASS_MQ, MQ_HASH_CONFIG, &vec![k; MAX_COMMAND], None);
+            s.record(CLASS_MAC, 0, &vec![k; MAX_COMMAND], None);
+        }
+        assert_eq!(s.commands.len(), 2 * UNVERIFIED_PER_KIND);
+        assert!(s.commands.iter().map(|c| c.data.len()).sum::<usize>() <= MAX_TOTAL);
+        let mut big = s.clone();
+        big.commands
+            .push(cmd(CLASS_MAC, 0, &vec![0; MAX_COMMAND + 1]));
+        assert!(big.check().is_err());
         // Unknown acks of one kind: the last few only.
         let mut s = NetControlState::default();
         for p in 0..2000u16 {

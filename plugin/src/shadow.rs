@@ -538,7 +538,9 @@ impl ShadowQueue {
                 break;
             }
             let control = self.control.as_ref().and_then(|_| {
-                let ack = segs.iter().find(|s| s.write)?.addr;
+                // The ack is the request's last byte the device writes.
+                let last = segs.iter().rev().find(|s| s.write && s.len > 0)?;
+                let ack = last.addr + u64::from(last.len) - 1;
                 let (class, command, data) = net_ctrl::parse(mem, &segs)?;
                 Some((class, command, data, ack))
             });
@@ -734,11 +736,18 @@ impl ShadowQueue {
         let mut refused = 0;
         for c in cmds {
             let n = 2 + c.data.len() as u64;
-            if n + 1 > scratch_len || self.free.len() < 2 {
-                return Err(format!(
-                    "command {}.{} ({n} bytes) does not fit",
-                    c.class, c.command
-                ));
+            if n + 1 > scratch_len {
+                log::error!(
+                    "shadow queue {}: control command {}.{} ({n} bytes) too large to replay",
+                    self.index,
+                    c.class,
+                    c.command
+                );
+                refused += 1;
+                continue;
+            }
+            if self.free.len() < 2 {
+                return Err("no free descriptors".into());
             }
             let mut bytes = Vec::with_capacity(n as usize + 1);
             bytes.extend_from_slice(&[c.class, c.command]);
@@ -763,6 +772,7 @@ impl ShadowQueue {
             self.doorbell
                 .ring(u32::from(self.avail_idx))
                 .map_err(|e| format!("doorbell: {e}"))?;
+            let mut polls = 0u32;
             loop {
                 let idx = smem
                     .load::<u16>(GuestAddress(self.layout.used + 2), Ordering::Acquire)
@@ -792,7 +802,14 @@ impl ShadowQueue {
                         c.class, c.command
                     ));
                 }
-                std::thread::sleep(Duration::from_micros(200));
+                // A device answers a control command in microseconds:
+                // spin briefly, then sleep.
+                polls += 1;
+                if polls < 200 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
             }
             let ack: u8 = smem
                 .read_obj(GuestAddress(scratch + n))
@@ -936,7 +953,7 @@ pub const PAUSE_DRAIN: Duration = Duration::from_millis(1000);
 /// Bridge memory for one replayed control command and its ack.
 const CONTROL_SCRATCH: u64 = net_ctrl::MAX_COMMAND as u64 + 4096;
 /// How long replaying a net device's control state may take in all.
-const REPLAY_LIMIT: Duration = Duration::from_millis(1000);
+const REPLAY_LIMIT: Duration = Duration::from_millis(2000);
 const VIRTIO_NET_OK: u8 = virtio_bindings::virtio_net::VIRTIO_NET_OK as u8;
 const VIRTIO_NET_ERR: u8 = virtio_bindings::virtio_net::VIRTIO_NET_ERR as u8;
 

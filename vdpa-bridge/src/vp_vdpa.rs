@@ -749,12 +749,24 @@ impl<P: PciFunction + ?Sized + 'static> VdpaOps for VpVdpa<P> {
             }
             .into());
         }
-        let shown = self.transport.set_status_and_wait(
+        let shown = match self.transport.set_status_and_wait(
             "suspend",
             self.status | status::SUSPEND,
             status::SUSPEND,
             status::DRIVER_OK,
-        )?;
+        ) {
+            Ok(s) => s,
+            Err(e @ TransportError::StatusTimeout { .. }) => {
+                // Not suspended in time: DRIVER_OK written again (how a
+                // suspended device is resumed), so a device that suspends
+                // late runs on rather than stopping unseen.
+                if let Err(w) = self.transport.set_status(self.status) {
+                    log::warn!("taking back a late suspend failed: {w}");
+                }
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.status = shown;
         Ok(())
     }

@@ -209,11 +209,15 @@ pub struct EmuStats {
 /// negotiated).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SuspendBehaviour {
-    /// As virtio 1.4 §3.4 says it should: finish every request it holds
-    /// (those [`EmulatedFunction::hold_requests`] kept), raise their
-    /// interrupts, then show SUSPEND and clear DRIVER_OK.
+    /// Finish every request available to it (those
+    /// [`EmulatedFunction::hold_requests`] kept count as taken, as a
+    /// device that polls its rings may take them), raise their
+    /// interrupts, then show SUSPEND and clear DRIVER_OK (virtio 1.4 §3.4).
     #[default]
     Finish,
+    /// Suspend at once, taking nothing more: the requests it held stay
+    /// available (not taken) for after the resume.
+    Stop,
     /// Never show SUSPEND (a device stuck on its way to suspending).
     Never,
     /// Fail to suspend: set DEVICE_NEEDS_RESET, as the spec allows.
@@ -845,6 +849,10 @@ impl State {
                         self.process(q as u16);
                     }
                     self.hold_requests = hold;
+                    self.status = (self.status | status::SUSPEND) & !status::DRIVER_OK;
+                    self.stats.suspends += 1;
+                }
+                SuspendBehaviour::Stop => {
                     self.status = (self.status | status::SUSPEND) & !status::DRIVER_OK;
                     self.stats.suspends += 1;
                 }
