@@ -222,6 +222,17 @@ struct Active<B: VdpaOps + DmaMapper, M: GuestMemory> {
     interrupt: Arc<dyn VirtioInterrupt>,
 }
 
+impl<B: VdpaOps + DmaMapper, M: GuestMemory> Active<B, M> {
+    /// The activated queues' indices (checked to fit 16 bits at
+    /// activation).
+    fn indices(&self) -> Vec<u16> {
+        self.queues
+            .iter()
+            .map(|(i, _, _)| u16::try_from(*i).unwrap_or(u16::MAX))
+            .collect()
+    }
+}
+
 /// A vDPA device bridged into a VMM.
 ///
 /// Generic over the backend (`B`: a [`VdpaOps`] + [`DmaMapper`], e.g.
@@ -791,11 +802,7 @@ where
             r.stop();
         }
         a.run = Run::Direct(None);
-        let idx: Vec<u16> = a
-            .queues
-            .iter()
-            .map(|(i, _, _)| u16::try_from(*i).unwrap_or(u16::MAX))
-            .collect();
+        let idx = a.indices();
         self.backend.with(|b| {
             for &q in &idx {
                 if let Err(e) = b.set_vring_kick(QueueIndex(q), None) {
@@ -873,12 +880,7 @@ where
     /// runs directly again (or stays stopped if it cannot be resumed) and
     /// the caller falls back to a stop with a reset.
     fn suspend_direct(&self, a: &mut Active<B, M>) -> Result<Option<Vec<(u16, QueuePosition)>>> {
-        self.detach_direct(a)?;
-        let idx: Vec<u16> = a
-            .queues
-            .iter()
-            .map(|(i, _, _)| u16::try_from(*i).unwrap_or(u16::MAX))
-            .collect();
+        let idx = self.detach_direct(a)?;
         if let Err(e) = self.backend.with(|b| b.suspend())? {
             // A device that set DEVICE_NEEDS_RESET or never suspended is
             // wired again; the fallback stops it with a reset.
@@ -923,11 +925,7 @@ where
     /// Wire kicks and interrupts for the guest's rings again (a stop that
     /// could not be done).
     fn rewire_direct(&self, a: &mut Active<B, M>) -> Result<()> {
-        let qidx: Vec<u16> = a
-            .queues
-            .iter()
-            .map(|(i, _, _)| u16::try_from(*i).unwrap_or(u16::MAX))
-            .collect();
+        let qidx = a.indices();
         let mut wiring = Wiring::default();
         let relay = self.backend.with(|b| -> Result<Option<Relay>> {
             let irqs = activate::wire_interrupts(b, &a.interrupt, &qidx, &mut wiring)?;
@@ -1203,7 +1201,10 @@ where
             }
             Err(e) => {
                 if let Ok(Err(r)) = self.backend.with(|b| b.reset()) {
-                    log::error!("{}: reset after a failed resume: {r}", self.name);
+                    log::error!(
+                        "{}: reset after a failed start on shadow rings: {r}",
+                        self.name
+                    );
                 }
                 a.run = Run::Paused(p);
                 Err(e)
@@ -1233,20 +1234,8 @@ where
             Run::Direct(relay) => {
                 a.run = Run::Direct(relay);
                 match self.stop_direct(&mut a, true) {
-                    Ok(p) => match self.start_shadow(&a, p.clone()) {
-                        Ok(s) => {
-                            a.run = Run::Shadow(s);
-                            Ok(())
-                        }
-                        Err(e) => {
-                            // Stopped: a resume tries again.
-                            if let Ok(Err(r)) = self.backend.with(|b| b.reset()) {
-                                log::error!("{}: reset after a failed switch: {r}", self.name);
-                            }
-                            a.run = Run::Paused(p);
-                            Err(e)
-                        }
-                    },
+                    // On an error it stays stopped: a resume tries again.
+                    Ok(p) => self.restart_shadowed(&mut a, Some(p), false),
                     Err(e) => Err(e),
                 }
             }

@@ -13,11 +13,9 @@ use std::time::{Duration, Instant};
 use vdpa_bridge::types::features;
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_plugin::{BridgeDevice, DataPath, DeviceOptions, NoNotifyMapping, ShadowPolicy};
-use vdpa_testkit::driver::ring::Buf;
 use vdpa_testkit::emu::{EmuConfig, EmulatedFunction, NetState, DEFAULT_MAC};
 use vdpa_testkit::harness::{Guest, Mem, TestInterrupt};
 use virtio_bindings::virtio_net as n;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 type Dev = BridgeDevice<VpVdpa<EmulatedFunction>, Mem>;
 
@@ -77,50 +75,11 @@ fn activate(g: &mut Guest, dev: &mut Dev) -> Arc<TestInterrupt> {
     irq
 }
 
-/// Send one control command as Linux's virtio-net does (header and data
-/// readable, the ack byte writable, kick, wait for it) and return the ack.
+/// Send one control command (see `Guest::net_control`); with `kick`,
+/// the device's ack.
 fn command(g: &mut Guest, class: u32, cmd: u32, data: &[u8], kick: bool) -> Option<u8> {
-    let base = Guest::buffer(CTRL);
-    let mem = g.mem.memory();
-    let mut bytes = vec![class as u8, cmd as u8];
-    bytes.extend_from_slice(data);
-    mem.write_slice(&bytes, GuestAddress(base)).unwrap();
-    mem.write_obj(0xffu8, GuestAddress(base + 4096)).unwrap();
-    let bufs = [
-        Buf {
-            addr: base,
-            len: 2,
-            write: false,
-        },
-        Buf {
-            addr: base + 2,
-            len: data.len() as u32,
-            write: false,
-        },
-        Buf {
-            addr: base + 4096,
-            len: 1,
-            write: true,
-        },
-    ];
-    let bufs: Vec<Buf> = bufs.into_iter().filter(|b| b.len > 0).collect();
-    let ring = &mut g.rings[usize::from(CTRL)];
-    ring.post(&mem, &bufs).unwrap();
-    if !kick {
-        return None;
-    }
-    g.kicks[usize::from(CTRL)].write(1).unwrap();
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
-        if ring.pop_used(&mem).unwrap().is_some() {
-            return Some(mem.read_obj(GuestAddress(base + 4096)).unwrap());
-        }
-        assert!(
-            Instant::now() < end,
-            "control command {class}.{cmd} not answered"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    g.net_control(CTRL, class as u8, cmd as u8, data, kick)
+        .unwrap_or_else(|e| panic!("control command {class}.{cmd}: {e}"))
 }
 
 const OK: u8 = n::VIRTIO_NET_OK as u8;

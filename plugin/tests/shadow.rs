@@ -852,6 +852,23 @@ fn a_paused_device_handed_over_and_taken_back_finishes_its_requests() {
     assert!(dev.is_handed_over());
 }
 
+/// Queue 0 of a device that completes out of order: six writes completed
+/// in reverse batches, then four more the device holds (not finished).
+fn out_of_order_then_holding(emu: &EmulatedFunction, g: &mut Guest, d: &mut Driver) {
+    emu.reverse_completions(true);
+    emu.hold_requests(true);
+    for k in 0..6 {
+        d.submit(g, 0, true, k, true);
+    }
+    emu.hold_requests(false);
+    g.kicks[0].write(1).unwrap();
+    d.settle(g, 1);
+    emu.hold_requests(true);
+    for k in 10..14 {
+        d.submit(g, 0, true, k, true);
+    }
+}
+
 #[test]
 fn a_device_completing_out_of_order_is_moved_only_once_it_drained() {
     let _s = serial();
@@ -860,22 +877,10 @@ fn a_device_completing_out_of_order_is_moved_only_once_it_drained() {
     ack(&mut dev, 0);
     let _irq = activate(&mut g, &mut dev, 1);
     let mut d = Driver::new(false);
-    // Batches completed in reverse: the used ring is out of order.
-    emu.reverse_completions(true);
-    emu.hold_requests(true);
-    for k in 0..6 {
-        d.submit(&mut g, 0, true, k, true);
-    }
-    emu.hold_requests(false);
-    g.kicks[0].write(1).unwrap();
-    d.settle(&mut g, 1);
-    // Now it holds requests it never finishes: which it holds cannot be
-    // told from the rings, so it is not stopped and keeps running
-    // directly.
-    emu.hold_requests(true);
-    for k in 10..14 {
-        d.submit(&mut g, 0, true, k, true);
-    }
+    // Now it holds requests it never finishes, completed out of order
+    // before: which it holds cannot be told from the rings, so it is not
+    // stopped and keeps running directly.
+    out_of_order_then_holding(&emu, &mut g, &mut d);
     let e = dev.start_dirty_log().unwrap_err().to_string();
     assert!(e.contains("completed out of order"), "{e}");
     assert_eq!(dev.data_path(), Some(DataPath::Direct));
@@ -1056,21 +1061,9 @@ fn a_suspend_drains_exactly_before_the_switch_to_shadow_rings_and_before_a_shado
     ack(&mut dev, 0);
     let _irq = activate(&mut g, &mut dev, 1);
     let mut d = Driver::new(false);
-    // Completed out of order and still holding requests: without a
-    // suspend the switch would be refused (see
+    // Without a suspend the switch would be refused (see
     // a_device_completing_out_of_order_is_moved_only_once_it_drained).
-    emu.reverse_completions(true);
-    emu.hold_requests(true);
-    for k in 0..6 {
-        d.submit(&mut g, 0, true, k, true);
-    }
-    emu.hold_requests(false);
-    g.kicks[0].write(1).unwrap();
-    d.settle(&mut g, 1);
-    emu.hold_requests(true);
-    for k in 10..14 {
-        d.submit(&mut g, 0, true, k, true);
-    }
+    out_of_order_then_holding(&emu, &mut g, &mut d);
     let t = Instant::now();
     dev.start_dirty_log().unwrap();
     assert!(t.elapsed() < vdpa_plugin::DRAIN, "{:?}", t.elapsed());

@@ -442,6 +442,83 @@ impl Guest {
         Ok(())
     }
 
+    /// Post one virtio-net control command on control queue `ctrl` as
+    /// Linux's driver does (class and command, its data, a device-writable
+    /// ack byte, from the queue's buffer area). With `kick`, kick and wait
+    /// (polling: control queues are not answered by interrupt) for the
+    /// device's answer and return its ack; without, leave it published.
+    ///
+    /// # Errors
+    /// `data` does not fit the area, the ring is full, or the device does
+    /// not answer within 10 s.
+    pub fn net_control(
+        &mut self,
+        ctrl: u16,
+        class: u8,
+        command: u8,
+        data: &[u8],
+        kick: bool,
+    ) -> Result<Option<u8>> {
+        const ACK: u64 = 4096;
+        let len = u32::try_from(data.len())
+            .ok()
+            .filter(|n| 2 + u64::from(*n) <= ACK)
+            .ok_or(DriverError::TooLarge {
+                len: data.len() as u64,
+                max: ACK - 2,
+            })?;
+        let mem = self.mem.memory();
+        let base = Self::buffer(ctrl);
+        let mut bytes = vec![class, command];
+        bytes.extend_from_slice(data);
+        mem.write_slice(&bytes, GuestAddress(base))
+            .map_err(|_| DriverError::Memory { addr: base })?;
+        mem.write_obj(0xffu8, GuestAddress(base + ACK))
+            .map_err(|_| DriverError::Memory { addr: base + ACK })?;
+        let bufs = [
+            Buf {
+                addr: base,
+                len: 2,
+                write: false,
+            },
+            Buf {
+                addr: base + 2,
+                len,
+                write: false,
+            },
+            Buf {
+                addr: base + ACK,
+                len: 1,
+                write: true,
+            },
+        ];
+        let bufs: Vec<Buf> = bufs.into_iter().filter(|b| b.len > 0).collect();
+        let ring = self
+            .rings
+            .get_mut(usize::from(ctrl))
+            .ok_or(DriverError::RingFull(ctrl))?;
+        ring.post(&mem, &bufs)?;
+        if !kick {
+            return Ok(None);
+        }
+        self.kick(ctrl)?;
+        let timeout = Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
+        while self.rings[usize::from(ctrl)].pop_used(&mem)?.is_none() {
+            if Instant::now() > deadline {
+                return Err(DriverError::Timeout {
+                    queue: ctrl,
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ack = mem
+            .read_obj(GuestAddress(base + ACK))
+            .map_err(|_| DriverError::Memory { addr: base + ACK })?;
+        Ok(Some(ack))
+    }
+
     /// Post receive buffers (2 KiB each) on receive queue `q`, as many as
     /// fit its buffer area and ring, and kick it; how many were posted.
     pub fn net_fill_rx(&mut self, q: u16) -> Result<usize> {

@@ -71,44 +71,11 @@ pub fn cases() -> Vec<Case> {
     out
 }
 
-/// Send one control command on queue `ctrl` as Linux's virtio-net does
-/// (class and command, data, a writable ack byte; kick; wait) and return
-/// the device's ack.
+/// Send one control command on queue `ctrl` (see `Guest::net_control`)
+/// and return the device's ack.
 fn net_command(g: &mut Guest, ctrl: u16, class: u32, cmd: u32, data: &[u8]) -> anyhow::Result<u8> {
-    use vdpa_testkit::driver::ring::Buf;
-    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-    let base = Guest::buffer(ctrl);
-    let mem = g.mem.memory();
-    let mut bytes = vec![class as u8, cmd as u8];
-    bytes.extend_from_slice(data);
-    mem.write_slice(&bytes, GuestAddress(base))?;
-    mem.write_obj(0xffu8, GuestAddress(base + 4096))?;
-    let bufs = [
-        Buf {
-            addr: base,
-            len: bytes.len() as u32,
-            write: false,
-        },
-        Buf {
-            addr: base + 4096,
-            len: 1,
-            write: true,
-        },
-    ];
-    let ring = &mut g.rings[usize::from(ctrl)];
-    ring.post(&mem, &bufs)?;
-    g.kicks[usize::from(ctrl)].write(1)?;
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if ring.pop_used(&mem)?.is_some() {
-            return Ok(mem.read_obj(GuestAddress(base + 4096))?);
-        }
-        ensure!(
-            std::time::Instant::now() < end,
-            "control command {class}.{cmd} not answered"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    g.net_control(ctrl, class as u8, cmd as u8, data, true)?
+        .context("no ack")
 }
 
 /// QEMU's virtio-net (four pairs, control queue): the guest sets a MAC
