@@ -249,6 +249,22 @@ pub struct Manifest {
     /// Why the Cloud Hypervisor cases cannot run (printed as their skip).
     #[serde(default)]
     pub ch_skip: Option<String>,
+    /// The fleet: many virtio-blk devices, each behind its own root port
+    /// (`host::devices::fleet`), for the cases of one VMM with many
+    /// bridged devices.
+    #[serde(default)]
+    pub fleet: Vec<FleetEntry>,
+}
+
+/// One disk of the fleet.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FleetEntry {
+    /// QEMU id, image name (pattern seed) and virtio-blk serial.
+    pub name: String,
+    /// Guest PCI address.
+    pub bdf: String,
+    /// The image, a host path.
+    pub image: PathBuf,
 }
 
 /// What the Cloud Hypervisor end-to-end cases need.
@@ -372,6 +388,7 @@ mod tests {
             soak: None,
             only: Some("ch_".into()),
             vduse_image: None,
+            fleet: Vec::new(),
             ch: None,
             ch_skip: Some("no CLOUD_HYPERVISOR".into()),
         };

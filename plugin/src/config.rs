@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use vdpa_bridge::backend::AnyDevice;
 pub use vdpa_bridge::device_path::DevicePath;
 use vdpa_bridge::types::parse_u64;
+pub use vdpa_bridge::vfio::SharedContainer;
 use vdpa_bridge::vp_vdpa::OpenOptions;
 
 use crate::Error;
@@ -36,9 +37,34 @@ pub struct VdpaDeviceConfig {
     /// [`ShadowPolicy::Always`]); default `auto`.
     #[serde(default)]
     pub shadow: ShadowPolicy,
+    /// The VM's VFIO container for bridged PCI functions not behind a
+    /// vIOMMU (the VMM creates one per VM and hands each such device a
+    /// clone): guest RAM is then mapped and pinned once for all of them.
+    /// `None`, or a vIOMMU in front of the device: a container of its own.
+    /// Not part of the serialized configuration.
+    #[serde(skip)]
+    pub container: Option<SharedContainer>,
+}
+
+/// Open the VM's VFIO container for its bridged PCI functions (what
+/// [`VdpaDeviceConfig::container`] takes): once per VM, before its first
+/// such device.
+///
+/// # Errors
+///
+/// [`Error::Backend`] when `/dev/vfio/vfio` cannot be opened or lacks
+/// type1v2.
+pub fn open_container() -> Result<SharedContainer, Error> {
+    SharedContainer::new().map_err(crate::error::backend_err("open the VM's VFIO container"))
 }
 
 impl VdpaDeviceConfig {
+    /// Whether this device would go into the VM's shared VFIO container: a
+    /// PCI function not behind a vIOMMU.
+    pub fn wants_shared_container(&self) -> bool {
+        !self.iommu && matches!(self.device_path(), Ok(DevicePath::Pci(_)))
+    }
+
     /// Classify `path`.
     pub fn device_path(&self) -> Result<DevicePath, Error> {
         classify_path(&self.path)
@@ -55,7 +81,10 @@ impl VdpaDeviceConfig {
             DevicePath::Pci(bdf) => bdf,
             DevicePath::VhostVdpa(node) => node,
         };
-        AnyDevice::open(&target, opts).map_err(crate::error::backend_err("open"))
+        // Behind a vIOMMU the guest programs this device's own address
+        // space, which a shared container cannot give it.
+        let container = self.container.as_ref().filter(|_| !self.iommu);
+        AnyDevice::open_in(&target, opts, container).map_err(crate::error::backend_err("open"))
     }
 
     /// The plugin options this configuration asks for (`packed_ring` is

@@ -26,7 +26,10 @@
 //! Without a vIOMMU, guest RAM is mapped with IOVA = GPA (each region as
 //! it appears); with one, or when the VMM maps guest memory itself (Cloud
 //! Hypervisor's `ExternalDmaMapping`), the VMM maps and unmaps through
-//! [`DmaHandle`].
+//! [`DmaHandle`]. The PCI functions of one VM not behind a vIOMMU share
+//! one VFIO container ([`SharedContainer`], in
+//! [`VdpaDeviceConfig::container`]), in which a mapping several devices
+//! make is made (and pinned) once.
 #![warn(missing_docs)]
 
 mod activate;
@@ -45,7 +48,7 @@ mod state;
 mod thread;
 
 pub use activate::AddressTranslation;
-pub use config::{DevicePath, VdpaDeviceConfig};
+pub use config::{open_container, DevicePath, SharedContainer, VdpaDeviceConfig};
 pub use device::{
     BridgeDevice, DataPath, DeviceOptions, GuestNotifyMapping, KickPolicy, NoNotifyMapping,
     PauseReport, ShadowPolicy, Wiring, BRIDGE_FEATURES, TRANSPORT_ONLY_FEATURES,

@@ -41,7 +41,7 @@ use vdpa_bridge::{DmaMapper, Doorbell, Iova, QueueIndex, VdpaOps};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
-    GuestMemoryRegion,
+    GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -207,40 +207,46 @@ impl<B: DmaMapper> ShadowMemory<B> {
             .sum::<u64>()
             + extra.next_multiple_of(page))
         .max(page);
-        let range = backend.with(|b| b.iova_range())?;
-        let top = range.last.saturating_add(1).min(1 << 63);
-        let iova = top.checked_sub(len).map(|v| v / page * page);
         let guest_end = guest
             .iter()
             .map(|r| r.start_addr().0.saturating_add(r.len()))
             .max()
             .unwrap_or(0);
-        let iova = match iova {
-            Some(v) if v >= guest_end && v >= range.first => v,
-            _ => {
-                return Err(Error::Shadow(format!(
-                    "no IOVA above guest memory (ends at {guest_end:#x}) for {len:#x} bytes \
-                     of shadow rings in the device's range {:#x}..={:#x}",
-                    range.first, range.last
-                )))
-            }
-        };
-        let mem = shared_memory(iova, len)?;
-        let host = mem
-            .get_host_address(GuestAddress(iova))
-            .map_err(|e| Error::Shadow(format!("shadow ring memory: {e}")))?
-            as usize;
-        backend
+        let region = shared_memory(len)?;
+        let host = region.as_ptr() as usize;
+        let iova = backend
             .with(|b| {
                 // SAFETY: the mapping stays alive while the device may use
-                // it: it is owned here, unmapped on drop before the memory
+                // it: the memory is owned here, unmapped on drop before it
                 // is freed, and kept with the backend (freed after its
-                // close) when the unmap fails. It is only
-                // accessed through vm-memory's volatile and atomic
-                // accessors.
-                unsafe { b.dma_map(Iova(iova), len, host) }
+                // close) when the unmap fails. It is only accessed through
+                // vm-memory's volatile and atomic accessors.
+                unsafe { b.dma_map_top(len, host, page, guest_end) }
             })?
-            .map_err(backend_err("dma_map (shadow rings)"))?;
+            .map_err(|e| {
+                Error::Shadow(format!(
+                    "no IOVA above guest memory (ends at {guest_end:#x}) for {len:#x} bytes \
+                     of shadow rings: {e}"
+                ))
+            })?
+            .0;
+        if iova.checked_add(len).is_none() {
+            // dma_map_top places below 2^63, so this is not reached; undone
+            // all the same, and the memory leaked rather than freed if the
+            // device keeps its mapping.
+            let undone = backend.with(|b| b.dma_unmap(Iova(iova), len).is_ok());
+            if !matches!(undone, Ok(true)) {
+                std::mem::forget(region);
+            }
+            return Err(Error::Shadow(format!(
+                "shadow rings at {iova:#x} (+{len:#x}) pass the end of the address space"
+            )));
+        }
+        let mem = GuestRegionMmap::new(region, GuestAddress(iova))
+            .ok_or_else(|| Error::Shadow("shadow rings past the end of the address space".into()))
+            .and_then(|r| {
+                GuestMemoryMmap::from_regions(vec![r]).map_err(|e| Error::Shadow(e.to_string()))
+            })?;
         Ok(ShadowMemory {
             backend,
             mem: Some(mem),
@@ -255,13 +261,13 @@ impl<B: DmaMapper> ShadowMemory<B> {
     }
 }
 
-/// `len` bytes of shared memory at `iova`, backed by a memfd: a backend
-/// that gives the device the pages by file (VDUSE behind vhost-vdpa maps
-/// them into its daemon) cannot use anonymous private memory. vm-memory
-/// maps a file but does not create one, hence this wrapper.
-fn shared_memory(iova: u64, len: u64) -> Result<GuestMemoryMmap> {
+/// `len` bytes of shared memory, backed by a memfd: a backend that gives
+/// the device the pages by file (VDUSE behind vhost-vdpa maps them into
+/// its daemon) cannot use anonymous private memory. vm-memory maps a file
+/// but does not create one, hence this wrapper.
+fn shared_memory(len: u64) -> Result<MmapRegion> {
     use std::os::fd::FromRawFd;
-    use vm_memory::{FileOffset, GuestRegionMmap, MmapRegion};
+    use vm_memory::FileOffset;
     let err = |what: String| Error::Shadow(format!("cannot allocate the shadow rings: {what}"));
     let size = usize::try_from(len).map_err(|_| err(format!("{len:#x} bytes")))?;
     // SAFETY: memfd_create with a NUL-terminated name and no pointer kept;
@@ -277,11 +283,7 @@ fn shared_memory(iova: u64, len: u64) -> Result<GuestMemoryMmap> {
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.set_len(len)
         .map_err(|e| err(format!("ftruncate: {e}")))?;
-    let region = MmapRegion::from_file(FileOffset::new(file, 0), size)
-        .map_err(|e| err(format!("mmap: {e}")))?;
-    let region = GuestRegionMmap::new(region, GuestAddress(iova))
-        .ok_or_else(|| err("region past the end of the address space".into()))?;
-    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| err(e.to_string()))
+    MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(|e| err(format!("mmap: {e}")))
 }
 
 impl<B: DmaMapper> Drop for ShadowMemory<B> {

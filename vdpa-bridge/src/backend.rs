@@ -18,7 +18,7 @@ use crate::ops::{
 };
 use crate::pci::PciFunction;
 use crate::types::{Iova, IovaRange, QueueIndex, VringAddrs};
-use crate::vfio::VfioFunction;
+use crate::vfio::{SharedContainer, VfioFunction, VfioOptions};
 use crate::vhost_vdpa::VhostVdpaDevice;
 use crate::vp_vdpa::{OpenOptions, VpVdpa};
 use crate::Result;
@@ -49,6 +49,22 @@ impl AnyDevice {
     /// [`Error::BadPath`](crate::Error::BadPath) when `path` names neither;
     /// the backend's error when opening fails.
     pub fn open(path: &str, opts: OpenOptions) -> Result<AnyDevice> {
+        Self::open_in(path, opts, None)
+    }
+
+    /// Open `path` as [`AnyDevice::open`] does; a PCI function goes into
+    /// `container` when one is given (shared with the VM's other bridged
+    /// functions), into a container of its own otherwise. A vhost-vdpa
+    /// node has its own address space in the kernel and ignores it.
+    ///
+    /// # Errors
+    ///
+    /// As [`AnyDevice::open`].
+    pub fn open_in(
+        path: &str,
+        opts: OpenOptions,
+        container: Option<&SharedContainer>,
+    ) -> Result<AnyDevice> {
         match DevicePath::parse(path)? {
             DevicePath::VhostVdpa(node) => Ok(AnyDevice::VhostVdpa(VhostVdpaDevice::open(
                 Path::new(&node),
@@ -56,7 +72,10 @@ impl AnyDevice {
             )?)),
             // The path as given: a sysfs path is resolved through its links.
             DevicePath::Pci(_) => {
-                let f = VfioFunction::open(path)?;
+                let f = match container {
+                    Some(c) => VfioFunction::open_in(path, c, &VfioOptions::default())?,
+                    None => VfioFunction::open(path)?,
+                };
                 Ok(AnyDevice::Vfio(VpVdpa::open(Arc::new(f), opts)?))
             }
         }
@@ -202,6 +221,16 @@ impl DmaMapper for AnyDevice {
         // SAFETY: the caller upholds `DmaMapper::dma_map`'s contract, which
         // is the same for every variant.
         each!(self, d => Ok(unsafe { d.dma_map(iova, size, host_addr) }?))
+    }
+    unsafe fn dma_map_top(
+        &self,
+        size: u64,
+        host_addr: usize,
+        align: u64,
+        floor: u64,
+    ) -> Result<Iova> {
+        // SAFETY: as in dma_map.
+        each!(self, d => Ok(unsafe { d.dma_map_top(size, host_addr, align, floor) }?))
     }
     fn dma_unmap(&self, iova: Iova, size: u64) -> Result<()> {
         each!(self, d => Ok(d.dma_unmap(iova, size)?))

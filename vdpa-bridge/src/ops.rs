@@ -568,6 +568,42 @@ pub trait DmaMapper {
     /// backend error otherwise.
     unsafe fn dma_map(&self, iova: Iova, size: u64, host_addr: usize) -> Result<(), Self::Error>;
 
+    /// Map `size` bytes of the caller's own memory (not guest memory:
+    /// shadow rings) at the highest free `align`-aligned IOVA (a power of
+    /// two) at or above `floor`, and return it. A backend whose address
+    /// space other devices share (one VFIO container per VM) picks a window
+    /// none of them holds; the default takes the top of
+    /// [`iova_range`](Self::iova_range).
+    ///
+    /// # Safety
+    ///
+    /// As [`DmaMapper::dma_map`].
+    ///
+    /// # Errors
+    ///
+    /// [`OpsError::IovaOutOfRange`] when no window fits; the backend's
+    /// error otherwise.
+    unsafe fn dma_map_top(
+        &self,
+        size: u64,
+        host_addr: usize,
+        align: u64,
+        floor: u64,
+    ) -> Result<Iova, Self::Error> {
+        let range = self.iova_range();
+        let iova = range
+            .top_window(size, align, floor)
+            .ok_or(OpsError::IovaOutOfRange {
+                iova: floor,
+                size,
+                first: range.first,
+                last: range.last,
+            })?;
+        // SAFETY: the caller upholds dma_map's contract.
+        unsafe { self.dma_map(Iova(iova), size, host_addr) }?;
+        Ok(Iova(iova))
+    }
+
     /// Remove the mapping at `iova`.
     fn dma_unmap(&self, iova: Iova, size: u64) -> Result<(), Self::Error>;
 }

@@ -178,6 +178,30 @@ pub unsafe trait PciFunction: Send + Sync {
     /// operations) or handed to system calls, because the device may read
     /// and write it at any time (see `vfio_ioctls::VfioOps::vfio_dma_map`).
     unsafe fn dma_map(&self, iova: Iova, size: u64, host_addr: usize) -> PciResult<()>;
+    /// Map `size` bytes of the caller's own memory (not guest memory:
+    /// shadow rings) at the highest free `align`-aligned IOVA at or above
+    /// `floor`, and return it. A function whose address space other
+    /// functions share picks a window none of them holds; the default takes
+    /// the top of [`PciFunction::iova_range`].
+    ///
+    /// # Safety
+    ///
+    /// As [`PciFunction::dma_map`].
+    unsafe fn dma_map_top(
+        &self,
+        size: u64,
+        host_addr: usize,
+        align: u64,
+        floor: u64,
+    ) -> PciResult<Iova> {
+        let iova = self
+            .iova_range()
+            .top_window(size, align, floor)
+            .ok_or(PciError::DmaRange { iova: floor, size })?;
+        // SAFETY: the caller upholds dma_map's contract.
+        unsafe { self.dma_map(Iova(iova), size, host_addr) }?;
+        Ok(Iova(iova))
+    }
     /// Remove the mapping at `iova` of `size` bytes.
     fn dma_unmap(&self, iova: Iova, size: u64) -> PciResult<()>;
     /// A short description for logs ("vfio 0000:00:04.0", "emulated blk").

@@ -46,6 +46,18 @@ impl IovaRange {
             None => false,
         }
     }
+
+    /// The highest `align`-aligned start (a power of two) at or above
+    /// `floor` where `size` bytes fit in the range, below 2^63 (the top a
+    /// 64-bit IOVA space can hand out without overflow arithmetic).
+    pub fn top_window(&self, size: u64, align: u64, floor: u64) -> Option<u64> {
+        if size == 0 || !align.is_power_of_two() {
+            return None;
+        }
+        let top = self.last.saturating_add(1).min(1 << 63);
+        let start = top.checked_sub(size)? & !(align - 1);
+        (start >= floor && self.contains(start, size)).then_some(start)
+    }
 }
 
 /// Ring addresses of a split virtqueue (IOVAs).

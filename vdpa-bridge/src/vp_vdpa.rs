@@ -1017,6 +1017,23 @@ impl<P: PciFunction + ?Sized> DmaMapper for VpVdpa<P> {
         Ok(())
     }
 
+    unsafe fn dma_map_top(
+        &self,
+        size: u64,
+        host_addr: usize,
+        align: u64,
+        floor: u64,
+    ) -> Result<Iova> {
+        // SAFETY: the caller upholds DmaMapper::dma_map_top's contract,
+        // which is PciFunction::dma_map_top's.
+        let iova = unsafe {
+            self.transport
+                .function()
+                .dma_map_top(size, host_addr, align, floor)
+        }?;
+        Ok(iova)
+    }
+
     fn dma_unmap(&self, iova: Iova, size: u64) -> Result<()> {
         self.transport.function().dma_unmap(iova, size)?;
         Ok(())

@@ -323,6 +323,7 @@ mod tests {
             soak: None,
             only: None,
             vduse_image: None,
+            fleet: Vec::new(),
             ch: None,
             ch_skip: None,
         }

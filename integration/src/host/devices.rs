@@ -9,7 +9,8 @@
 //! | 02.0 | virtio-9p-pci `hostroot` (the guest's view of the host root) |
 //! | 03.0 - 0f.0 | virtio-blk variants |
 //! | 10.0 - 17.0 | virtio-net variants |
-//! | 18.0 - 1e.0 | other device types (rng, console, balloon, crypto) |
+//! | 18.0 - 1b.0 | other device types (rng, console, balloon, crypto) |
+//! | 1c.0 - 1d.7 | the fleet: 16 `pcie-root-port`s (multifunction), one virtio-blk behind each |
 //! | 1f.x | q35 ICH9 LPC / SATA / SMBus (fixed by QEMU) |
 //!
 //! Devices on the root bus are integrated endpoints: no FLR, no hot-plug
@@ -233,6 +234,71 @@ pub const DEVICES: &[DeviceSpec] = &[
         root_port: false,
     },
 ];
+
+/// Disks of the fleet: virtio-blk devices with 2 queues, each behind a
+/// `pcie-root-port` of its own, as a host with SmartNIC VFs gives a VM
+/// many volumes (cases of one VMM with many bridged devices).
+pub const FLEET: usize = 16;
+/// Slots of the fleet's root ports on `pcie.0`, 8 functions each.
+const FLEET_SLOTS: [u8; 2] = [0x1c, 0x1d];
+/// Queues of each fleet disk.
+pub const FLEET_QUEUES: u32 = 2;
+/// Size of each fleet disk's image.
+pub const FLEET_MIB: u64 = 1;
+
+/// One disk of the fleet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetDisk {
+    /// Its name: QEMU id, image name and virtio-blk serial (`fleet00`).
+    pub name: String,
+    /// Guest PCI address.
+    pub bdf: String,
+    /// Slot and function of its root port on `pcie.0`.
+    pub port: (u8, u8),
+}
+
+/// The fleet, in bus order. Its ports come after every port of
+/// [`DEVICES`] in slot order, so they get the buses after theirs.
+pub fn fleet() -> Vec<FleetDisk> {
+    let ports_before = DEVICES.iter().filter(|d| d.root_port).count();
+    (0..FLEET)
+        .map(|i| {
+            let slot = FLEET_SLOTS[i / 8];
+            FleetDisk {
+                name: format!("fleet{i:02}"),
+                bdf: format!("0000:{:02x}:00.0", 1 + ports_before + i),
+                port: (slot, (i % 8) as u8),
+            }
+        })
+        .collect()
+}
+
+impl FleetDisk {
+    /// QEMU arguments: image, root port, device.
+    pub fn qemu_args(&self, lab_dir: &Path) -> Vec<String> {
+        let name = &self.name;
+        let img = lab_dir.join(format!("{name}.img"));
+        let (slot, func) = self.port;
+        let chassis = 0x40 + u32::from(slot - FLEET_SLOTS[0]) * 8 + u32::from(func);
+        vec![
+            "-drive".into(),
+            format!(
+                "if=none,id=drive-{name},format=raw,file={}",
+                qemu_escape(&img.to_string_lossy())
+            ),
+            "-device".into(),
+            format!(
+                "pcie-root-port,id=rp-{name},bus=pcie.0,addr={slot:#04x}.{func}{},chassis={chassis},slot={chassis}",
+                if func == 0 { ",multifunction=on" } else { "" }
+            ),
+            "-device".into(),
+            format!(
+                "virtio-blk-pci,id={name},bus=rp-{name},addr=0x0,drive=drive-{name},serial={name},\
+                 num-queues={FLEET_QUEUES},disable-legacy=on,iommu_platform=on"
+            ),
+        ]
+    }
+}
 
 /// Escape a value for a QEMU option string (`,` doubles).
 pub fn qemu_escape(s: &str) -> String {
@@ -569,6 +635,23 @@ mod tests {
         assert_eq!(by(Variant::BlkMq).msix_vectors(), 2);
         assert_eq!(by(Variant::NetUser).msix_vectors(), 4);
         assert_eq!(by(Variant::NetMq).msix_vectors(), 10);
+    }
+
+    #[test]
+    fn fleet_ports_follow_the_tables_ports_on_their_own_buses() {
+        let f = fleet();
+
+        assert_eq!(f.len(), FLEET);
+        assert_eq!(f[0].bdf, "0000:04:00.0");
+        assert_eq!(f[15].bdf, "0000:13:00.0");
+        assert_eq!((f[7].port, f[8].port), ((0x1c, 7), (0x1d, 0)));
+        assert!(DEVICES.iter().all(|d| d.slot < 0x1c));
+        let a = f[8].qemu_args(Path::new("/lab"));
+        assert_eq!(
+            a[3],
+            "pcie-root-port,id=rp-fleet08,bus=pcie.0,addr=0x1d.0,multifunction=on,chassis=72,slot=72"
+        );
+        assert!(a[5].contains("serial=fleet08,num-queues=2,"), "{}", a[5]);
     }
 
     #[test]

@@ -146,10 +146,12 @@ fn cloud_hypervisor(
     // Sector 0 and the sector-8 write of every disk image, by the name the
     // disk carries as its serial (`serial=<variant>`).
     let mut files = Vec::new();
+    let fleet: Vec<String> = devices::fleet().into_iter().map(|d| d.name).collect();
     for image in devices::DEVICES
         .iter()
         .filter(|d| d.image_name().is_some())
         .map(|d| d.variant.name())
+        .chain(fleet.iter().map(String::as_str))
     {
         files.push((
             format!("expect0-{image}.bin"),
@@ -335,6 +337,9 @@ fn qemu_args(
     for spec in specs {
         a.extend(spec.qemu_args(lab_dir));
     }
+    for disk in devices::fleet() {
+        a.extend(disk.qemu_args(lab_dir));
+    }
     a
 }
 
@@ -452,6 +457,17 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         make_image(spec, &lab_dir)?;
         make_console_files(spec, &lab_dir)?;
     }
+    let mut fleet = Vec::new();
+    for disk in devices::fleet() {
+        let image = lab_dir.join(format!("{}.img", disk.name));
+        let data = pattern::region(&disk.name, 0, (devices::FLEET_MIB << 20) as usize);
+        std::fs::write(&image, data).with_context(|| format!("write {}", image.display()))?;
+        fleet.push(crate::manifest::FleetEntry {
+            name: disk.name,
+            bdf: disk.bdf,
+            image,
+        });
+    }
     let vduse_image = lab_dir.join("vduse.img");
     std::fs::write(
         &vduse_image,
@@ -484,6 +500,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         soak: opts.soak,
         only: opts.only.clone(),
         vduse_image: Some(vduse_image.clone()),
+        fleet,
     };
     let manifest_path = lab_dir.join("manifest.json");
     manifest.store(&manifest_path)?;

@@ -84,6 +84,8 @@ pub struct Guest {
     ring_size: u16,
     /// Device-writable buffers in flight, per queue.
     rx: Vec<Posted>,
+    /// Added to every address of the layout (see [`Guest::sharing`]).
+    base: u64,
 }
 
 /// Guest-physical layout: rings from 1 MiB, 64 KiB apart; buffers from
@@ -119,12 +121,41 @@ impl Guest {
             kicks: Vec::new(),
             ring_size,
             rx: Vec::new(),
+            base: 0,
         })
     }
 
-    /// GPA of queue `q`'s buffer area (256 KiB).
+    /// A driver for another device in the same guest memory `mem`: its
+    /// rings and buffers are laid out from `base` (the layout of
+    /// [`Guest::new`] moved up), so several devices, as in one VM, use the
+    /// same guest RAM without touching each other's. `mem` must reach
+    /// `base + Guest::span(queues)`.
+    pub fn sharing(mem: GuestMemoryAtomic<Mem>, ring_size: u16, base: u64) -> Guest {
+        Guest {
+            mem,
+            rings: Vec::new(),
+            kicks: Vec::new(),
+            ring_size,
+            rx: Vec::new(),
+            base,
+        }
+    }
+
+    /// Bytes of guest memory the layout of `queues` queues takes from its
+    /// base.
+    pub fn span(queues: u16) -> u64 {
+        BUF_BASE + u64::from(queues) * BUF_STRIDE
+    }
+
+    /// GPA of queue `q`'s buffer area (256 KiB) for a guest laid out from
+    /// 0 ([`Guest::new`]).
     pub fn buffer(q: u16) -> u64 {
         BUF_BASE + u64::from(q) * BUF_STRIDE
+    }
+
+    /// GPA of queue `q`'s buffer area in this guest's layout.
+    fn buf(&self, q: u16) -> u64 {
+        self.base + Self::buffer(q)
     }
 
     /// Lay out `n` queues as a guest driver would and return them as CH's
@@ -146,7 +177,7 @@ impl Guest {
         let mut out = Vec::new();
         for (q, &max) in (0u16..).zip(max_sizes) {
             let size = ring_size_for(self.ring_size, max);
-            let ring = SplitRing::new(q, size, RING_BASE + u64::from(q) * RING_STRIDE);
+            let ring = SplitRing::new(q, size, self.base + RING_BASE + u64::from(q) * RING_STRIDE);
             ring.init(&mem)?;
             let a = ring.addrs();
             let mut queue = Queue::new(max).map_err(|_| DriverError::RingFull(q))?;
@@ -218,7 +249,7 @@ impl Guest {
         kick: impl FnOnce() -> std::io::Result<()>,
     ) -> Result<u8> {
         let mem = self.mem.memory();
-        let base = Self::buffer(q);
+        let base = self.buf(q);
         let mut hdr = [0u8; 16];
         hdr[0..4].copy_from_slice(&ty.to_le_bytes());
         hdr[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -296,10 +327,11 @@ impl Guest {
             }
             Ok(())
         };
+        let buf = self.buf(q);
         blk::blk_read_load(
             &mem,
             &mut self.rings[usize::from(q)],
-            Self::buffer(q),
+            buf,
             &mut kick,
             &mut wait,
             load,
@@ -335,6 +367,7 @@ impl Guest {
         }
         let mem = self.mem.memory();
         let qi = usize::from(q);
+        let buf = self.buf(q);
         let ring = self.rings.get_mut(qi).ok_or(DriverError::RingFull(q))?;
         if self.rx.len() <= qi {
             self.rx.resize(qi + 1, Vec::new());
@@ -342,7 +375,7 @@ impl Guest {
         let posted = &mut self.rx[qi];
         posted.resize(usize::from(ring.size()), None);
         let addr = (0..BUF_STRIDE / u64::from(len))
-            .map(|slot| Self::buffer(q) + slot * u64::from(len))
+            .map(|slot| buf + slot * u64::from(len))
             .find(|a| !posted.iter().flatten().any(|(p, _)| p == a))
             .ok_or(DriverError::RingFull(q))?;
         let head = ring.post(
@@ -415,7 +448,7 @@ impl Guest {
             return Err(too_large());
         }
         let mem = self.mem.memory();
-        let base = Self::buffer(q);
+        let base = self.buf(q);
         mem.write_slice(data, GuestAddress(base))
             .map_err(|_| DriverError::Memory { addr: base })?;
         let ring = self
@@ -468,7 +501,7 @@ impl Guest {
                 max: ACK - 2,
             })?;
         let mem = self.mem.memory();
-        let base = Self::buffer(ctrl);
+        let base = self.buf(ctrl);
         let mut bytes = vec![class, command];
         bytes.extend_from_slice(data);
         mem.write_slice(&bytes, GuestAddress(base))

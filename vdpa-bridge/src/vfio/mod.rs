@@ -12,8 +12,11 @@
 //! Kicks use `VFIO_DEVICE_IOEVENTFD` and interrupts `VFIO_DEVICE_SET_IRQS`
 //! with one eventfd per MSI-X vector, so neither needs a userspace thread.
 //!
-//! One container per function: two functions of the same IOMMU group cannot
-//! be opened at once (the second group attach fails).
+//! [`VfioFunction::open_in`] opens a function into a [`SharedContainer`]
+//! that other functions of the VM use too (guest RAM mapped and pinned
+//! once for all of them); [`VfioFunction::open`] gives the function a
+//! container of its own (what a function behind a vIOMMU needs). Either
+//! way the function must be alone in its IOMMU group.
 //!
 //! # Testing
 //!
@@ -23,6 +26,7 @@
 //! MSI-X routing, ioeventfds, DMA map/unmap, teardown) is proven only by
 //! the VM lab (the integration suite, inside a QEMU guest).
 
+mod container;
 mod dma;
 mod layout;
 mod sys;
@@ -34,7 +38,7 @@ mod sys;
 /// stay private to this module.
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing {
-    pub use super::dma::{DmaTracker, IovaRanges};
+    pub use super::dma::{Acquire, DmaTracker, IovaRanges, Release, SharedMaps};
     pub use super::layout::{
         bar_kind, io_width_bytes, ioeventfd_arg, irq_set_words, mmap_areas, msix_request,
         parse_iova_ranges, window_pos,
@@ -46,7 +50,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -54,7 +58,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX, VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vfio_ioctls::VfioDevice;
 use vm_memory::mmap::MmapRegion;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -63,7 +67,8 @@ use crate::pci::{
 };
 use crate::sysfs::{self, SysfsError, VFIO_PCI};
 use crate::types::{Iova, IovaRange};
-use dma::{DmaTracker, IovaRanges};
+pub use container::{ContainerStats, SharedContainer};
+use dma::DmaTracker;
 
 /// Size of PCI Express extended config space.
 const CONFIG_SPACE_MAX: u64 = 4096;
@@ -104,9 +109,10 @@ pub enum VfioError {
         /// The bound driver (`None`: no driver).
         driver: Option<String>,
     },
-    /// The device's IOMMU group holds other devices too. Each bridged
-    /// device gets a VFIO container of its own, and a group can only be in
-    /// one container, so the device must be alone in its group.
+    /// The device's IOMMU group holds other devices too. A group is
+    /// attached to a container as a whole, and the other devices could be
+    /// opened by someone else, so a bridged device must be alone in its
+    /// group.
     #[error(
         "device {bdf} shares IOMMU group {group} with {others:?}; a bridged device must be alone in its group"
     )]
@@ -246,10 +252,10 @@ pub struct VfioFunction {
     msix_count: u32,
     reset_supported: bool,
     reset_on_open: bool,
-    iova: IovaRanges,
     /// MSI-X vectors currently enabled through VFIO (0: disabled).
     msix_enabled: Mutex<u32>,
     ioevents: Mutex<Vec<IoeventKey>>,
+    /// The mappings this function holds in its container.
     dma: Mutex<DmaTracker>,
     // Drop order matters: BAR mappings, then the duplicated device fd, then
     // the device (closing its fd before it detaches the group), then the
@@ -260,7 +266,7 @@ pub struct VfioFunction {
     removal: Option<EventFd>,
     file: File,
     device: sys::Device,
-    container: Arc<VfioContainer>,
+    container: SharedContainer,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -314,6 +320,31 @@ impl VfioFunction {
     /// [`VfioError::WrongDriver`] when it is not bound to vfio-pci, then
     /// container, group, device and region errors from VFIO itself.
     pub fn open_with(device: &str, opts: &VfioOptions) -> Result<VfioFunction, VfioError> {
+        Self::open_into(device, None, opts)
+    }
+
+    /// Open `device` into `container`, which other functions may share:
+    /// a mapping another function holds already (the same IOVA, size and
+    /// host memory) is not mapped again.
+    ///
+    /// # Errors
+    ///
+    /// As [`VfioFunction::open_with`].
+    pub fn open_in(
+        device: &str,
+        container: &SharedContainer,
+        opts: &VfioOptions,
+    ) -> Result<VfioFunction, VfioError> {
+        Self::open_into(device, Some(container), opts)
+    }
+
+    /// The sysfs checks, then the container (`None`: a new one of the
+    /// function's own), group and device.
+    fn open_into(
+        device: &str,
+        container: Option<&SharedContainer>,
+        opts: &VfioOptions,
+    ) -> Result<VfioFunction, VfioError> {
         let bdf = sysfs::resolve_in(&opts.sysfs_root, device)?;
         let dev_path = opts.sysfs_root.join(&bdf);
         let group = sysfs::iommu_group_of(&dev_path)
@@ -328,10 +359,11 @@ impl VfioFunction {
             return Err(VfioError::GroupShared { bdf, group, others });
         }
 
-        let container =
-            Arc::new(VfioContainer::new(None).map_err(|source| VfioError::Container { source })?);
-        let ops: Arc<dyn VfioOps> = container.clone();
-        let vdev = VfioDevice::new(&dev_path, ops).map_err(|source| {
+        let container = match container {
+            Some(c) => c.clone(),
+            None => SharedContainer::new()?,
+        };
+        let vdev = VfioDevice::new(&dev_path, container.ops()).map_err(|source| {
             if is_group_error(&source) {
                 VfioError::Group { group, source }
             } else {
@@ -364,22 +396,6 @@ impl VfioFunction {
             });
         }
 
-        let iova = match sys::iommu_info(&*container) {
-            Ok(bytes) => layout::parse_iova_ranges(&bytes),
-            Err(e) => {
-                log::warn!("VFIO_IOMMU_GET_INFO failed: {e}");
-                None
-            }
-        };
-        let iova = iova.unwrap_or_else(|| {
-            log::warn!(
-                "{bdf}: IOMMU reports no IOVA ranges; assuming {:#x}..={:#x}",
-                IovaRanges::FALLBACK.first,
-                IovaRanges::FALLBACK.last
-            );
-            Vec::new()
-        });
-
         let mut f = VfioFunction {
             msix_count: vdev
                 .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
@@ -389,7 +405,6 @@ impl VfioFunction {
             config,
             reset_supported: info.flags & VFIO_DEVICE_FLAGS_RESET != 0,
             reset_on_open: false,
-            iova: IovaRanges::new(iova),
             msix_enabled: Mutex::new(0),
             ioevents: Mutex::new(Vec::new()),
             dma: Mutex::new(DmaTracker::default()),
@@ -399,6 +414,7 @@ impl VfioFunction {
             device: sys::Device::new(vdev),
             container,
         };
+        f.container.attached(&f.bdf);
         // From here on, failures drop `f`, whose Drop undoes what was done.
         if opts.reset_on_open && f.reset_supported {
             match sys::device_reset(&f.device) {
@@ -409,13 +425,16 @@ impl VfioFunction {
         f.enable_decoding().map_err(VfioError::Command)?;
         f.setup_bars()?;
         f.removal = f.register_removal_request();
+        let env = f.container.iova().envelope();
+        let stats = f.container.stats();
         log::info!(
-            "{}: opened (reset {}, {} MSI-X vectors, IOVA {:#x}..={:#x})",
+            "{}: opened (reset {}, {} MSI-X vectors, IOVA {:#x}..={:#x}, container of {} function(s))",
             f.bdf,
             if f.reset_on_open { "done" } else { "skipped" },
             f.msix_count,
-            f.iova.envelope().first,
-            f.iova.envelope().last
+            env.first,
+            env.last,
+            stats.members
         );
         Ok(f)
     }
@@ -435,9 +454,14 @@ impl VfioFunction {
         self.reset_supported
     }
 
-    /// Number of live DMA mappings (for leak checks).
+    /// Number of live DMA mappings this function holds (for leak checks).
     pub fn dma_mappings(&self) -> usize {
         lock(&self.dma).all().len()
+    }
+
+    /// The container the function was opened into.
+    pub fn container(&self) -> &SharedContainer {
+        &self.container
     }
 
     /// Set memory-space decoding and bus mastering in PCI_COMMAND.
@@ -709,28 +733,32 @@ unsafe impl PciFunction for VfioFunction {
     }
 
     fn iova_range(&self) -> IovaRange {
-        self.iova.envelope()
+        self.container.iova().envelope()
     }
 
     unsafe fn dma_map(&self, iova: Iova, size: u64, host_addr: usize) -> PciResult<()> {
-        let range = PciError::DmaRange { iova: iova.0, size };
         let mut dma = lock(&self.dma);
-        if !dma.may_map(&self.iova, iova.0, size) {
-            return Err(range);
+        if !dma.may_map(&self.container.iova(), iova.0, size) {
+            return Err(PciError::DmaRange { iova: iova.0, size });
         }
-        let len = usize::try_from(size).map_err(|_| range)?;
-        // SAFETY: the caller upholds PciFunction::dma_map's contract, which is
-        // VfioContainer::vfio_dma_map's (the same text) for this range.
-        unsafe {
-            self.container
-                .vfio_dma_map(iova.0, len, host_addr as *mut u8)
-        }
-        .map_err(|e| PciError::Io {
-            op: "VFIO_IOMMU_MAP_DMA",
-            source: vfio_io(e),
-        })?;
+        // SAFETY: the caller upholds PciFunction::dma_map's contract.
+        unsafe { self.container.map(iova.0, size, host_addr) }?;
         dma.insert(iova.0, size);
         Ok(())
+    }
+
+    unsafe fn dma_map_top(
+        &self,
+        size: u64,
+        host_addr: usize,
+        align: u64,
+        floor: u64,
+    ) -> PciResult<Iova> {
+        let mut dma = lock(&self.dma);
+        // SAFETY: the caller upholds PciFunction::dma_map's contract.
+        let iova = unsafe { self.container.map_top(size, host_addr, align, floor) }?;
+        dma.insert(iova.0, size);
+        Ok(iova)
     }
 
     fn dma_unmap(&self, iova: Iova, size: u64) -> PciResult<()> {
@@ -739,16 +767,7 @@ unsafe impl PciFunction for VfioFunction {
             .unmap_plan(iova.0, size)
             .ok_or(PciError::DmaRange { iova: iova.0, size })?;
         for (start, len) in plan {
-            let n = usize::try_from(len).map_err(|_| PciError::DmaRange {
-                iova: start,
-                size: len,
-            })?;
-            self.container
-                .vfio_dma_unmap(start, n)
-                .map_err(|e| PciError::Io {
-                    op: "VFIO_IOMMU_UNMAP_DMA",
-                    source: vfio_io(e),
-                })?;
+            self.container.unmap(start, len)?;
             dma.remove(start);
         }
         Ok(())
@@ -786,13 +805,13 @@ impl Drop for VfioFunction {
         }
         let maps = lock(&self.dma).all();
         for (iova, size) in maps {
-            let r = usize::try_from(size)
-                .map_err(io::Error::other)
-                .and_then(|n| self.container.vfio_dma_unmap(iova, n).map_err(vfio_io));
-            if let Err(e) = r {
+            // Only this function's references: a mapping another function
+            // of the container holds stays.
+            if let Err(e) = self.container.unmap(iova, size) {
                 log::warn!("{bdf}: DMA unmap of {iova:#x} (+{size:#x}) failed: {e}");
             }
         }
+        self.container.detached();
         // BAR mappings, the fd duplicate, the device and the container are
         // released by their own Drop, in field order; the last close of the
         // device makes the kernel reset the function.

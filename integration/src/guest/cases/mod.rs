@@ -18,6 +18,7 @@ pub mod ch;
 pub mod ch_bench;
 pub mod ch_migrate;
 pub mod faults;
+pub mod fleet;
 pub mod plugin;
 pub mod smoke;
 pub mod soak;
@@ -58,6 +59,7 @@ pub fn all() -> Vec<Case> {
     all.extend(bridge::cases());
     all.extend(types::cases());
     all.extend(plugin::cases());
+    all.extend(fleet::cases());
     all.extend(vhost_vdpa::cases());
     all.extend(ch::cases());
     all.extend(ch_migrate::cases());
