@@ -177,10 +177,15 @@ impl<'a> Ch<'a> {
     /// Hand the device at `bdf` to the inner guest through Cloud
     /// Hypervisor's own VFIO passthrough (`--device`).
     pub fn passthrough(mut self, bdf: &str) -> Self {
-        self.devices.extend([
-            "--device".to_string(),
-            format!("path=/sys/bus/pci/devices/{bdf}"),
-        ]);
+        self.devices
+            .extend(["--device".to_string(), passthrough_arg(bdf, None)]);
+        self
+    }
+
+    /// [`Ch::passthrough`] with the device id `id`.
+    pub fn passthrough_named(mut self, bdf: &str, id: &str) -> Self {
+        self.devices
+            .extend(["--device".to_string(), passthrough_arg(bdf, Some(id))]);
         self
     }
 
@@ -335,6 +340,15 @@ impl<'a> Ch<'a> {
     }
 }
 
+/// The value of `--device` and of `ch-remote add-device` for Cloud
+/// Hypervisor's own passthrough of `bdf`.
+pub fn passthrough_arg(bdf: &str, id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!("path=/sys/bus/pci/devices/{bdf},id={id}"),
+        None => format!("path=/sys/bus/pci/devices/{bdf}"),
+    }
+}
+
 /// Start Cloud Hypervisor with `args`; its output lines are stamped with
 /// their arrival time.
 fn spawn<'a>(
@@ -364,6 +378,7 @@ fn spawn<'a>(
         }
     });
     Ok(ChVm {
+        started: Instant::now(),
         child,
         lines: rx,
         seen: Vec::new(),
@@ -375,6 +390,8 @@ fn spawn<'a>(
 
 /// A running Cloud Hypervisor; killed by pid on drop.
 pub struct ChVm<'a> {
+    /// When Cloud Hypervisor was started.
+    started: Instant,
     child: Child,
     lines: mpsc::Receiver<(Instant, String)>,
     seen: Vec<String>,
@@ -395,6 +412,19 @@ impl Drop for ChVm<'_> {
 }
 
 impl ChVm<'_> {
+    /// Cloud Hypervisor's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// How long after Cloud Hypervisor's start the first line containing
+    /// `what` arrived.
+    pub fn after_start(&self, what: &str) -> Option<Duration> {
+        self.stamped(what)
+            .first()
+            .map(|(at, _)| at.saturating_duration_since(self.started))
+    }
+
     /// Stop Cloud Hypervisor now (SIGKILL by pid) and reap it.
     pub fn kill(&mut self) {
         if !matches!(self.child.try_wait(), Ok(Some(_))) {

@@ -3,8 +3,11 @@
 //!
 //! [`VfioFunction::open`] resolves the device in sysfs, checks that it has
 //! an IOMMU group and is bound to vfio-pci, then opens a type1v2 container,
-//! the group and the device through vfio-ioctls. On open it resets the
-//! function (when VFIO says it can), enables memory decoding and bus
+//! the group and the device through vfio-ioctls. vfio-pci resets the
+//! function when it is opened (`vfio_pci_core_enable`; whether that reset
+//! worked is what `VFIO_DEVICE_FLAGS_RESET` reports), so the bridge does
+//! not reset it again unless asked to ([`VfioOptions::reset_on_open`]: a
+//! PCIe FLR waits 100 ms). It enables memory decoding and bus
 //! mastering, and mmaps every BAR area VFIO allows (sparse-mmap areas
 //! honoured, so the MSI-X table stays out on kernels that protect it).
 //! Everything not mapped goes through `pread`/`pwrite` on the device fd.
@@ -203,7 +206,12 @@ impl From<SysfsError> for VfioError {
 pub struct VfioOptions {
     /// The sysfs PCI devices directory (`/sys/bus/pci/devices`).
     pub sysfs_root: PathBuf,
-    /// Reset the function on open when VFIO reports it can (default true).
+    /// Reset the function once more after opening it, when VFIO reports
+    /// it can (default false). vfio-pci already reset it in the open
+    /// itself when it reports it can (`VFIO_DEVICE_FLAGS_RESET` is that
+    /// reset's success), so a second one only costs time: 100 ms and more
+    /// for a PCIe FLR, per device, measured by the lab's
+    /// `fleet_startup_cost_against_the_kernels_virtio_pci_probe`.
     pub reset_on_open: bool,
 }
 
@@ -211,7 +219,7 @@ impl Default for VfioOptions {
     fn default() -> Self {
         Self {
             sysfs_root: PathBuf::from("/sys/bus/pci/devices"),
-            reset_on_open: true,
+            reset_on_open: false,
         }
     }
 }
@@ -416,10 +424,11 @@ impl VfioFunction {
         };
         f.container.attached(&f.bdf);
         // From here on, failures drop `f`, whose Drop undoes what was done.
+        // vfio-pci's own reset at open is what the flag reports.
+        f.reset_on_open = f.reset_supported;
         if opts.reset_on_open && f.reset_supported {
-            match sys::device_reset(&f.device) {
-                Ok(()) => f.reset_on_open = true,
-                Err(e) => log::warn!("{}: reset on open failed: {e}", f.bdf),
+            if let Err(e) = sys::device_reset(&f.device) {
+                log::warn!("{}: the second reset on open failed: {e}", f.bdf);
             }
         }
         f.enable_decoding().map_err(VfioError::Command)?;
@@ -430,7 +439,11 @@ impl VfioFunction {
         log::info!(
             "{}: opened (reset {}, {} MSI-X vectors, IOVA {:#x}..={:#x}, container of {} function(s))",
             f.bdf,
-            if f.reset_on_open { "done" } else { "skipped" },
+            if f.reset_on_open {
+                "done by vfio-pci"
+            } else {
+                "not possible"
+            },
             f.msix_count,
             env.first,
             env.last,
@@ -444,7 +457,8 @@ impl VfioFunction {
         &self.bdf
     }
 
-    /// Whether the function was reset when it was opened.
+    /// Whether the function was reset when it was opened (by vfio-pci's
+    /// open, and again if [`VfioOptions::reset_on_open`] asked).
     pub fn was_reset_on_open(&self) -> bool {
         self.reset_on_open
     }
@@ -831,11 +845,11 @@ mod tests {
     }
 
     #[test]
-    fn default_options_use_sys_and_reset() {
+    fn default_options_use_sys_and_leave_the_reset_to_vfio_pci() {
         let o = VfioOptions::default();
 
         assert_eq!(o.sysfs_root, PathBuf::from("/sys/bus/pci/devices"));
-        assert!(o.reset_on_open);
+        assert!(!o.reset_on_open);
     }
 
     #[test]

@@ -12,10 +12,31 @@
 //!   through the device and from the image file as the host holds it.
 //!   Closing disks one by one leaves the others' mapping and I/O alone;
 //!   the last close unmaps it and VmLck returns to where it was.
+//! * `fleet_startup_cost_against_the_kernels_virtio_pci_probe`: where the
+//!   time goes from open to DRIVER_OK on one fleet disk (VFIO open, the
+//!   virtio transport's bring-up, DMA mapping of guest RAM, activation),
+//!   median of 10, against the kernel's own virtio-pci probe of the same
+//!   device (bound to virtio-pci 10 times, with virtio_blk not loaded, so
+//!   the probe is the transport's alone); and what a second reset on open
+//!   (the bridge's own FLR after vfio-pci's) would cost.
+//! * `ch_fleet_16_bridged_disks_guest_ram_pinned_once` (needs
+//!   `CLOUD_HYPERVISOR`): Cloud Hypervisor, default seccomp and
+//!   `--landlock`, with all 16 bridged (`--vdpa path=<bdf>,num_queues=2`);
+//!   the inner guest reads each disk's pattern and writes its sector 8,
+//!   which the lab then finds in each image file; Cloud Hypervisor's VmLck
+//!   is the inner guest's RAM once.
+//! * benchmark `fleet_bench_bridged_vs_passthrough` (`VDPA_LAB_BENCH=1`):
+//!   1, 4 and 16 disks, bridged and through Cloud Hypervisor's own
+//!   `--device` passthrough, boots alternating (`VDPA_FLEET_BOOTS`, 5 by
+//!   default), both without `--landlock` (passthrough fails under it in
+//!   this lab): time from the VMM's start to the inner guest's /init, one
+//!   hot-plug add (the last disk removed, then added again), VmLck, fds and
+//!   threads of the VMM; medians, min-max and the bridged/passthrough
+//!   ratios.
 
 use std::os::unix::fs::FileExt as _;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use vdpa_bridge::types::features;
@@ -26,17 +47,364 @@ use vdpa_testkit::driver::blk::{T_IN, T_OUT};
 use vdpa_testkit::harness::{Guest, Mem, TestInterrupt};
 use vm_memory::GuestMemoryAtomic;
 
+use crate::guest::ch::{not_configured, passthrough_arg, Ch, Vdpa, BOOT_TIMEOUT};
 use crate::guest::{sys, Case, CaseResult, Ctx, Outcome};
-use crate::manifest::FleetEntry;
+use crate::manifest::{ChRun, FleetEntry};
 use crate::pattern;
 
 /// The suite.
 pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "fleet_functions_share_one_vfio_container".to_string(),
+            needs: None,
+            run: shared_container,
+        },
+        Case {
+            name: "fleet_startup_cost_against_the_kernels_virtio_pci_probe".to_string(),
+            needs: None,
+            run: startup_cost,
+        },
+        Case {
+            name: "ch_fleet_16_bridged_disks_guest_ram_pinned_once".to_string(),
+            needs: None,
+            run: ch_fleet,
+        },
+    ]
+}
+
+/// The benchmarks.
+pub fn benchmarks() -> Vec<Case> {
     vec![Case {
-        name: "fleet_functions_share_one_vfio_container".to_string(),
+        name: "fleet_bench_bridged_vs_passthrough".to_string(),
         needs: None,
-        run: shared_container,
+        run: bench,
     }]
+}
+
+/// Bind `bdf` to virtio-pci (no virtio driver loaded for its type: the
+/// probe stops after the transport), time it, and unbind it again.
+fn kernel_probe(bdf: &str) -> anyhow::Result<Duration> {
+    let dev = std::path::Path::new("/sys/bus/pci/devices").join(bdf);
+    if let Some(d) = sys::driver(&dev) {
+        std::fs::write(dev.join("driver/unbind"), bdf)
+            .with_context(|| format!("unbind from {d}"))?;
+    }
+    std::fs::write(dev.join("driver_override"), "virtio-pci")?;
+    let t = Instant::now();
+    std::fs::write("/sys/bus/pci/drivers/virtio-pci/bind", bdf).context("bind to virtio-pci")?;
+    let took = t.elapsed();
+    ensure!(
+        sys::driver(&dev).as_deref() == Some("virtio-pci"),
+        "{bdf} is bound to {:?} after the bind",
+        sys::driver(&dev)
+    );
+    std::fs::write(dev.join("driver/unbind"), bdf)?;
+    Ok(took)
+}
+
+/// Phases of one bring-up through the bridge, in order.
+const PHASES: [&str; 5] = ["VFIO open", "transport", "DMA map", "activation", "total"];
+
+/// One bring-up of `entry` with `reset_on_open`: the time of each of
+/// [`PHASES`].
+fn bridge_bringup(
+    entry: &FleetEntry,
+    mem: &GuestMemoryAtomic<Mem>,
+    reset_on_open: bool,
+) -> anyhow::Result<[Duration; 5]> {
+    let t0 = Instant::now();
+    let f = VfioFunction::open_with(
+        &entry.bdf,
+        &VfioOptions {
+            reset_on_open,
+            ..VfioOptions::default()
+        },
+    )?;
+    let t1 = Instant::now();
+    let vp = VpVdpa::open(Arc::new(f), OpenOptions::default())?;
+    let t2 = Instant::now();
+    let mut dev = BridgeDevice::new(vp, mem.clone(), DeviceOptions::default())?;
+    let t3 = Instant::now();
+    let want = features::bit(features::VERSION_1) | features::bit(features::ACCESS_PLATFORM);
+    dev.ack_features(want)?;
+    let mut guest = Guest::sharing(mem.clone(), 64, 0);
+    let irq = TestInterrupt::new(dev.queue_max_sizes().len(), true)?;
+    let queues = guest.queues_sized(dev.queue_max_sizes())?;
+    dev.activate(mem.clone(), irq.clone(), queues)?;
+    let t4 = Instant::now();
+    drop(dev);
+    Ok([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0])
+}
+
+fn startup_cost(ctx: &Ctx) -> CaseResult {
+    let Some(fleet) = bind_fleet(ctx)? else {
+        return Ok(Outcome::Skip("the manifest has no fleet".into()));
+    };
+    let entry = &fleet[0];
+    const RUNS: usize = 10;
+    let mut kernel = Vec::new();
+    for _ in 0..RUNS {
+        kernel.push(kernel_probe(&entry.bdf)?);
+    }
+    sys::bind_vfio_pci(&entry.bdf)?;
+    let mem = Guest::new(Guest::span(2).next_multiple_of(1 << 20), 64)?.mem;
+    let mut ours: [Vec<Duration>; 5] = Default::default();
+    let mut double_reset = Vec::new();
+    for _ in 0..RUNS {
+        let p = bridge_bringup(entry, &mem, false)?;
+        for (v, d) in ours.iter_mut().zip(p) {
+            v.push(d);
+        }
+        double_reset.push(bridge_bringup(entry, &mem, true)?[0]);
+    }
+    let med = |v: &Vec<Duration>| median_min_max(v.clone()).map(|m| m.0).unwrap_or_default();
+    let kernel_med = med(&kernel);
+    let phases: Vec<String> = PHASES
+        .iter()
+        .zip(&ours)
+        .map(|(name, v)| format!("{name} {:?}", med(v)))
+        .collect();
+    let bring_up = med(&ours[4]).saturating_sub(med(&ours[2]));
+    let ratio = bring_up.as_secs_f64() / kernel_med.as_secs_f64().max(1e-9);
+    eprintln!(
+        "FLEET-STARTUP kernel_probe_us {} bridge_us {} (without DMA map {}) vfio_open_us {} \
+         vfio_open_with_second_reset_us {}",
+        kernel_med.as_micros(),
+        med(&ours[4]).as_micros(),
+        bring_up.as_micros(),
+        med(&ours[0]).as_micros(),
+        med(&double_reset).as_micros()
+    );
+    Ok(Outcome::PassWith(format!(
+        "{} (medians of {RUNS}): {}; without the DMA map {bring_up:?}, {ratio:.2}x the kernel's \
+         virtio-pci probe ({kernel_med:?}, min-max {:?}-{:?}); a second reset on open would make \
+         the VFIO open {:?}",
+        entry.name,
+        phases.join(", "),
+        median_min_max(kernel.clone())
+            .map(|m| m.1)
+            .unwrap_or_default(),
+        median_min_max(kernel).map(|m| m.2).unwrap_or_default(),
+        med(&double_reset)
+    )))
+}
+
+/// The inner guest's RAM (`Ch`'s `--memory size=512M`), in KiB.
+const INNER_RAM_KIB: u64 = 512 << 10;
+
+/// What one boot of Cloud Hypervisor with fleet disks gave.
+#[derive(Clone, Debug)]
+struct FleetBoot {
+    /// From the VMM's start to the inner guest's /init (`L3-UP`).
+    init: Duration,
+    /// Disks the inner guest read and wrote correctly, of those it saw.
+    ok: (usize, usize),
+    vmlck_kib: u64,
+    fds: usize,
+    threads: u64,
+    /// One `ch-remote add-*` of the last disk (after removing it).
+    hotplug: Option<Duration>,
+}
+
+fn proc_threads(pid: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no Threads in /proc/<pid>/status")
+}
+
+/// Boot Cloud Hypervisor with `disks` bridged (or passed through), let
+/// the inner guest check every disk, read the VMM's VmLck, fds and
+/// threads while it holds, and (with `hotplug`) remove the last disk and
+/// time adding it again.
+fn boot_fleet(
+    lab: &ChRun,
+    disks: &[FleetEntry],
+    bridged: bool,
+    landlock: bool,
+    hotplug: bool,
+) -> anyhow::Result<FleetBoot> {
+    let mut ch = Ch::new(lab, "fleet")
+        .cmdline(&format!("l3.disks={}", disks.len()))
+        .cmdline(if hotplug { "l3.secs=40" } else { "l3.secs=2" })
+        .possible_cpus(2);
+    if !landlock {
+        ch = ch.without_landlock();
+    }
+    if hotplug {
+        ch = ch.api();
+    }
+    for e in disks {
+        ch = if bridged {
+            ch.vdpa(&Vdpa::new(&e.bdf, 2).id(&e.name))
+        } else {
+            ch.passthrough_named(&e.bdf, &e.name)
+        };
+    }
+    let mut vm = ch.start()?;
+    vm.wait("L3-FLEET-HOLD", BOOT_TIMEOUT)
+        .with_context(|| format!("the inner guest did not finish its disks: {}", vm.tail()))?;
+    let pid = vm.pid().to_string();
+    let vmlck_kib = vmlck_kib(&pid)?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let threads = proc_threads(&pid)?;
+    let hotplug = match (hotplug, disks.last()) {
+        (true, Some(last)) => {
+            vm.remote(&["remove-device", &last.name])?;
+            // The guest acknowledges the eject; the VMM then closes the
+            // device (vfio-pci resets it on the last close).
+            std::thread::sleep(Duration::from_secs(3));
+            let arg = if bridged {
+                Vdpa::new(&last.bdf, 2).id(&last.name).arg()
+            } else {
+                passthrough_arg(&last.bdf, Some(&last.name))
+            };
+            let t = Instant::now();
+            vm.remote(&[if bridged { "add-vdpa" } else { "add-device" }, &arg])?;
+            Some(t.elapsed())
+        }
+        _ => None,
+    };
+    vm.wait_done()?;
+    let line = vm
+        .line("L3-FLEET-DONE")
+        .context("no L3-FLEET-DONE line")?
+        .to_string();
+    let nums: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let ok = match nums[..] {
+        [.., ok, n] => (ok, n),
+        _ => anyhow::bail!("cannot read {line:?}"),
+    };
+    let init = vm.after_start("L3-UP").context("no L3-UP line")?;
+    Ok(FleetBoot {
+        init,
+        ok,
+        vmlck_kib,
+        fds,
+        threads,
+        hotplug,
+    })
+}
+
+/// Each disk's image holds the inner guest's sector-8 write.
+fn images_hold_the_writes(disks: &[FleetEntry]) -> anyhow::Result<()> {
+    for e in disks {
+        let f = std::fs::File::open(&e.image)?;
+        let mut got = vec![0u8; 512];
+        f.read_exact_at(&mut got, 8 * 512)?;
+        ensure!(
+            got == pattern::written(&e.name, 8 * 512, 512),
+            "{}: the image does not hold the inner guest's sector-8 write",
+            e.name
+        );
+    }
+    Ok(())
+}
+
+fn ch_fleet(ctx: &Ctx) -> CaseResult {
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
+    };
+    let Some(fleet) = bind_fleet(ctx)? else {
+        return Ok(Outcome::Skip("the manifest has no fleet".into()));
+    };
+    let b = boot_fleet(lab, fleet, true, true, false)?;
+    ensure!(
+        b.ok == (fleet.len(), fleet.len()),
+        "the inner guest checked {} of {} disks correctly ({} expected)",
+        b.ok.0,
+        b.ok.1,
+        fleet.len()
+    );
+    images_hold_the_writes(fleet)?;
+    ensure!(
+        (INNER_RAM_KIB..INNER_RAM_KIB + (16 << 10)).contains(&b.vmlck_kib),
+        "Cloud Hypervisor's VmLck is {} KiB with {} bridged disks; the inner guest's RAM is {INNER_RAM_KIB} KiB",
+        b.vmlck_kib,
+        fleet.len()
+    );
+    Ok(Outcome::PassWith(format!(
+        "{} disks read and written (images checked); VmLck {} KiB (guest RAM {INNER_RAM_KIB} KiB); \
+         /init {:?} after the start; {} fds, {} threads",
+        fleet.len(),
+        b.vmlck_kib,
+        b.init,
+        b.fds,
+        b.threads
+    )))
+}
+
+/// One number of a boot.
+type Measure = dyn Fn(&FleetBoot) -> u64;
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn median_min_max<T: Copy + Ord>(mut v: Vec<T>) -> Option<(T, T, T)> {
+    v.sort();
+    Some((*v.get(v.len() / 2)?, *v.first()?, *v.last()?))
+}
+
+fn bench(ctx: &Ctx) -> CaseResult {
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
+    };
+    if lab.remote.is_none() {
+        return Ok(Outcome::Skip("CH_REMOTE is not set".into()));
+    }
+    let Some(fleet) = bind_fleet(ctx)? else {
+        return Ok(Outcome::Skip("the manifest has no fleet".into()));
+    };
+    let boots: usize = std::env::var("VDPA_FLEET_BOOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let mut report = Vec::new();
+    for n in [1, 4, fleet.len()] {
+        let disks = &fleet[..n];
+        let mut runs: [Vec<FleetBoot>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..boots {
+            for (i, bridged) in [(0, true), (1, false)] {
+                let b = boot_fleet(lab, disks, bridged, false, true)?;
+                ensure!(
+                    b.ok == (n, n),
+                    "{n} disks {}: the inner guest checked {:?}",
+                    if bridged { "bridged" } else { "passed through" },
+                    b.ok
+                );
+                runs[i].push(b);
+            }
+        }
+        images_hold_the_writes(disks)?;
+        let stat = |i: usize, f: &Measure| {
+            median_min_max(runs[i].iter().map(f).collect()).unwrap_or_default()
+        };
+        let rows: [(&str, &Measure); 5] = [
+            ("init_ms", &|b| ms(b.init)),
+            ("hotplug_ms", &|b| b.hotplug.map_or(0, ms)),
+            ("vmlck_kib", &|b| b.vmlck_kib),
+            ("fds", &|b| b.fds as u64),
+            ("threads", &|b| b.threads),
+        ];
+        for (what, f) in rows {
+            let (bm, blo, bhi) = stat(0, f);
+            let (pm, plo, phi) = stat(1, f);
+            let ratio = if pm == 0 { 0.0 } else { bm as f64 / pm as f64 };
+            let line = format!(
+                "{n} disks {what}: bridged {bm} ({blo}-{bhi}), passthrough {pm} ({plo}-{phi}), ratio {ratio:.2}"
+            );
+            eprintln!("FLEET-BENCH {line}");
+            report.push(line);
+        }
+    }
+    Ok(Outcome::PassWith(report.join("; ")))
 }
 
 type Dev = BridgeDevice<VpVdpa<VfioFunction>, Mem>;
@@ -86,7 +454,11 @@ fn open<'e>(
     let vp = VpVdpa::open(Arc::new(f), OpenOptions::default())?;
     let mut dev = BridgeDevice::new(vp, mem.clone(), DeviceOptions::default())?;
     let want = features::bit(features::VERSION_1) | features::bit(features::ACCESS_PLATFORM);
-    ensure!(dev.features() & want == want, "{}: lacks {want:#x}", entry.name);
+    ensure!(
+        dev.features() & want == want,
+        "{}: lacks {want:#x}",
+        entry.name
+    );
     dev.ack_features(want)?;
     let mut guest = Guest::sharing(mem.clone(), 64, base);
     let n = dev.queue_max_sizes().len();

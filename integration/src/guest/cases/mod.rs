@@ -50,6 +50,7 @@ pub fn cases(manifest: &Manifest) -> Suite {
 pub fn benchmarks() -> Vec<Case> {
     let mut all = bench::cases();
     all.extend(ch_bench::cases());
+    all.extend(fleet::benchmarks());
     all
 }
 
