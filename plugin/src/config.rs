@@ -14,7 +14,7 @@ use crate::Error;
 use crate::{DeviceOptions, KickPolicy, ShadowPolicy};
 
 /// A bridged device's configuration.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VdpaDeviceConfig {
     /// A PCI address (`0000:00:04.0`, `00:04.0`), a sysfs device path, or a
@@ -45,6 +45,22 @@ pub struct VdpaDeviceConfig {
     #[serde(skip)]
     pub container: Option<SharedContainer>,
 }
+
+/// Equal configurations ask for the same device the same way; the
+/// container they would open it into is not compared (a configuration
+/// that went through serde has none).
+impl PartialEq for VdpaDeviceConfig {
+    fn eq(&self, o: &Self) -> bool {
+        self.path == o.path
+            && self.num_queues == o.num_queues
+            && self.features_mask == o.features_mask
+            && self.kick == o.kick
+            && self.iommu == o.iommu
+            && self.shadow == o.shadow
+    }
+}
+
+impl Eq for VdpaDeviceConfig {}
 
 /// Open the VM's VFIO container for its bridged PCI functions (what
 /// [`VdpaDeviceConfig::container`] takes): once per VM, before its first

@@ -15,7 +15,11 @@ use crate::error::{Error, Result};
 /// The backend, and memory the device may still reach though the bridge
 /// is done with it (a DMA unmap the backend refused): freed only after the
 /// backend, whose close removes the device's mappings (fields drop in
-/// order).
+/// order). In a VFIO container shared with other devices the close drops
+/// the device's holds and tries the unmap once more; a mapping the kernel
+/// still refuses to remove stays in the container, on pages the kernel
+/// keeps pinned (the host stays safe, the pages leak until the VM's last
+/// device leaves the container).
 pub(crate) struct Slot<B>(Mutex<Option<B>>, Mutex<Vec<Kept>>);
 
 /// Memory whose DMA mapping at `iova` (`len` bytes) the backend refused

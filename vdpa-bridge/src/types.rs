@@ -372,6 +372,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn top_window_is_the_highest_aligned_start_above_the_floor() {
+        let r = IovaRange {
+            first: 0x1000,
+            last: 0xff_ffff,
+        };
+
+        assert_eq!(r.top_window(0x3000, 0x1000, 0), Some(0xff_d000));
+        assert_eq!(r.top_window(0x3000, 0x10_0000, 0), Some(0xf0_0000));
+        assert_eq!(r.top_window(0x3000, 0x1000, 0xff_e000), None);
+        assert_eq!(r.top_window(0x100_0000, 0x1000, 0), None);
+        assert_eq!(r.top_window(0, 0x1000, 0), None);
+        assert_eq!(r.top_window(0x1000, 0x3000, 0), None);
+        // A 64-bit range hands out windows below 2^63.
+        assert_eq!(
+            IovaRange::FULL.top_window(0x1000, 0x1000, 0),
+            Some((1 << 63) - 0x1000)
+        );
+    }
+
+    #[test]
     fn device_type_maps_round_trip() {
         for id in 0..64 {
             assert_eq!(DeviceType::from_id(id).id(), id);

@@ -26,14 +26,21 @@
 //!   guest RAM is ever mapped, unplugged regions included while mapped);
 //! * the plugin's and the model's answers agree (success or refusal);
 //! * dropping the device removes every mapping but those whose unmap the
-//!   backend refuses.
+//!   backend refuses;
+//! * the counted mappings of a shared container (`SharedMaps`) against a
+//!   model: the same answers (new, shared, refused; last, shared, unknown),
+//!   the same holds and counts, never two held mappings overlapping, and a
+//!   window `highest_free` gives is aligned, at or above its floor, in one
+//!   usable range and free.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use vdpa_bridge::fake::{ConfigBuilder, RawFunction};
 use vdpa_bridge::pci::{BarInfo, BarMapping, IoWidth, PciError, PciFunction, PciResult};
-use vdpa_bridge::vfio::testing::{self as vfio, DmaTracker, IovaRanges};
+use vdpa_bridge::vfio::testing::{
+    self as vfio, Acquire, DmaTracker, IovaRanges, Release, SharedMaps,
+};
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_bridge::{Iova, IovaRange};
 use vdpa_plugin::{BridgeDevice, DeviceOptions};
@@ -61,6 +68,7 @@ type Mem = GuestMemoryMmap<()>;
 pub fn run(data: &[u8]) {
     let mut r = Reader::new(data);
     let list = iova_info(&mut r);
+    shared_maps(&mut r, &list);
     sparse_mmap(&mut r);
     layout_helpers(&mut r);
     table(&mut r, list);
@@ -107,6 +115,93 @@ fn size(r: &mut Reader) -> u64 {
         0 => r.u64(),
         1 => u64::from(r.u16()),
         _ => u64::from(r.u8() % 16) * PAGE,
+    }
+}
+
+/// A shared container's counted mappings against a model: a list of
+/// (iova, size, host, holders).
+fn shared_maps(r: &mut Reader, list: &[IovaRange]) {
+    let ranges = IovaRanges::new(list.to_vec());
+    let mut maps = SharedMaps::default();
+    let mut model: Vec<(u64, u64, usize, u32)> = Vec::new();
+    let overlaps = |m: &[(u64, u64, usize, u32)], iova: u64, size: u64| {
+        m.iter().any(|&(s, l, _, _)| {
+            iova <= s.saturating_add(l - 1) && s <= iova.saturating_add(size - 1)
+        })
+    };
+    for _ in 0..MAX_OPS {
+        if r.is_empty() {
+            break;
+        }
+        let iova = addr(r);
+        let sz = size(r);
+        let host = usize::from(r.u8() % 4) * 0x10_0000;
+        match r.u8() % 4 {
+            0 | 1 => {
+                let got = maps.acquire(&ranges, iova, sz, host);
+                let same = model
+                    .iter()
+                    .position(|&(s, l, h, _)| s == iova && l == sz && h == host);
+                let want = if !ranges.contains(iova, sz) {
+                    Acquire::Refused
+                } else if let Some(i) = same {
+                    model[i].3 += 1;
+                    Acquire::Shared
+                } else if overlaps(&model, iova, sz) {
+                    Acquire::Refused
+                } else {
+                    Acquire::New
+                };
+                assert_eq!(got, want, "acquire {iova:#x} +{sz:#x} at {host:#x}");
+                if got == Acquire::New && r.bool() {
+                    maps.insert(iova, sz, host);
+                    model.push((iova, sz, host, 1));
+                }
+            }
+            2 => {
+                let (iova, sz) = match model.get(usize::from(r.u8()) % model.len().max(1)) {
+                    Some(&(s, l, _, _)) if r.bool() => (s, l),
+                    _ => (iova, sz),
+                };
+                let got = maps.release(iova, sz);
+                let at = model.iter().position(|&(s, l, _, _)| s == iova && l == sz);
+                let want = match at {
+                    None => Release::Unknown,
+                    Some(i) if model[i].3 > 1 => {
+                        model[i].3 -= 1;
+                        Release::Shared
+                    }
+                    Some(_) => Release::Last,
+                };
+                assert_eq!(got, want, "release {iova:#x} +{sz:#x}");
+                if let (Release::Last, Some(i)) = (got, at) {
+                    maps.remove(iova);
+                    model.remove(i);
+                }
+            }
+            _ => {
+                let align = 1u64 << (r.u8() % 24);
+                let floor = addr(r);
+                if let Some(at) = maps.highest_free(&ranges, sz, align, floor) {
+                    assert_eq!(at % align, 0, "window {at:#x} not aligned to {align:#x}");
+                    assert!(at >= floor, "window {at:#x} below the floor {floor:#x}");
+                    assert!(
+                        ranges.contains(at, sz),
+                        "window {at:#x} +{sz:#x} not usable"
+                    );
+                    assert!(!overlaps(&model, at, sz), "window {at:#x} +{sz:#x} is held");
+                }
+            }
+        }
+        let (n, bytes) = maps.totals();
+        assert_eq!(n, model.len());
+        assert_eq!(bytes, model.iter().map(|m| m.1).sum::<u64>());
+        for (i, a) in model.iter().enumerate() {
+            assert!(
+                !overlaps(&model[i + 1..], a.0, a.1),
+                "held mappings overlap: {model:x?}"
+            );
+        }
     }
 }
 

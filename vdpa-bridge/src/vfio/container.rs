@@ -9,8 +9,8 @@
 //! so guest RAM is mapped once whatever their number.
 //!
 //! vfio-ioctls' `VfioContainer` opens the container and attaches groups
-//! (it counts the devices of each group and detaches a group with its last
-//! device); it does not count mappings: two functions mapping the same
+//! (and detaches a group when a device of it is dropped: one function per
+//! group, which this wrapper enforces); it does not count mappings: two functions mapping the same
 //! guest RAM would collide (`EEXIST`), and the first to unmap would take
 //! the mapping from the other. Hence this wrapper, which holds each mapping
 //! once per function that asked for it and lets the kernel see the first
@@ -21,6 +21,13 @@
 //! A function behind a vIOMMU needs an address space of its own (the
 //! guest programs each device's); it gets a private container, which is a
 //! `SharedContainer` with one member.
+//!
+//! A group is attached once: a second open of a function of an attached
+//! group (the same device named twice) is refused, since two drivers of one
+//! device would undo each other and the first close would detach the group
+//! under the second. When the last group leaves, type1 drops every mapping
+//! of the container (and vfio-ioctls sets the IOMMU up again with the next
+//! group), so the counts are cleared with it.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -52,7 +59,8 @@ struct State {
     /// Whether `iova` came from the kernel (not the fallback).
     reported: bool,
     maps: SharedMaps,
-    members: usize,
+    /// The IOMMU groups attached, one function each.
+    groups: std::collections::BTreeSet<u32>,
 }
 
 /// What a [`SharedContainer`] holds now.
@@ -108,7 +116,7 @@ impl SharedContainer {
                     iova: IovaRanges::new(Vec::new()),
                     reported: false,
                     maps: SharedMaps::default(),
-                    members: 0,
+                    groups: std::collections::BTreeSet::new(),
                 }),
             }),
         })
@@ -126,8 +134,14 @@ impl SharedContainer {
         self.inner.container.clone()
     }
 
-    /// A function's group was attached: count it, and read the usable IOVA
-    /// ranges again (the new group may have narrowed them).
+    /// Reserve `group` for a function about to be opened: `false` when a
+    /// function of it is open in the container already.
+    pub(crate) fn reserve(&self, group: u32) -> bool {
+        self.state().groups.insert(group)
+    }
+
+    /// A function's group was attached: read the usable IOVA ranges again
+    /// (the new group may have narrowed them).
     pub(crate) fn attached(&self, bdf: &str) {
         let reported = match sys::iommu_info(&*self.inner.container) {
             Ok(bytes) => layout::parse_iova_ranges(&bytes),
@@ -137,7 +151,6 @@ impl SharedContainer {
             }
         };
         let mut st = self.state();
-        st.members += 1;
         match reported {
             Some(r) => {
                 st.iova = IovaRanges::new(r);
@@ -152,10 +165,24 @@ impl SharedContainer {
         }
     }
 
-    /// A function opened into the container was closed.
-    pub(crate) fn detached(&self) {
+    /// The function of `group` was closed (or its open failed): the group
+    /// is free again. With the last group gone the kernel has dropped
+    /// every mapping, so the counts go too.
+    pub(crate) fn detached(&self, group: u32) {
         let mut st = self.state();
-        st.members = st.members.saturating_sub(1);
+        st.groups.remove(&group);
+        if st.groups.is_empty() {
+            let (n, bytes) = st.maps.totals();
+            if n > 0 {
+                log::warn!(
+                    "VFIO container: {n} mapping(s) ({bytes:#x} bytes) left when its last group \
+                     went (unmaps the kernel refused); type1 dropped them with the group"
+                );
+            }
+            st.maps = SharedMaps::default();
+            st.reported = false;
+            st.iova = IovaRanges::new(Vec::new());
+        }
     }
 
     /// The IOVA ranges every mapping must lie in.
@@ -249,7 +276,7 @@ impl SharedContainer {
         let st = self.state();
         let (mappings, mapped_bytes) = st.maps.totals();
         ContainerStats {
-            members: st.members,
+            members: st.groups.len(),
             mappings,
             mapped_bytes,
         }

@@ -227,17 +227,25 @@ impl SharedMaps {
         if size == 0 || !align.is_power_of_two() {
             return None;
         }
-        // Gaps from the top: (first free byte, one past the last).
-        let env = ranges.envelope();
-        let mut limit = env.last.saturating_add(1).min(1 << 63);
-        let fits = |lo: u64, hi: u64| -> Option<u64> {
-            let start = hi.checked_sub(size)? & !(align - 1);
-            (start >= lo && start >= floor && ranges.contains(start, size)).then_some(start)
+        // The highest start in the gap [lo, hi) between held mappings, in
+        // any usable range (a gap may cross a hole such as the MSI window).
+        let in_gap = |lo: u64, hi: u64| -> Option<u64> {
+            ranges
+                .0
+                .iter()
+                .filter_map(|r| {
+                    let rlo = r.first.max(lo).max(floor);
+                    let rhi = r.last.saturating_add(1).min(hi);
+                    let start = rhi.checked_sub(size)? & !(align - 1);
+                    (rhi > rlo && start >= rlo).then_some(start)
+                })
+                .max()
         };
+        let mut limit: u64 = 1 << 63;
         for (&s, h) in self.maps.iter().rev() {
             let end = s.saturating_add(h.size);
             if end < limit {
-                if let Some(at) = fits(end, limit) {
+                if let Some(at) = in_gap(end, limit) {
                     return Some(at);
                 }
             }
@@ -246,7 +254,7 @@ impl SharedMaps {
                 return None;
             }
         }
-        fits(env.first, limit)
+        in_gap(0, limit)
     }
 }
 
@@ -475,5 +483,27 @@ mod tests {
         assert_eq!(m.highest_free(&r, 0x9000, 0x1000, 0), None);
         assert_eq!(m.highest_free(&r, 0, 0x1000, 0), None);
         assert_eq!(m.highest_free(&r, 0x1000, 3, 0), None);
+    }
+
+    #[test]
+    fn own_memory_finds_room_below_a_hole_at_the_top_of_a_gap() {
+        // The top of the only gap is a hole: the window goes below it.
+        let r = IovaRanges::new(vec![
+            IovaRange {
+                first: 0,
+                last: 0xfedf_ffff,
+            },
+            IovaRange {
+                first: 0xfef0_0000,
+                last: 0xfef0_0fff,
+            },
+        ]);
+        let m = SharedMaps::default();
+
+        assert_eq!(
+            m.highest_free(&r, 0x10_0000, 0x1000, 0x8000_0000),
+            Some(0xfed0_0000)
+        );
+        assert_eq!(m.highest_free(&r, 0x1000, 0x1000, 0), Some(0xfef0_0000));
     }
 }

@@ -178,6 +178,15 @@ pub enum VfioError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A function of this IOMMU group is open in the container already
+    /// (the same device named twice).
+    #[error("device {bdf}: a function of IOMMU group {group} is already open in this VM's VFIO container (the same device given twice?)")]
+    GroupBusy {
+        /// PCI address.
+        bdf: String,
+        /// Group number.
+        group: u32,
+    },
     /// An ioctl or system call during open failed.
     #[error("{op} failed")]
     Ioctl {
@@ -266,15 +275,33 @@ pub struct VfioFunction {
     /// The mappings this function holds in its container.
     dma: Mutex<DmaTracker>,
     // Drop order matters: BAR mappings, then the duplicated device fd, then
-    // the device (closing its fd before it detaches the group), then the
-    // container.
+    // the device (closing its fd before it detaches the group), then this
+    // function's clone of the container (closed with its last clone).
     mmaps: Vec<MmapRegion<()>>,
     /// Signalled by vfio-pci when the host wants the function back (its
     /// request interrupt); `None` when the kernel has none for it.
     removal: Option<EventFd>,
     file: File,
     device: sys::Device,
+    /// Its IOMMU group, reserved in the container while it is open.
+    group: u32,
     container: SharedContainer,
+}
+
+/// A group reserved in a container for a function being opened; given
+/// back on drop while armed.
+struct Reservation<'a> {
+    container: &'a SharedContainer,
+    group: u32,
+    armed: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.container.detached(self.group);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -371,6 +398,16 @@ impl VfioFunction {
             Some(c) => c.clone(),
             None => SharedContainer::new()?,
         };
+        if !container.reserve(group) {
+            return Err(VfioError::GroupBusy { bdf, group });
+        }
+        // Gives the group back if the open fails before `f` exists (whose
+        // Drop does it afterwards).
+        let mut reservation = Reservation {
+            container: &container,
+            group,
+            armed: true,
+        };
         let vdev = VfioDevice::new(&dev_path, container.ops()).map_err(|source| {
             if is_group_error(&source) {
                 VfioError::Group { group, source }
@@ -420,8 +457,10 @@ impl VfioFunction {
             removal: None,
             file,
             device: sys::Device::new(vdev),
-            container,
+            group,
+            container: container.clone(),
         };
+        reservation.armed = false;
         f.container.attached(&f.bdf);
         // From here on, failures drop `f`, whose Drop undoes what was done.
         // vfio-pci's own reset at open is what the flag reports.
@@ -825,9 +864,9 @@ impl Drop for VfioFunction {
                 log::warn!("{bdf}: DMA unmap of {iova:#x} (+{size:#x}) failed: {e}");
             }
         }
-        self.container.detached();
-        // BAR mappings, the fd duplicate, the device and the container are
-        // released by their own Drop, in field order; the last close of the
+        self.container.detached(self.group);
+        // BAR mappings, the fd duplicate, the device and this clone of the
+        // container are released by their own Drop, in field order; the last close of the
         // device makes the kernel reset the function.
     }
 }
