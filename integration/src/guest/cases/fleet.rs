@@ -212,6 +212,9 @@ struct FleetBoot {
     ok: (usize, usize),
     vmlck_kib: u64,
     fds: usize,
+    /// The VMM's fds by what they are (`anon_inode:[eventfd]`,
+    /// `/dev/vfio/<n>`, ...), for the per-device cost.
+    fd_kinds: std::collections::BTreeMap<String, usize>,
     threads: u64,
     /// One `ch-remote add-*` of the last disk (after removing it): the
     /// whole command, and the VMM's part (its log line of the request to
@@ -261,7 +264,23 @@ fn boot_fleet(
         .with_context(|| format!("the inner guest did not finish its disks: {}", vm.tail()))?;
     let pid = vm.pid().to_string();
     let vmlck_kib = vmlck_kib(&pid)?;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let mut fd_kinds = std::collections::BTreeMap::new();
+    let mut fds = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        fds += 1;
+        let target = std::fs::read_link(e?.path())
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
+        // Group by kind: every /dev/vfio/<group> as one, sockets, pipes.
+        let kind = match target.split_once(':') {
+            Some((k, _)) if k == "socket" || k == "pipe" => k.to_string(),
+            _ if target.starts_with("/dev/vfio/") && target != "/dev/vfio/vfio" => {
+                "/dev/vfio/<group>".to_string()
+            }
+            _ => target,
+        };
+        *fd_kinds.entry(kind).or_insert(0) += 1;
+    }
     let threads = proc_threads(&pid)?;
     let hotplug = match (hotplug, disks.last()) {
         (true, Some(last)) => {
@@ -309,6 +328,7 @@ fn boot_fleet(
         ok,
         vmlck_kib,
         fds,
+        fd_kinds,
         threads,
         hotplug,
     })
@@ -353,11 +373,12 @@ fn ch_fleet(ctx: &Ctx) -> CaseResult {
     );
     Ok(Outcome::PassWith(format!(
         "{} disks read and written (images checked); VmLck {} KiB (guest RAM {INNER_RAM_KIB} KiB); \
-         /init {:?} after the start; {} fds, {} threads",
+         /init {:?} after the start; {} fds ({:?}), {} threads",
         fleet.len(),
         b.vmlck_kib,
         b.init,
         b.fds,
+        b.fd_kinds,
         b.threads
     )))
 }
@@ -448,6 +469,19 @@ fn bench(ctx: &Ctx) -> CaseResult {
             eprintln!("FLEET-BENCH {line}");
             report.push(line);
         }
+        let kinds = |i: usize| {
+            runs[i]
+                .last()
+                .map(|b| b.fd_kinds.clone())
+                .unwrap_or_default()
+        };
+        let line = format!(
+            "{n} disks fd kinds: bridged {:?}, passthrough {:?}",
+            kinds(0),
+            kinds(1)
+        );
+        eprintln!("FLEET-BENCH {line}");
+        report.push(line);
     }
     Ok(Outcome::PassWith(report.join("; ")))
 }
