@@ -254,6 +254,33 @@ pub struct Manifest {
     /// bridged devices.
     #[serde(default)]
     pub fleet: Vec<FleetEntry>,
+    /// The fleet benchmark's knobs, from the host's environment
+    /// (`VDPA_FLEET_BOOTS`, `VDPA_FLEET_SIZES`): the guest sees none of it.
+    #[serde(default)]
+    pub fleet_bench: FleetBench,
+}
+
+/// How the fleet benchmark runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FleetBench {
+    /// Boots of each mode for the whole fleet (`None`: 5).
+    pub boots: Option<usize>,
+    /// Rows of the table, disks (`None`: 1, 4 and the whole fleet).
+    pub sizes: Option<Vec<usize>>,
+}
+
+impl FleetBench {
+    /// From `VDPA_FLEET_BOOTS` and `VDPA_FLEET_SIZES` (comma separated).
+    pub fn from_env() -> Self {
+        FleetBench {
+            boots: std::env::var("VDPA_FLEET_BOOTS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            sizes: std::env::var("VDPA_FLEET_SIZES")
+                .ok()
+                .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect()),
+        }
+    }
 }
 
 /// One disk of the fleet.
@@ -389,6 +416,7 @@ mod tests {
             only: Some("ch_".into()),
             vduse_image: None,
             fleet: Vec::new(),
+            fleet_bench: Default::default(),
             ch: None,
             ch_skip: Some("no CLOUD_HYPERVISOR".into()),
         };

@@ -14,7 +14,9 @@
 //!   machines that are known to have everything),
 //! - `VDPA_LAB_SOAK=<seconds>` runs only the soak (`cases/soak.rs`: mixed
 //!   blk and net I/O with resets, resources checked) for that long; both
-//!   timeouts grow by that much.
+//!   timeouts grow by that much,
+//! - `VDPA_FLEET_BOOTS=<n>` and `VDPA_FLEET_SIZES=<n,...>`: boots per mode
+//!   and rows of the fleet benchmark (`cases/fleet.rs`).
 //!
 //! Prints `lab: N passed, N failed, N skipped` last; exits 1 on any failure.
 //! Benchmarks are reported before that line, one

@@ -324,6 +324,7 @@ mod tests {
             only: None,
             vduse_image: None,
             fleet: Vec::new(),
+            fleet_bench: Default::default(),
             ch: None,
             ch_skip: None,
         }

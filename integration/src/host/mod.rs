@@ -501,6 +501,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Summary> {
         only: opts.only.clone(),
         vduse_image: Some(vduse_image.clone()),
         fleet,
+        fleet_bench: crate::manifest::FleetBench::from_env(),
     };
     let manifest_path = lab_dir.join("manifest.json");
     manifest.store(&manifest_path)?;

@@ -405,19 +405,16 @@ fn bench(ctx: &Ctx) -> CaseResult {
     let Some(fleet) = bind_fleet(ctx)? else {
         return Ok(Outcome::Skip("the manifest has no fleet".into()));
     };
-    let boots: usize = std::env::var("VDPA_FLEET_BOOTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let boots = ctx.manifest.fleet_bench.boots.unwrap_or(5).max(1);
     let mut report = Vec::new();
     // VDPA_FLEET_SIZES=16 (say): only those rows of the table.
-    let sizes: Vec<usize> = match std::env::var("VDPA_FLEET_SIZES") {
-        Ok(v) => v
-            .split(',')
-            .filter_map(|n| n.trim().parse().ok())
+    let sizes: Vec<usize> = match &ctx.manifest.fleet_bench.sizes {
+        Some(v) => v
+            .iter()
+            .copied()
             .filter(|&n| (1..=fleet.len()).contains(&n))
             .collect(),
-        Err(_) => vec![1, 4, fleet.len()],
+        None => vec![1, 4, fleet.len()],
     };
     for n in sizes {
         let disks = &fleet[..n];
