@@ -9,7 +9,8 @@
 //!   private containers charge it twice (measured side by side in the same
 //!   case, so the case fails if sharing stops working). Every disk reads
 //!   its own pattern and writes on both queues; the writes are read back
-//!   through the device and from the image file as the host holds it.
+//!   through the device and from the image file as the host holds it. A
+//!   second open of a disk already open in the container is refused.
 //!   Closing disks one by one (the first opened first) leaves the others'
 //!   mapping and I/O alone; the last close unmaps it and VmLck returns to
 //!   where it was. The same container then takes two disks on shadow rings
@@ -652,6 +653,17 @@ fn shared_container(ctx: &Ctx) -> CaseResult {
         "{} functions in one container charged {shared_kib} KiB of VmLck; guest RAM is {ram_kib} KiB",
         fleet.len()
     );
+    // The same device named twice: refused, the open one untouched.
+    match VfioFunction::open_in(&fleet[0].bdf, &container, &VfioOptions::default()) {
+        Err(vdpa_bridge::VfioError::GroupBusy { .. }) => {}
+        Err(e) => anyhow::bail!("a second open of {}: {e}", fleet[0].name),
+        Ok(_) => anyhow::bail!("a second open of {} was allowed", fleet[0].name),
+    }
+    ensure!(
+        container.stats().members == fleet.len(),
+        "after the refused second open: {:?}",
+        container.stats()
+    );
     for d in &mut disks {
         io(d, 128)?;
     }
@@ -716,7 +728,7 @@ fn shared_container(ctx: &Ctx) -> CaseResult {
     Ok(Outcome::PassWith(format!(
         "{} functions: 1 mapping of {} MiB, VmLck +{shared_kib} KiB (two private containers: \
          +{private_kib} KiB); opened and activated in {:?} ({:?} each); 2 queues each read and \
-         written, checked in the image files; closed first-opened first; the container again with \
+         written, checked in the image files; a second open of one refused; closed first-opened first; the container again with \
          two shadowed functions: 3 mappings, I/O on both",
         fleet.len(),
         ram >> 20,
