@@ -453,12 +453,14 @@ fn net_mq_every_pair(ctx: &Ctx) -> CaseResult {
     Ok(Outcome::Pass)
 }
 
-fn proc_status(key: &str) -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string("/proc/self/status")?;
+/// A number of `/proc/<pid>/status` (`pid` may be `self`), by its key
+/// (`VmLck:`, `Threads:`): KiB for the memory lines.
+pub(crate) fn proc_status(pid: &str, key: &str) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = s
         .lines()
         .find(|l| l.starts_with(key))
-        .with_context(|| format!("{key} not in /proc/self/status"))?;
+        .with_context(|| format!("{key} not in /proc/{pid}/status"))?;
     Ok(line
         .split_whitespace()
         .nth(1)
@@ -491,8 +493,8 @@ fn resources(bdf: &str) -> anyhow::Result<Resources> {
     Ok(Resources {
         fds: count_dir("/proc/self/fd")?,
         threads: count_dir("/proc/self/task")?,
-        vm_pin_kb: proc_status("VmPin:")?,
-        vm_lck_kb: proc_status("VmLck:")?,
+        vm_pin_kb: proc_status("self", "VmPin:")?,
+        vm_lck_kb: proc_status("self", "VmLck:")?,
         irqs: vfio_irqs(bdf)?,
     })
 }

@@ -48,10 +48,11 @@ use vdpa_bridge::types::features;
 use vdpa_bridge::vfio::{SharedContainer, VfioFunction, VfioOptions};
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_plugin::{BridgeDevice, DeviceOptions, ShadowPolicy};
-use vdpa_testkit::driver::blk::{T_IN, T_OUT};
 use vdpa_testkit::harness::{Guest, Mem, TestInterrupt};
 use vm_memory::GuestMemoryAtomic;
 
+use crate::guest::cases::bridge::proc_status;
+use crate::guest::cases::plugin::blk_queue_roundtrip;
 use crate::guest::ch::{not_configured, passthrough_arg, Ch, Vdpa, BOOT_TIMEOUT};
 use crate::guest::{sys, Case, CaseResult, Ctx, Outcome};
 use crate::manifest::{ChRun, FleetEntry};
@@ -223,15 +224,6 @@ struct FleetBoot {
     hotplug: Option<(Duration, Duration)>,
 }
 
-fn proc_threads(pid: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no Threads in /proc/<pid>/status")
-}
-
 /// Boot Cloud Hypervisor with `disks` bridged (or passed through), let
 /// the inner guest check every disk, read the VMM's VmLck, fds and
 /// threads while it holds, and (with `hotplug`) remove the last disk and
@@ -282,7 +274,7 @@ fn boot_fleet(
         };
         *fd_kinds.entry(kind).or_insert(0) += 1;
     }
-    let threads = proc_threads(&pid)?;
+    let threads = proc_status(&pid, "Threads:")?;
     let hotplug = match (hotplug, disks.last()) {
         (true, Some(last)) => {
             vm.remote(&["remove-device", &last.name])?;
@@ -496,13 +488,8 @@ struct Disk<'a> {
 
 /// The process's locked memory (`VmLck`, KiB): what VFIO type1 charges
 /// for pinned pages.
-pub(crate) fn vmlck_kib(pid: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmLck:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmLck in /proc/<pid>/status")
+fn vmlck_kib(pid: &str) -> anyhow::Result<u64> {
+    proc_status(pid, "VmLck:")
 }
 
 /// Bind every fleet disk to vfio-pci; `None` (a skip) without a fleet.
@@ -571,28 +558,17 @@ fn io(disk: &mut Disk<'_>, sector: u64) -> anyhow::Result<()> {
         .with_context(|| format!("open {}", disk.entry.image.display()))?;
     for q in 0..nq {
         let fd = &disk.irq.queues[usize::from(q)];
-        let lba = 1 + u64::from(q);
-        let mut buf = vec![0u8; 512];
-        ensure!(
-            disk.guest.blk(q, T_IN, lba, &mut buf, fd)? == 0,
-            "{name} queue {q}: read failed"
-        );
-        ensure!(
-            buf == pattern::sector(name, lba),
-            "{name} queue {q}: wrong data at {lba}"
-        );
         let at = sector + 8 * u64::from(q);
-        let mut data = pattern::written(name, at * 512, 4096);
-        ensure!(
-            disk.guest.blk(q, T_OUT, at, &mut data, fd)? == 0,
-            "{name} queue {q}: write failed"
-        );
-        let mut back = vec![0u8; 4096];
-        ensure!(
-            disk.guest.blk(q, T_IN, at, &mut back, fd)? == 0,
-            "{name} queue {q}: read back failed"
-        );
-        ensure!(back == data, "{name} queue {q}: read back differs");
+        let data = blk_queue_roundtrip(
+            &mut disk.guest,
+            fd,
+            q,
+            name,
+            1 + u64::from(q),
+            at,
+            |_, _| Ok(()),
+        )
+        .with_context(|| name.clone())?;
         let mut file = vec![0u8; 4096];
         image.read_exact_at(&mut file, at * 512)?;
         ensure!(

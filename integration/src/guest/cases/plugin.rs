@@ -338,29 +338,48 @@ fn blk_io_every_queue(
     let image = ctx.dev()?.variant.name();
     for q in 0..nq {
         let fd = &irq.queues[usize::from(q)];
-        let lba = 7 + u64::from(q);
-        let mut buf = vec![0u8; 512];
-        ensure!(
-            g.blk(q, T_IN, lba, &mut buf, fd)? == 0,
-            "queue {q}: read failed"
-        );
-        ensure!(
-            buf == pattern::sector(image, lba),
-            "queue {q}: wrong data at {lba}"
-        );
         let sector = first_sector + 8 * u64::from(q);
-        let mut data = pattern::written(image, sector * 512, 4096);
-        let written = g.blk(q, T_OUT, sector, &mut data, fd);
-        ctx.declare_write(sector * 512, 4096)?;
-        ensure!(written? == 0, "queue {q}: write failed");
-        let mut back = vec![0u8; 4096];
-        ensure!(
-            g.blk(q, T_IN, sector, &mut back, fd)? == 0,
-            "queue {q}: read back failed"
-        );
-        ensure!(back == data, "queue {q}: read back differs");
+        blk_queue_roundtrip(g, fd, q, image, 7 + u64::from(q), sector, |at, len| {
+            ctx.declare_write(at, len)
+        })?;
     }
     Ok(())
+}
+
+/// On blk queue `q` (completions on `fd`) of a disk on the pattern image
+/// `image`: read sector `lba` and check it against the pattern, write
+/// 4 KiB of the written pattern at `sector` and read it back. `declare`
+/// is told the write (byte offset and length) once it was handed to the
+/// device, before its result is checked. Returns the bytes written.
+pub(crate) fn blk_queue_roundtrip(
+    g: &mut Guest,
+    fd: &vmm_sys_util::eventfd::EventFd,
+    q: u16,
+    image: &str,
+    lba: u64,
+    sector: u64,
+    declare: impl FnOnce(u64, u64) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 512];
+    ensure!(
+        g.blk(q, T_IN, lba, &mut buf, fd)? == 0,
+        "queue {q}: read failed"
+    );
+    ensure!(
+        buf == pattern::sector(image, lba),
+        "queue {q}: wrong data at {lba}"
+    );
+    let mut data = pattern::written(image, sector * 512, 4096);
+    let written = g.blk(q, T_OUT, sector, &mut data, fd);
+    declare(sector * 512, 4096)?;
+    ensure!(written? == 0, "queue {q}: write failed");
+    let mut back = vec![0u8; 4096];
+    ensure!(
+        g.blk(q, T_IN, sector, &mut back, fd)? == 0,
+        "queue {q}: read back failed"
+    );
+    ensure!(back == data, "queue {q}: read back differs");
+    Ok(data)
 }
 
 fn io_direct(ctx: &Ctx) -> CaseResult {
