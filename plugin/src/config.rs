@@ -1,11 +1,13 @@
 //! What the VMM passes for a bridged device (`--vdpa path=...,...`).
 
+use std::os::fd::RawFd;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use vdpa_bridge::backend::AnyDevice;
+use vdpa_bridge::backend::{AnyDevice, Handed};
 pub use vdpa_bridge::device_path::DevicePath;
+use vdpa_bridge::host::dup_raw;
 use vdpa_bridge::types::parse_u64;
 pub use vdpa_bridge::vfio::SharedContainer;
 use vdpa_bridge::vp_vdpa::OpenOptions;
@@ -44,6 +46,27 @@ pub struct VdpaDeviceConfig {
     /// Not part of the serialized configuration.
     #[serde(skip)]
     pub container: Option<SharedContainer>,
+    /// `group_fd=`: the PCI function's VFIO group (`/dev/vfio/N`), opened
+    /// by whoever started the VMM and inherited by it, not attached to a
+    /// container; `path` is then the function's PCI address. Nothing is
+    /// opened under `/dev/vfio/N` nor read in sysfs. The descriptor is
+    /// duplicated on each open and stays open (a reboot reopens the
+    /// device from it). Not serialized: descriptors mean nothing to
+    /// another process.
+    #[serde(skip)]
+    pub group_fd: Option<RawFd>,
+    /// `container_fd=`: an open `/dev/vfio/vfio` with no group yet, for
+    /// the device's container (with `group_fd=` only). For a device in the
+    /// VM's shared container it is that container (the VMM adopts it with
+    /// [`open_container_from`]); without it the VMM opens
+    /// `/dev/vfio/vfio` itself. Not serialized.
+    #[serde(skip)]
+    pub container_fd: Option<RawFd>,
+    /// `fd=`: a `/dev/vhost-vdpa-N` node opened by whoever started the
+    /// VMM and not used by anyone yet; `path` is then the node's path (for
+    /// messages, and to tell the kind of device). Not serialized.
+    #[serde(skip)]
+    pub fd: Option<RawFd>,
 }
 
 /// Equal configurations ask for the same device the same way; the
@@ -57,6 +80,9 @@ impl PartialEq for VdpaDeviceConfig {
             && self.kick == o.kick
             && self.iommu == o.iommu
             && self.shadow == o.shadow
+            && self.group_fd == o.group_fd
+            && self.container_fd == o.container_fd
+            && self.fd == o.fd
     }
 }
 
@@ -74,11 +100,67 @@ pub fn open_container() -> Result<SharedContainer, Error> {
     SharedContainer::new().map_err(crate::error::backend_err("open the VM's VFIO container"))
 }
 
+/// The VM's VFIO container from descriptor `fd` (a device's
+/// `container_fd=`), which stays open; or, without one, a container the
+/// VMM opens ([`open_container`]).
+///
+/// # Errors
+///
+/// [`Error::Backend`] when `fd` is not open or not a VFIO container that
+/// can be type1v2.
+pub fn open_container_from(fd: Option<RawFd>) -> Result<SharedContainer, Error> {
+    match fd {
+        None => open_container(),
+        Some(fd) => adopt_container(fd),
+    }
+}
+
+fn adopt_container(fd: RawFd) -> Result<SharedContainer, Error> {
+    let what = "adopt the VFIO container handed in (container_fd=)";
+    let dup = dup_raw(fd)
+        .map_err(|e| Error::Config(format!("container_fd={fd}: not an open descriptor: {e}")))?;
+    SharedContainer::from_fd(dup).map_err(crate::error::backend_err(what))
+}
+
+fn handed(fd: RawFd, key: &str, wrap: fn(std::os::fd::OwnedFd) -> Handed) -> Result<Handed, Error> {
+    dup_raw(fd)
+        .map(wrap)
+        .map_err(|e| Error::Config(format!("{key}={fd}: not an open descriptor: {e}")))
+}
+
 impl VdpaDeviceConfig {
     /// Whether this device would go into the VM's shared VFIO container: a
     /// PCI function not behind a vIOMMU.
     pub fn wants_shared_container(&self) -> bool {
         !self.iommu && matches!(self.device_path(), Ok(DevicePath::Pci(_)))
+    }
+
+    /// Whether the device comes as descriptors handed in (`group_fd=` or
+    /// `fd=`): a VM with such a device cannot be migrated by its
+    /// configuration alone (the destination needs descriptors of its own).
+    pub fn handed_in(&self) -> bool {
+        self.group_fd.is_some() || self.fd.is_some()
+    }
+
+    /// Check this device's `container_fd=` against the VM's shared
+    /// container, which came from `vm` (`None`: opened by the VMM): a VM
+    /// has one container for its bridged functions not behind a vIOMMU,
+    /// so every such device names the same descriptor, or none.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when they differ.
+    pub fn check_container_fd(&self, vm: Option<RawFd>) -> Result<(), Error> {
+        match (self.container_fd, vm) {
+            (None, _) => Ok(()),
+            (Some(a), Some(b)) if a == b => Ok(()),
+            (Some(a), Some(b)) => Err(Error::Config(format!(
+                "container_fd={a}: the VM's bridged devices share one VFIO container, handed in as fd {b}; give every device the same container_fd, or none"
+            ))),
+            (Some(a), None) => Err(Error::Config(format!(
+                "container_fd={a}: the VM's bridged devices share one VFIO container, which the VMM opened before this device came; give every device the same container_fd, or none"
+            ))),
+        }
     }
 
     /// Classify `path`.
@@ -99,8 +181,65 @@ impl VdpaDeviceConfig {
         };
         // Behind a vIOMMU the guest programs this device's own address
         // space, which a shared container cannot give it.
-        let container = self.container.as_ref().filter(|_| !self.iommu);
-        AnyDevice::open_in(&target, opts, container).map_err(crate::error::backend_err("open"))
+        let shared = self.container.as_ref().filter(|_| !self.iommu);
+        let open_err = crate::error::backend_err("open");
+        let handed_in = match (self.group_fd, self.fd) {
+            (Some(g), _) => Some(handed(g, "group_fd", Handed::VfioGroup)?),
+            (None, Some(f)) => Some(handed(f, "fd", Handed::VhostVdpa)?),
+            (None, None) => None,
+        };
+        let Some(handed_in) = handed_in else {
+            return AnyDevice::open_in(&target, opts, shared).map_err(open_err);
+        };
+        // A device of the VM's shared container uses it (which the VMM
+        // adopted from this container_fd, or opened); one behind a vIOMMU
+        // gets a container of its own, the one handed in if any.
+        let own = match (shared, self.container_fd) {
+            (None, Some(fd)) => Some(adopt_container(fd)?),
+            _ => None,
+        };
+        AnyDevice::open_handed(&target, handed_in, opts, shared.or(own.as_ref())).map_err(open_err)
+    }
+
+    /// Check that the descriptors given fit the device `path` names:
+    /// `group_fd=` (and `container_fd=`, only with it) for a PCI address,
+    /// `fd=` for a vhost-vdpa node; descriptors are not negative.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] saying which option does not fit.
+    pub fn check_fds(&self) -> Result<(), Error> {
+        let kind = self.device_path()?;
+        for (key, fd) in [
+            ("group_fd", self.group_fd),
+            ("container_fd", self.container_fd),
+            ("fd", self.fd),
+        ] {
+            if fd.is_some_and(|f| f < 0) {
+                return Err(Error::Config(format!(
+                    "{key}= must be a descriptor (0 or more)"
+                )));
+            }
+        }
+        let pci = matches!(kind, DevicePath::Pci(_));
+        if self.group_fd.is_some() && !pci {
+            return Err(Error::Config(format!(
+                "group_fd= needs path= to be the PCI address of the group's function, not {}",
+                self.path
+            )));
+        }
+        if self.container_fd.is_some() && self.group_fd.is_none() {
+            return Err(Error::Config(
+                "container_fd= goes with group_fd= (a container for a group handed in)".into(),
+            ));
+        }
+        if self.fd.is_some() && pci {
+            return Err(Error::Config(format!(
+                "fd= is a /dev/vhost-vdpa-N node's descriptor; for the PCI function {} hand in its VFIO group with group_fd=",
+                self.path
+            )));
+        }
+        Ok(())
     }
 
     /// The plugin options this configuration asks for (`packed_ring` is
@@ -157,6 +296,9 @@ impl FromStr for VdpaDeviceConfig {
                         _ => return Err(bad()),
                     }
                 }
+                "group_fd" => cfg.group_fd = Some(v.parse().map_err(|_| bad())?),
+                "container_fd" => cfg.container_fd = Some(v.parse().map_err(|_| bad())?),
+                "fd" => cfg.fd = Some(v.parse().map_err(|_| bad())?),
                 "shadow" => {
                     cfg.shadow = match v {
                         "on" | "always" => ShadowPolicy::Always,
@@ -170,7 +312,7 @@ impl FromStr for VdpaDeviceConfig {
         if cfg.path.is_empty() {
             return Err(Error::Config("path= is required".into()));
         }
-        classify_path(&cfg.path)?;
+        cfg.check_fds()?;
         Ok(cfg)
     }
 }
@@ -217,5 +359,105 @@ mod tests {
         let j: VdpaDeviceConfig =
             serde_json::from_str(r#"{"path":"/dev/vhost-vdpa-0","num_queues":1}"#).unwrap();
         assert_eq!(j.num_queues, Some(1));
+    }
+
+    #[test]
+    fn handed_in_descriptors_parse_and_must_fit_the_device() {
+        let c: VdpaDeviceConfig = "path=0000:00:04.0,group_fd=7,container_fd=8"
+            .parse()
+            .unwrap();
+        let v: VdpaDeviceConfig = "path=/dev/vhost-vdpa-0,fd=9".parse().unwrap();
+
+        assert_eq!((c.group_fd, c.container_fd, c.fd), (Some(7), Some(8), None));
+        assert_eq!((v.group_fd, v.container_fd, v.fd), (None, None, Some(9)));
+        assert!(c.handed_in() && v.handed_in());
+        assert!(!"path=00:04.0"
+            .parse::<VdpaDeviceConfig>()
+            .unwrap()
+            .handed_in());
+        for (bad, says) in [
+            ("path=/dev/vhost-vdpa-0,group_fd=7", "PCI address"),
+            ("path=00:04.0,fd=7", "group_fd="),
+            ("path=00:04.0,container_fd=7", "goes with group_fd="),
+            ("path=00:04.0,group_fd=-1", "0 or more"),
+            ("path=00:04.0,group_fd=x", "invalid value"),
+        ] {
+            let e = bad.parse::<VdpaDeviceConfig>().unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn devices_of_one_vm_name_the_same_container_or_none() {
+        let with = |fd| VdpaDeviceConfig {
+            path: "0000:00:04.0".into(),
+            group_fd: Some(3),
+            container_fd: fd,
+            ..Default::default()
+        };
+
+        assert!(with(None).check_container_fd(Some(8)).is_ok());
+        assert!(with(Some(8)).check_container_fd(Some(8)).is_ok());
+        let other = with(Some(9)).check_container_fd(Some(8)).unwrap_err();
+        let late = with(Some(9)).check_container_fd(None).unwrap_err();
+        assert!(other.to_string().contains("handed in as fd 8"), "{other}");
+        assert!(late.to_string().contains("the VMM opened"), "{late}");
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_open_is_a_config_error_naming_it() {
+        let c = VdpaDeviceConfig {
+            path: "0000:00:04.0".into(),
+            group_fd: Some(1_000_000),
+            ..Default::default()
+        };
+        let v = VdpaDeviceConfig {
+            path: "/dev/vhost-vdpa-0".into(),
+            fd: Some(1_000_000),
+            ..Default::default()
+        };
+
+        let e = c.open().unwrap_err().to_string();
+        let f = v.open().unwrap_err().to_string();
+        let k = open_container_from(Some(1_000_000))
+            .unwrap_err()
+            .to_string();
+
+        assert!(
+            e.contains("group_fd=1000000: not an open descriptor"),
+            "{e}"
+        );
+        assert!(f.contains("fd=1000000: not an open descriptor"), "{f}");
+        assert!(k.contains("container_fd=1000000"), "{k}");
+    }
+
+    #[test]
+    fn a_handed_in_group_that_is_not_a_vfio_group_is_refused() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let c = VdpaDeviceConfig {
+            path: "0000:00:04.0".into(),
+            group_fd: Some(std::os::fd::AsRawFd::as_raw_fd(&null)),
+            ..Default::default()
+        };
+        let k = open_container_from(Some(std::os::fd::AsRawFd::as_raw_fd(&null)));
+
+        // Without a container given the VMM opens /dev/vfio/vfio first
+        // (absent here without VFIO); with VFIO the group check refuses.
+        let chain = |e: &dyn std::error::Error| {
+            let mut s = e.to_string();
+            let mut cur = e.source();
+            while let Some(c) = cur {
+                s += &format!(": {c}");
+                cur = c.source();
+            }
+            s
+        };
+        let e = chain(&c.open().unwrap_err());
+        assert!(
+            e.contains("not a VFIO group") || e.contains("/dev/vfio/vfio"),
+            "{e}"
+        );
+        let k = chain(&k.unwrap_err());
+        assert!(k.contains("not a VFIO container"), "{k}");
     }
 }

@@ -48,7 +48,9 @@ mod state;
 mod thread;
 
 pub use activate::AddressTranslation;
-pub use config::{open_container, DevicePath, SharedContainer, VdpaDeviceConfig};
+pub use config::{
+    open_container, open_container_from, DevicePath, SharedContainer, VdpaDeviceConfig,
+};
 pub use device::{
     BridgeDevice, DataPath, DeviceOptions, GuestNotifyMapping, KickPolicy, NoNotifyMapping,
     PauseReport, ShadowPolicy, Wiring, BRIDGE_FEATURES, TRANSPORT_ONLY_FEATURES,

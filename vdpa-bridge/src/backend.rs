@@ -6,6 +6,7 @@
 //! emulated device of `vdpa-testkit`, the `fake` module) are not variants:
 //! code that runs them is generic over [`VdpaOps`].
 
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,6 +23,18 @@ use crate::vfio::{SharedContainer, VfioFunction, VfioOptions};
 use crate::vhost_vdpa::VhostVdpaDevice;
 use crate::vp_vdpa::{OpenOptions, VpVdpa};
 use crate::Result;
+
+/// A descriptor an orchestrator opened for a device and handed in, so
+/// that the process opening the device needs no access to `/dev/vfio` or
+/// `/dev/vhost-vdpa-*` (nor sysfs).
+#[derive(Debug)]
+pub enum Handed {
+    /// The VFIO group (`/dev/vfio/N`) of a PCI function bound to vfio-pci,
+    /// not attached to a container.
+    VfioGroup(OwnedFd),
+    /// A `/dev/vhost-vdpa-N` node, opened and not used yet.
+    VhostVdpa(OwnedFd),
+}
 
 /// A device opened by any backend.
 // One value per device, created once and never moved on a hot path: the
@@ -78,6 +91,49 @@ impl AnyDevice {
                 };
                 Ok(AnyDevice::Vfio(VpVdpa::open(Arc::new(f), opts)?))
             }
+        }
+    }
+
+    /// Open the device `path` names from the descriptor `handed` (nothing
+    /// is opened by path, and sysfs is not read): `path` is a PCI address
+    /// for [`Handed::VfioGroup`], the node's path (for messages) for
+    /// [`Handed::VhostVdpa`]. A PCI function goes into `container` when
+    /// one is given (it may itself have been handed in,
+    /// [`SharedContainer::from_fd`]), into a new container of its own
+    /// otherwise: the one thing then opened, `/dev/vfio/vfio`, which is
+    /// world-accessible on common distributions.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadPath`](crate::Error::BadPath) when `path` does not name
+    /// the kind of device `handed` is; the backend's error when opening
+    /// fails.
+    pub fn open_handed(
+        path: &str,
+        handed: Handed,
+        opts: OpenOptions,
+        container: Option<&SharedContainer>,
+    ) -> Result<AnyDevice> {
+        match (DevicePath::parse(path)?, handed) {
+            (DevicePath::VhostVdpa(node), Handed::VhostVdpa(fd)) => Ok(AnyDevice::VhostVdpa(
+                VhostVdpaDevice::from_fd(fd, Path::new(&node), opts.features_mask)?,
+            )),
+            (DevicePath::Pci(bdf), Handed::VfioGroup(fd)) => {
+                let own;
+                let container = match container {
+                    Some(c) => c,
+                    None => {
+                        own = SharedContainer::new()?;
+                        &own
+                    }
+                };
+                let f = VfioFunction::open_handed(&bdf, fd, container, &VfioOptions::default())?;
+                Ok(AnyDevice::Vfio(VpVdpa::open(Arc::new(f), opts)?))
+            }
+            _ => Err(crate::device_path::BadDevicePath(format!(
+                "{path} (not the kind of device the descriptor handed in is for)"
+            ))
+            .into()),
         }
     }
 

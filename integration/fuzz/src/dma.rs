@@ -44,7 +44,6 @@ use vdpa_bridge::vfio::testing::{
 use vdpa_bridge::vp_vdpa::{OpenOptions, VpVdpa};
 use vdpa_bridge::{Iova, IovaRange};
 use vdpa_plugin::{BridgeDevice, DeviceOptions};
-use vfio_ioctls::{VfioRegionInfoCap, VfioRegionInfoCapSparseMmap, VfioRegionSparseMmapArea};
 use vm_memory::{
     Address, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
     GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, MmapRegion,
@@ -60,6 +59,9 @@ const PAGE: u64 = 0x1000;
 const INFO_CAPS: u32 = 1 << 1;
 const CAP_IOVA_RANGE: u16 = 1;
 const FLAG_MMAP: u32 = 1 << 2;
+/// `VFIO_REGION_INFO_FLAG_CAPS`, `VFIO_REGION_INFO_CAP_SPARSE_MMAP`.
+const REGION_CAPS: u32 = 1 << 3;
+const CAP_SPARSE_MMAP: u16 = 1;
 const MAX_OPS: usize = 48;
 
 type Mem = GuestMemoryMmap<()>;
@@ -256,29 +258,99 @@ fn iova_info(r: &mut Reader) -> Vec<IovaRange> {
     list
 }
 
+/// A `VFIO_DEVICE_GET_REGION_INFO` reply, encoded here independently of
+/// the parser: header, then an optional foreign capability and an optional
+/// sparse-mmap capability; then maybe broken (truncated or a byte
+/// flipped). A well-formed reply must parse to exactly what was encoded
+/// and give the model's mmap areas; any reply must give areas that are
+/// page-aligned, non-empty and inside the region.
 fn sparse_mmap(r: &mut Reader) {
     let region = match r.u8() % 4 {
         0 => r.u64(),
         1 => 0x100,
         _ => u64::from(r.u8() % 17) * PAGE,
     };
-    let flags = r.u32();
+    let flags = r.u32() & !REGION_CAPS;
+    let offset = r.u64();
     let page = r.choose(&[PAGE, PAGE, 0x1_0000, 0, 3]);
-    let mut caps = Vec::new();
-    if r.bool() {
-        caps.push(VfioRegionInfoCap::MsixMappable);
-    }
+    let foreign = r.bool();
     let sparse = r.bool();
     let areas: Vec<(u64, u64)> = (0..r.u8() % 6).map(|_| (addr(r), size(r))).collect();
-    if sparse {
-        caps.push(VfioRegionInfoCap::SparseMmap(VfioRegionInfoCapSparseMmap {
-            areas: areas
-                .iter()
-                .map(|&(offset, size)| VfioRegionSparseMmapArea { offset, size })
-                .collect(),
-        }));
+    let mut caps: Vec<(u16, Vec<u8>)> = Vec::new();
+    if foreign {
+        caps.push((3, vec![0u8; 8]));
     }
-    let got = vfio::mmap_areas(region, flags, &caps, page);
+    if sparse {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(areas.len() as u32).to_ne_bytes());
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        for (o, s) in &areas {
+            body.extend_from_slice(&o.to_ne_bytes());
+            body.extend_from_slice(&s.to_ne_bytes());
+        }
+        caps.push((CAP_SPARSE_MMAP, body));
+    }
+    let mut reply = vec![0u8; 32];
+    let all_flags = flags | if caps.is_empty() { 0 } else { REGION_CAPS };
+    reply[4..8].copy_from_slice(&all_flags.to_ne_bytes());
+    reply[12..16].copy_from_slice(&(if caps.is_empty() { 0u32 } else { 32 }).to_ne_bytes());
+    reply[16..24].copy_from_slice(&region.to_ne_bytes());
+    reply[24..32].copy_from_slice(&offset.to_ne_bytes());
+    for (i, (id, body)) in caps.iter().enumerate() {
+        let next = if i + 1 < caps.len() {
+            reply.len() + 8 + body.len()
+        } else {
+            0
+        };
+        reply.extend_from_slice(&id.to_ne_bytes());
+        reply.extend_from_slice(&1u16.to_ne_bytes());
+        reply.extend_from_slice(&(next as u32).to_ne_bytes());
+        reply.extend_from_slice(body);
+    }
+    let broken = match r.u8() % 4 {
+        0 => {
+            let at = usize::from(r.u16()) % (reply.len() + 1);
+            reply.truncate(at);
+            true
+        }
+        1 if !reply.is_empty() => {
+            let at = usize::from(r.u16()) % reply.len();
+            reply[at] ^= r.u8() | 1;
+            true
+        }
+        _ => false,
+    };
+    let Some(info) = vfio::region_info(&reply) else {
+        assert!(
+            reply.len() < 32,
+            "a {}-byte reply did not parse",
+            reply.len()
+        );
+        return;
+    };
+    let got = vfio::mmap_areas(info.size, info.flags, info.sparse.as_deref(), page);
+    for &(o, s) in &got {
+        assert!(
+            s != 0
+                && page != 0
+                && o.is_multiple_of(page)
+                && o.checked_add(s).is_some_and(|e| e <= info.size),
+            "area {o:#x}+{s:#x} of a {:#x} region, page {page:#x}",
+            info.size
+        );
+    }
+    if broken {
+        return;
+    }
+    assert_eq!(
+        (info.flags, info.size, info.offset),
+        (all_flags, region, offset)
+    );
+    assert_eq!(
+        info.sparse,
+        sparse.then(|| areas.clone()),
+        "sparse areas parsed wrong"
+    );
     let aligned = |v: u64| page != 0 && v.is_multiple_of(page);
     let want: Vec<(u64, u64)> = if flags & FLAG_MMAP == 0 || region == 0 {
         Vec::new()

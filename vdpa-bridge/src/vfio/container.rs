@@ -8,13 +8,16 @@
 //! container (each still in its own IOMMU group) share one IO page table,
 //! so guest RAM is mapped once whatever their number.
 //!
-//! vfio-ioctls' `VfioContainer` opens the container and attaches groups
-//! (and detaches a group when a device of it is dropped: one function per
-//! group, which this wrapper enforces); it does not count mappings: two functions mapping the same
-//! guest RAM would collide (`EEXIST`), and the first to unmap would take
-//! the mapping from the other. Hence this wrapper, which holds each mapping
-//! once per function that asked for it and lets the kernel see the first
-//! map and the last unmap only. It also places a function's own memory
+//! The container is opened here (`/dev/vfio/vfio`) or handed in by an
+//! orchestrator ([`SharedContainer::from_fd`]); groups are attached to it
+//! one function each (which this type
+//! enforces) and taken out when the function closes. vfio-ioctls'
+//! `VfioContainer` could not serve: it opens the node itself, cannot adopt
+//! a descriptor, and does not count mappings: two functions mapping the
+//! same guest RAM would collide (`EEXIST`), and the first to unmap would
+//! take the mapping from the other. This type holds each mapping once per
+//! function that asked for it and lets the kernel see the first map and
+//! the last unmap only. It also places a function's own memory
 //! (shadow rings) where no other function's is
 //! ([`SharedContainer::map_top`]).
 //!
@@ -26,16 +29,22 @@
 //! group (the same device named twice) is refused, since two drivers of one
 //! device would undo each other and the first close would detach the group
 //! under the second. When the last group leaves, type1 drops every mapping
-//! of the container (and vfio-ioctls sets the IOMMU up again with the next
-//! group), so the counts are cleared with it.
+//! of the container (and its IOMMU: the next group sets it up again), so the counts are cleared
+//! with it.
 
-use std::os::fd::AsRawFd;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use vfio_ioctls::{VfioContainer, VfioOps};
+use vfio_bindings::bindings::vfio::{
+    VFIO_API_VERSION, VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE,
+};
 
 use super::dma::{Acquire, IovaRanges, Release, SharedMaps};
-use super::{layout, sys, vfio_io, VfioError};
+use super::group::Group;
+use super::{layout, sys, VfioError};
 use crate::pci::PciError;
 use crate::types::Iova;
 
@@ -48,7 +57,9 @@ pub struct SharedContainer {
 }
 
 struct Inner {
-    container: Arc<VfioContainer>,
+    file: File,
+    /// Whether the container was handed in (for logs).
+    handed_in: bool,
     state: Mutex<State>,
 }
 
@@ -59,8 +70,9 @@ struct State {
     /// Whether `iova` came from the kernel (not the fallback).
     reported: bool,
     maps: SharedMaps,
-    /// The IOMMU groups attached, one function each.
-    groups: std::collections::BTreeSet<u32>,
+    /// The IOMMU groups attached (by the device number of their node), one
+    /// function each, with the group's name for messages.
+    groups: BTreeMap<u64, String>,
 }
 
 /// What a [`SharedContainer`] holds now.
@@ -77,7 +89,8 @@ pub struct ContainerStats {
 impl std::fmt::Debug for SharedContainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedContainer")
-            .field("fd", &self.inner.container.as_raw_fd())
+            .field("fd", &self.inner.file.as_raw_fd())
+            .field("handed_in", &self.inner.handed_in)
             .field("stats", &self.stats())
             .finish()
     }
@@ -92,10 +105,32 @@ impl PartialEq for SharedContainer {
 
 impl Eq for SharedContainer {}
 
-fn dma_err(op: &'static str) -> impl FnOnce(vfio_ioctls::VfioError) -> PciError {
-    move |e| PciError::Io {
-        op,
-        source: vfio_io(e),
+fn dma_err(op: &'static str) -> impl FnOnce(io::Error) -> PciError {
+    move |source| PciError::Io { op, source }
+}
+
+/// A group attached to a container, for as long as a function of it is
+/// open: dropping it (after the function's device fd is closed) takes the
+/// group out of the container again, so a group fd that was handed in can
+/// be used again (a reboot of the VM reopens its devices).
+pub(crate) struct Membership {
+    group: Group,
+    container: SharedContainer,
+}
+
+impl Membership {
+    pub(crate) fn group(&self) -> &Group {
+        &self.group
+    }
+
+    pub(crate) fn container(&self) -> &SharedContainer {
+        &self.container
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.container.detach(&self.group);
     }
 }
 
@@ -107,16 +142,54 @@ impl SharedContainer {
     /// [`VfioError::Container`] when the node cannot be opened or lacks
     /// type1v2.
     pub fn new() -> Result<Self, VfioError> {
-        let container =
-            VfioContainer::new(None).map_err(|source| VfioError::Container { source })?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/vfio/vfio")
+            .map_err(|source| VfioError::Container {
+                what: "cannot open /dev/vfio/vfio",
+                source,
+            })?;
+        Self::with_file(file, false)
+    }
+
+    /// A container an orchestrator opened (`/dev/vfio/vfio`) and handed
+    /// in, with no group attached yet; the container takes `fd` (pass a
+    /// duplicate to keep the original).
+    ///
+    /// # Errors
+    ///
+    /// [`VfioError::Container`] when `fd` is not a VFIO container of this
+    /// API version or cannot be type1v2.
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, VfioError> {
+        Self::with_file(File::from(fd), true)
+    }
+
+    fn with_file(file: File, handed_in: bool) -> Result<Self, VfioError> {
+        let err = |what| move |source| VfioError::Container { what, source };
+        let version =
+            sys::api_version(&file).map_err(err("VFIO_GET_API_VERSION (not a VFIO container?)"))?;
+        if version != VFIO_API_VERSION {
+            return Err(VfioError::Container {
+                what: "unknown VFIO API version",
+                source: io::Error::other(format!("version {version}")),
+            });
+        }
+        if !sys::has_type1v2(&file).map_err(err("VFIO_CHECK_EXTENSION"))? {
+            return Err(VfioError::Container {
+                what: "no type1v2 IOMMU",
+                source: io::Error::from_raw_os_error(libc::ENODEV),
+            });
+        }
         Ok(SharedContainer {
             inner: Arc::new(Inner {
-                container: Arc::new(container),
+                file,
+                handed_in,
                 state: Mutex::new(State {
                     iova: IovaRanges::new(Vec::new()),
                     reported: false,
                     maps: SharedMaps::default(),
-                    groups: std::collections::BTreeSet::new(),
+                    groups: BTreeMap::new(),
                 }),
             }),
         })
@@ -129,21 +202,62 @@ impl SharedContainer {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The container as vfio-ioctls' device constructor takes it.
-    pub(crate) fn ops(&self) -> Arc<dyn VfioOps> {
-        self.inner.container.clone()
+    /// Attach `group` for the function `bdf` about to be opened: refused
+    /// when a function of it is open in the container already
+    /// ([`VfioError::GroupBusy`]), when it is not viable (a device of it is
+    /// bound to another driver), or when it comes attached to a container
+    /// already. The first group sets the container's IOMMU up.
+    pub(crate) fn attach(&self, group: Group, bdf: &str) -> Result<Membership, VfioError> {
+        let mut st = self.state();
+        if st.groups.contains_key(&group.key()) {
+            return Err(VfioError::GroupBusy {
+                bdf: bdf.to_owned(),
+                group: group.name().to_owned(),
+            });
+        }
+        let gerr = |source| VfioError::Group {
+            group: group.name().to_owned(),
+            source,
+        };
+        let status = sys::group_status(group.file()).map_err(gerr)?;
+        if status & VFIO_GROUP_FLAGS_VIABLE == 0 {
+            return Err(VfioError::GroupNotViable {
+                group: group.name().to_owned(),
+            });
+        }
+        if status & VFIO_GROUP_FLAGS_CONTAINER_SET != 0 {
+            return Err(VfioError::GroupAttached {
+                group: group.name().to_owned(),
+            });
+        }
+        sys::group_set_container(group.file(), &self.inner.file).map_err(gerr)?;
+        if st.groups.is_empty() {
+            if let Err(source) = sys::set_iommu_type1v2(&self.inner.file) {
+                let _ = sys::group_unset_container(group.file());
+                return Err(VfioError::Container {
+                    what: "VFIO_SET_IOMMU (a container handed in must have no group yet)",
+                    source,
+                });
+            }
+        }
+        st.groups.insert(group.key(), group.name().to_owned());
+        drop(st);
+        self.read_iova(bdf);
+        Ok(Membership {
+            group,
+            container: self.clone(),
+        })
     }
 
-    /// Reserve `group` for a function about to be opened: `false` when a
-    /// function of it is open in the container already.
-    pub(crate) fn reserve(&self, group: u32) -> bool {
-        self.state().groups.insert(group)
+    /// Whether a group of that name (its number) is attached.
+    pub(crate) fn has_group_named(&self, name: &str) -> bool {
+        self.state().groups.values().any(|n| n == name)
     }
 
-    /// A function's group was attached: read the usable IOVA ranges again
-    /// (the new group may have narrowed them).
-    pub(crate) fn attached(&self, bdf: &str) {
-        let reported = match sys::iommu_info(&*self.inner.container) {
+    /// A group was attached: read the usable IOVA ranges again (the new
+    /// group may have narrowed them).
+    fn read_iova(&self, bdf: &str) {
+        let reported = match sys::iommu_info(&self.inner.file) {
             Ok(bytes) => layout::parse_iova_ranges(&bytes),
             Err(e) => {
                 log::warn!("{bdf}: VFIO_IOMMU_GET_INFO failed: {e}");
@@ -165,12 +279,19 @@ impl SharedContainer {
         }
     }
 
-    /// The function of `group` was closed (or its open failed): the group
-    /// is free again. With the last group gone the kernel has dropped
-    /// every mapping, so the counts go too.
-    pub(crate) fn detached(&self, group: u32) {
+    /// The function of `group` was closed (its device fd first): take the
+    /// group out. With the last group gone the kernel has dropped every
+    /// mapping, so the counts go too.
+    fn detach(&self, group: &Group) {
         let mut st = self.state();
-        st.groups.remove(&group);
+        if let Err(e) = sys::group_unset_container(group.file()) {
+            log::warn!(
+                "VFIO group {}: VFIO_GROUP_UNSET_CONTAINER failed: {e}; it leaves the container \
+                 when its last descriptor is closed",
+                group.name()
+            );
+        }
+        st.groups.remove(&group.key());
         if st.groups.is_empty() {
             let (n, bytes) = st.maps.totals();
             if n > 0 {
@@ -199,8 +320,6 @@ impl SharedContainer {
     /// [`crate::PciFunction::dma_map`]'s contract, until the matching
     /// [`Self::unmap`].
     pub(crate) unsafe fn map(&self, iova: u64, size: u64, host: usize) -> Result<(), PciError> {
-        let range = PciError::DmaRange { iova, size };
-        let len = usize::try_from(size).map_err(|_| range)?;
         let mut st = self.state();
         let st = &mut *st;
         match st.maps.acquire(&st.iova, iova, size, host) {
@@ -208,12 +327,8 @@ impl SharedContainer {
             Acquire::Refused => Err(PciError::DmaRange { iova, size }),
             Acquire::New => {
                 // SAFETY: the caller upholds the mapping contract.
-                unsafe {
-                    self.inner
-                        .container
-                        .vfio_dma_map(iova, len, host as *mut u8)
-                }
-                .map_err(dma_err("VFIO_IOMMU_MAP_DMA"))?;
+                unsafe { sys::map_dma(&self.inner.file, iova, size, host as u64) }
+                    .map_err(dma_err("VFIO_IOMMU_MAP_DMA"))?;
                 st.maps.insert(iova, size, host);
                 Ok(())
             }
@@ -239,15 +354,10 @@ impl SharedContainer {
             .maps
             .highest_free(&st.iova, size, align, floor)
             .ok_or(PciError::DmaRange { iova: floor, size })?;
-        let len = usize::try_from(size).map_err(|_| PciError::DmaRange { iova, size })?;
         // SAFETY: the caller upholds the mapping contract; the window is
         // free (checked under the same lock).
-        unsafe {
-            self.inner
-                .container
-                .vfio_dma_map(iova, len, host as *mut u8)
-        }
-        .map_err(dma_err("VFIO_IOMMU_MAP_DMA"))?;
+        unsafe { sys::map_dma(&self.inner.file, iova, size, host as u64) }
+            .map_err(dma_err("VFIO_IOMMU_MAP_DMA"))?;
         st.maps.insert(iova, size, host);
         Ok(Iova(iova))
     }
@@ -260,10 +370,7 @@ impl SharedContainer {
             Release::Shared => Ok(()),
             Release::Unknown => Err(PciError::DmaRange { iova, size }),
             Release::Last => {
-                let len = usize::try_from(size).map_err(|_| PciError::DmaRange { iova, size })?;
-                self.inner
-                    .container
-                    .vfio_dma_unmap(iova, len)
+                sys::unmap_dma(&self.inner.file, iova, size)
                     .map_err(dma_err("VFIO_IOMMU_UNMAP_DMA"))?;
                 st.maps.remove(iova);
                 Ok(())

@@ -2,11 +2,11 @@
 //! functions, unit-tested without `/dev/vfio`.
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_ioeventfd, vfio_iommu_type1_info, vfio_irq_set, VFIO_DEVICE_IOEVENTFD_16,
-    VFIO_DEVICE_IOEVENTFD_32, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
-    VFIO_REGION_INFO_FLAG_MMAP,
+    vfio_device_ioeventfd, vfio_iommu_type1_info, vfio_irq_set, vfio_region_info,
+    VFIO_DEVICE_IOEVENTFD_16, VFIO_DEVICE_IOEVENTFD_32, VFIO_IOMMU_INFO_CAPS,
+    VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, VFIO_REGION_INFO_CAP_SPARSE_MMAP,
+    VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
 };
-use vfio_ioctls::VfioRegionInfoCap;
 
 use crate::pci::{BarKind, IoWidth, PciError};
 use crate::types::IovaRange;
@@ -16,6 +16,7 @@ const _: () = assert!(size_of::<vfio_irq_set>() == 20);
 const _: () = assert!(std::mem::offset_of!(vfio_irq_set, data) == 20);
 const _: () = assert!(align_of::<vfio_irq_set>() == 4);
 const _: () = assert!(size_of::<vfio_iommu_type1_info>() == 24);
+const _: () = assert!(size_of::<vfio_region_info>() == 32);
 
 /// Most capability hops followed in a kernel info chain.
 const MAX_CAP_HOPS: usize = 64;
@@ -98,45 +99,98 @@ pub fn io_width_bytes(width: IoWidth) -> u64 {
     }
 }
 
+/// What `VFIO_DEVICE_GET_REGION_INFO` says of a region.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// `VFIO_REGION_INFO_FLAG_*`.
+    pub flags: u32,
+    /// Size in bytes (0: the region does not exist).
+    pub size: u64,
+    /// Where the region starts on the device fd.
+    pub offset: u64,
+    /// The sparse-mmap capability's areas as `(offset, size)`, when the
+    /// reply has one (an empty list then maps nothing); `None` without.
+    pub sparse: Option<Vec<(u64, u64)>>,
+}
+
+/// Parse a `VFIO_DEVICE_GET_REGION_INFO` reply (a `vfio_region_info`
+/// then its capability chain). `None` when it is shorter than the header.
+/// A sparse-mmap capability that is truncated, or a chain that loops or
+/// points outside the reply, gives `sparse: Some(vec![])`: mapping nothing
+/// is always safe (every access then takes the slow path), mapping the
+/// whole region might expose what the kernel meant to hide.
+pub fn region_info(reply: &[u8]) -> Option<RegionInfo> {
+    let header = size_of::<vfio_region_info>();
+    let flags = u32_at(reply, 4)?;
+    let mut info = RegionInfo {
+        flags,
+        size: u64_at(reply, 16)?,
+        offset: u64_at(reply, 24)?,
+        sparse: None,
+    };
+    if flags & VFIO_REGION_INFO_FLAG_CAPS == 0 {
+        return Some(info);
+    }
+    let mut off = u32_at(reply, 12)? as usize;
+    for _ in 0..MAX_CAP_HOPS {
+        if off == 0 {
+            return Some(info);
+        }
+        let Some((id, next)) = (off >= header)
+            .then(|| Some((u16_at(reply, off)?, u32_at(reply, off + 4)? as usize)))
+            .flatten()
+        else {
+            info.sparse = Some(Vec::new());
+            return Some(info);
+        };
+        if u32::from(id) == VFIO_REGION_INFO_CAP_SPARSE_MMAP {
+            // header (8), nr_areas (4), reserved (4), then {offset, size} u64 pairs.
+            let areas = u32_at(reply, off + 8).and_then(|n| {
+                (0..n as usize)
+                    .map(|i| {
+                        let at = off.checked_add(16)?.checked_add(i.checked_mul(16)?)?;
+                        Some((u64_at(reply, at)?, u64_at(reply, at + 8)?))
+                    })
+                    .collect::<Option<Vec<_>>>()
+            });
+            info.sparse = Some(areas.unwrap_or_default());
+            return Some(info);
+        }
+        off = next;
+    }
+    info.sparse = Some(Vec::new());
+    Some(info)
+}
+
 /// The parts of a BAR region that may be mmap-ed, as `(offset, len)` in
-/// the BAR. Without the MMAP flag none; with a sparse-mmap capability its
-/// areas (the kernel leaves the MSI-X table out of them), kept only when
-/// page-aligned, non-empty and inside the region; otherwise the whole
-/// region (page-aligned size only).
+/// the BAR. Without the MMAP flag none; with a sparse-mmap capability
+/// (`sparse`) its areas (the kernel leaves the MSI-X table out of them),
+/// kept only when page-aligned, non-empty and inside the region; otherwise
+/// the whole region (page-aligned size only).
 pub fn mmap_areas(
     region_size: u64,
     flags: u32,
-    caps: &[VfioRegionInfoCap],
+    sparse: Option<&[(u64, u64)]>,
     page_size: u64,
 ) -> Vec<(u64, u64)> {
     if flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || region_size == 0 {
         return Vec::new();
     }
     let aligned = |v: u64| page_size != 0 && v.is_multiple_of(page_size);
-    let sparse = caps.iter().find_map(|c| match c {
-        VfioRegionInfoCap::SparseMmap(s) => Some(s),
-        _ => None,
-    });
     match sparse {
-        Some(s) => s
-            .areas
+        Some(areas) => areas
             .iter()
-            .filter(|a| {
-                let fits = a
-                    .offset
-                    .checked_add(a.size)
-                    .is_some_and(|e| e <= region_size);
-                let ok = a.size != 0 && fits && aligned(a.offset);
+            .filter(|&&(offset, size)| {
+                let fits = offset.checked_add(size).is_some_and(|e| e <= region_size);
+                let ok = size != 0 && fits && aligned(offset);
                 if !ok {
                     log::warn!(
-                        "ignoring sparse mmap area {:#x}+{:#x} of a {region_size:#x} region",
-                        a.offset,
-                        a.size
+                        "ignoring sparse mmap area {offset:#x}+{size:#x} of a {region_size:#x} region"
                     );
                 }
                 ok
             })
-            .map(|a| (a.offset, a.size))
+            .copied()
             .collect(),
         // The kernel rounds BAR regions up to a page for mmap; a smaller
         // region goes through the slow path.
@@ -213,18 +267,12 @@ mod tests {
     use vfio_bindings::bindings::vfio::{
         VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX,
     };
-    use vfio_ioctls::{VfioRegionInfoCapSparseMmap, VfioRegionSparseMmapArea};
 
     const PAGE: u64 = 4096;
     const MMAP: u32 = VFIO_REGION_INFO_FLAG_MMAP;
 
-    fn sparse(areas: &[(u64, u64)]) -> Vec<VfioRegionInfoCap> {
-        vec![VfioRegionInfoCap::SparseMmap(VfioRegionInfoCapSparseMmap {
-            areas: areas
-                .iter()
-                .map(|&(offset, size)| VfioRegionSparseMmapArea { offset, size })
-                .collect(),
-        })]
+    fn sparse(areas: &[(u64, u64)]) -> Option<&[(u64, u64)]> {
+        Some(areas)
     }
 
     #[test]
@@ -260,14 +308,14 @@ mod tests {
 
     #[test]
     fn whole_region_is_mapped_without_sparse_cap() {
-        assert_eq!(mmap_areas(0x4000, MMAP, &[], PAGE), vec![(0, 0x4000)]);
+        assert_eq!(mmap_areas(0x4000, MMAP, None, PAGE), vec![(0, 0x4000)]);
     }
 
     #[test]
     fn nothing_is_mapped_without_mmap_flag_or_for_sub_page_regions() {
-        assert!(mmap_areas(0x4000, 0, &[], PAGE).is_empty());
-        assert!(mmap_areas(0x100, MMAP, &[], PAGE).is_empty());
-        assert!(mmap_areas(0, MMAP, &[], PAGE).is_empty());
+        assert!(mmap_areas(0x4000, 0, None, PAGE).is_empty());
+        assert!(mmap_areas(0x100, MMAP, None, PAGE).is_empty());
+        assert!(mmap_areas(0, MMAP, None, PAGE).is_empty());
     }
 
     #[test]
@@ -275,7 +323,7 @@ mod tests {
         // A 16 KiB BAR whose MSI-X table sits in its second page.
         let caps = sparse(&[(0, 0x1000), (0x2000, 0x2000)]);
 
-        let areas = mmap_areas(0x4000, MMAP, &caps, PAGE);
+        let areas = mmap_areas(0x4000, MMAP, caps, PAGE);
 
         assert_eq!(areas, vec![(0, 0x1000), (0x2000, 0x2000)]);
     }
@@ -290,14 +338,14 @@ mod tests {
             (0x1000, 0x1000),
         ]);
 
-        let areas = mmap_areas(0x4000, MMAP, &caps, PAGE);
+        let areas = mmap_areas(0x4000, MMAP, caps, PAGE);
 
         assert_eq!(areas, vec![(0x1000, 0x1000)]);
     }
 
     #[test]
     fn empty_sparse_cap_maps_nothing() {
-        assert!(mmap_areas(0x4000, MMAP, &sparse(&[]), PAGE).is_empty());
+        assert!(mmap_areas(0x4000, MMAP, sparse(&[]), PAGE).is_empty());
     }
 
     #[test]
@@ -431,5 +479,98 @@ mod tests {
         assert_eq!(parse_iova_ranges(&truncated), None);
         assert_eq!(parse_iova_ranges(&looping), None);
         assert_eq!(parse_iova_ranges(&[]), None);
+    }
+
+    /// A region info reply: header, then the given chain (`cap_offset` 32).
+    fn region_reply(flags: u32, size: u64, offset: u64, caps: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut b = vec![0u8; 32];
+        let caps_flag = if caps.is_empty() {
+            0
+        } else {
+            VFIO_REGION_INFO_FLAG_CAPS
+        };
+        b[4..8].copy_from_slice(&(flags | caps_flag).to_ne_bytes());
+        b[12..16].copy_from_slice(&(if caps.is_empty() { 0u32 } else { 32 }).to_ne_bytes());
+        b[16..24].copy_from_slice(&size.to_ne_bytes());
+        b[24..32].copy_from_slice(&offset.to_ne_bytes());
+        for (i, (id, body)) in caps.iter().enumerate() {
+            let start = b.len();
+            let next = if i + 1 < caps.len() {
+                start + 8 + body.len()
+            } else {
+                0
+            };
+            b.extend_from_slice(&id.to_ne_bytes());
+            b.extend_from_slice(&1u16.to_ne_bytes());
+            b.extend_from_slice(&(next as u32).to_ne_bytes());
+            b.extend_from_slice(body);
+        }
+        let argsz = b.len() as u32;
+        b[0..4].copy_from_slice(&argsz.to_ne_bytes());
+        b
+    }
+
+    fn sparse_cap(areas: &[(u64, u64)]) -> (u16, Vec<u8>) {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(areas.len() as u32).to_ne_bytes());
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        for (o, s) in areas {
+            body.extend_from_slice(&o.to_ne_bytes());
+            body.extend_from_slice(&s.to_ne_bytes());
+        }
+        (VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16, body)
+    }
+
+    #[test]
+    fn region_info_without_caps_gives_flags_size_and_offset() {
+        let reply = region_reply(MMAP | 3, 0x4000, 0x1_0000_0000, &[]);
+
+        let info = region_info(&reply).unwrap();
+
+        assert_eq!(info.flags, MMAP | 3);
+        assert_eq!(info.size, 0x4000);
+        assert_eq!(info.offset, 0x1_0000_0000);
+        assert_eq!(info.sparse, None);
+        assert_eq!(region_info(&reply[..31]), None);
+    }
+
+    #[test]
+    fn region_info_finds_sparse_areas_after_another_capability() {
+        // The MSI-X table at 0x1000..0x2000 is left out, as vfio-pci does.
+        let reply = region_reply(
+            MMAP,
+            0x4000,
+            0,
+            &[
+                (2, vec![0u8; 8]),
+                sparse_cap(&[(0, 0x1000), (0x2000, 0x2000)]),
+            ],
+        );
+
+        let info = region_info(&reply).unwrap();
+
+        assert_eq!(info.sparse, Some(vec![(0, 0x1000), (0x2000, 0x2000)]));
+        assert_eq!(
+            mmap_areas(info.size, info.flags, info.sparse.as_deref(), PAGE),
+            vec![(0, 0x1000), (0x2000, 0x2000)]
+        );
+    }
+
+    #[test]
+    fn a_broken_capability_chain_maps_nothing_rather_than_everything() {
+        let mut truncated = region_reply(MMAP, 0x4000, 0, &[sparse_cap(&[(0, 0x1000)])]);
+        truncated.truncate(truncated.len() - 4);
+        let mut looping = region_reply(MMAP, 0x4000, 0, &[(2, vec![0u8; 8])]);
+        looping[36..40].copy_from_slice(&32u32.to_ne_bytes());
+        let mut inside_header = region_reply(MMAP, 0x4000, 0, &[(2, vec![0u8; 8])]);
+        inside_header[12..16].copy_from_slice(&8u32.to_ne_bytes());
+        let mut past_end = region_reply(MMAP, 0x4000, 0, &[(2, vec![0u8; 8])]);
+        past_end[12..16].copy_from_slice(&4096u32.to_ne_bytes());
+
+        for reply in [truncated, looping, inside_header, past_end] {
+            let info = region_info(&reply).unwrap();
+            assert_eq!(info.sparse, Some(vec![]));
+            assert!(mmap_areas(info.size, info.flags, info.sparse.as_deref(), PAGE).is_empty());
+        }
     }
 }

@@ -2,8 +2,12 @@
 //! [`PciFunction`].
 //!
 //! [`VfioFunction::open`] resolves the device in sysfs, checks that it has
-//! an IOMMU group and is bound to vfio-pci, then opens a type1v2 container,
-//! the group and the device through vfio-ioctls. vfio-pci resets the
+//! an IOMMU group and is bound to vfio-pci, then opens a type1v2 container
+//! (`/dev/vfio/vfio`), the group (`/dev/vfio/N`) and the device (from the
+//! group). [`VfioFunction::open_handed`] does the same from a group
+//! descriptor (and maybe a container) an orchestrator opened and handed
+//! in, so that an unprivileged VMM opens nothing under `/dev/vfio` and
+//! reads no sysfs; `sys.rs` says why that is not vfio-ioctls. vfio-pci resets the
 //! function when it is opened (`vfio_pci_core_enable`; whether that reset
 //! worked is what `VFIO_DEVICE_FLAGS_RESET` reports), so the bridge does
 //! not reset it again unless asked to ([`VfioOptions::reset_on_open`]: a
@@ -31,6 +35,7 @@
 
 mod container;
 mod dma;
+mod group;
 mod layout;
 mod sys;
 
@@ -44,13 +49,13 @@ pub mod testing {
     pub use super::dma::{Acquire, DmaTracker, IovaRanges, Release, SharedMaps};
     pub use super::layout::{
         bar_kind, io_width_bytes, ioeventfd_arg, irq_set_words, mmap_areas, msix_request,
-        parse_iova_ranges, window_pos,
+        parse_iova_ranges, region_info, window_pos, RegionInfo,
     };
 }
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -61,7 +66,6 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX, VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vfio_ioctls::VfioDevice;
 use vm_memory::mmap::MmapRegion;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -70,8 +74,11 @@ use crate::pci::{
 };
 use crate::sysfs::{self, SysfsError, VFIO_PCI};
 use crate::types::{Iova, IovaRange};
+use container::Membership;
 pub use container::{ContainerStats, SharedContainer};
 use dma::DmaTracker;
+use group::Group;
+use layout::RegionInfo;
 
 /// Size of PCI Express extended config space.
 const CONFIG_SPACE_MAX: u64 = 4096;
@@ -137,32 +144,48 @@ pub enum VfioError {
         #[source]
         source: io::Error,
     },
-    /// `/dev/vfio/vfio` could not be opened or lacks type1v2.
-    #[error("cannot open a VFIO type1v2 container")]
+    /// The container (`/dev/vfio/vfio`, or the descriptor handed in)
+    /// cannot be used as a type1v2 container.
+    #[error("VFIO container: {what}")]
     Container {
+        /// What failed.
+        what: &'static str,
         /// The cause.
         #[source]
-        source: vfio_ioctls::VfioError,
+        source: io::Error,
     },
     /// The IOMMU group could not be opened or attached to the container.
-    #[error(
-        "cannot attach IOMMU group {group} (every device of the group must be bound to vfio-pci, and /dev/vfio/{group} accessible)"
-    )]
+    #[error("cannot open or attach VFIO group {group} (/dev/vfio/<group> must be accessible, or its descriptor handed in)")]
     Group {
-        /// The group number.
-        group: u32,
+        /// The group number, or the descriptor it was handed in as.
+        group: String,
         /// The cause.
         #[source]
-        source: vfio_ioctls::VfioError,
+        source: io::Error,
     },
-    /// The device fd could not be obtained or described.
-    #[error("cannot open VFIO device {bdf}")]
+    /// A device of the group is bound to a driver other than vfio-pci (or
+    /// pci-stub), so the group cannot be used.
+    #[error("VFIO group {group} is not viable: every device of the group must be bound to vfio-pci or to no driver")]
+    GroupNotViable {
+        /// The group number, or the descriptor it was handed in as.
+        group: String,
+    },
+    /// A group handed in is attached to a container already.
+    #[error("VFIO group {group} is attached to a container already; hand the group in unattached (the VMM attaches it to the VM's container)")]
+    GroupAttached {
+        /// The descriptor it was handed in as.
+        group: String,
+    },
+    /// The device fd could not be obtained from its group.
+    #[error(
+        "cannot get VFIO device {bdf} from its group (is it in that group, and bound to vfio-pci?)"
+    )]
     Device {
         /// PCI address.
         bdf: String,
         /// The cause.
         #[source]
-        source: vfio_ioctls::VfioError,
+        source: io::Error,
     },
     /// The VFIO device is not a PCI device.
     #[error("VFIO device {bdf} is not a PCI device")]
@@ -184,8 +207,8 @@ pub enum VfioError {
     GroupBusy {
         /// PCI address.
         bdf: String,
-        /// Group number.
-        group: u32,
+        /// The group number, or the descriptor it was handed in as.
+        group: String,
     },
     /// An ioctl or system call during open failed.
     #[error("{op} failed")]
@@ -274,34 +297,17 @@ pub struct VfioFunction {
     ioevents: Mutex<Vec<IoeventKey>>,
     /// The mappings this function holds in its container.
     dma: Mutex<DmaTracker>,
-    // Drop order matters: BAR mappings, then the duplicated device fd, then
-    // the device (closing its fd before it detaches the group), then this
-    // function's clone of the container (closed with its last clone).
+    // Drop order matters: BAR mappings, then the device fd, then the
+    // group's membership of the container (the kernel refuses to take a
+    // group out while a device fd of it is open), whose container clone
+    // goes last.
     mmaps: Vec<MmapRegion<()>>,
     /// Signalled by vfio-pci when the host wants the function back (its
     /// request interrupt); `None` when the kernel has none for it.
     removal: Option<EventFd>,
+    /// The device fd: ioctls, and `pread`/`pwrite` of what is not mapped.
     file: File,
-    device: sys::Device,
-    /// Its IOMMU group, reserved in the container while it is open.
-    group: u32,
-    container: SharedContainer,
-}
-
-/// A group reserved in a container for a function being opened; given
-/// back on drop while armed.
-struct Reservation<'a> {
-    container: &'a SharedContainer,
-    group: u32,
-    armed: bool,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.container.detached(self.group);
-        }
-    }
+    membership: Membership,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -310,29 +316,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> PciError {
     move |source| PciError::Io { op, source }
-}
-
-/// An io::Error for a vfio-ioctls error, keeping the errno where it has one.
-fn vfio_io(e: vfio_ioctls::VfioError) -> io::Error {
-    use vfio_ioctls::VfioError as E;
-    match &e {
-        E::IommuDmaMap(s) | E::IommuDmaUnmap(s) => io::Error::from_raw_os_error(s.errno()),
-        _ => io::Error::other(e),
-    }
-}
-
-/// Whether a vfio-ioctls error of `VfioDevice::new` concerns the group.
-fn is_group_error(e: &vfio_ioctls::VfioError) -> bool {
-    use vfio_ioctls::VfioError as E;
-    matches!(
-        e,
-        E::OpenGroup(..)
-            | E::GetGroupStatus
-            | E::GroupViable
-            | E::GroupSetContainer
-            | E::ContainerSetIOMMU(_)
-            | E::InvalidPath
-    )
 }
 
 impl VfioFunction {
@@ -373,6 +356,36 @@ impl VfioFunction {
         Self::open_into(device, Some(container), opts)
     }
 
+    /// Open the function `bdf` (a PCI address) from a VFIO group
+    /// descriptor that an orchestrator opened and handed in, into
+    /// `container` (the VM's, or one of the function's own; it may itself
+    /// have been handed in, [`SharedContainer::from_fd`]). Nothing is
+    /// opened under `/dev/vfio` and sysfs is not read: the group's
+    /// viability comes from the kernel, and whether the function is alone
+    /// in its group is the orchestrator's to ensure (with the group's
+    /// descriptor in this process only, no one else can open the group's
+    /// other devices). The function takes `group` (pass a duplicate to
+    /// keep the original: it can be used again once the function is
+    /// closed).
+    ///
+    /// # Errors
+    ///
+    /// [`VfioError::BadAddress`] for a malformed address, then group,
+    /// device and region errors from VFIO ([`VfioError::GroupAttached`]
+    /// when the group comes attached to a container already).
+    pub fn open_handed(
+        bdf: &str,
+        group: OwnedFd,
+        container: &SharedContainer,
+        opts: &VfioOptions,
+    ) -> Result<VfioFunction, VfioError> {
+        let bdf = crate::device_path::parse_pci_address(bdf)
+            .ok_or_else(|| VfioError::BadAddress(bdf.to_owned()))?;
+        let group = Group::adopt(group)?;
+        let membership = container.attach(group, &bdf)?;
+        Self::open_member(bdf, membership, opts)
+    }
+
     /// The sysfs checks, then the container (`None`: a new one of the
     /// function's own), group and device.
     fn open_into(
@@ -398,43 +411,45 @@ impl VfioFunction {
             Some(c) => c.clone(),
             None => SharedContainer::new()?,
         };
-        if !container.reserve(group) {
-            return Err(VfioError::GroupBusy { bdf, group });
-        }
-        // Gives the group back if the open fails before `f` exists (whose
-        // Drop does it afterwards).
-        let mut reservation = Reservation {
-            container: &container,
-            group,
-            armed: true,
-        };
-        let vdev = VfioDevice::new(&dev_path, container.ops()).map_err(|source| {
-            if is_group_error(&source) {
-                VfioError::Group { group, source }
-            } else {
-                VfioError::Device {
+        // The kernel lets a group be opened once, so a group open in this
+        // container already (the same device named twice) fails here with
+        // EBUSY: say so as the container would.
+        let group = Group::open(group).map_err(|e| match e {
+            VfioError::Group { group: g, source }
+                if source.raw_os_error() == Some(libc::EBUSY) && container.has_group_named(&g) =>
+            {
+                VfioError::GroupBusy {
                     bdf: bdf.clone(),
-                    source,
+                    group: g,
                 }
             }
+            e => e,
         })?;
+        let membership = container.attach(group, &bdf)?;
+        Self::open_member(bdf, membership, opts)
+    }
+
+    /// Get the device fd of `bdf` from its attached group and set the
+    /// function up: config region, BARs, the removal request.
+    fn open_member(
+        bdf: String,
+        membership: Membership,
+        opts: &VfioOptions,
+    ) -> Result<VfioFunction, VfioError> {
+        let file = membership.group().device(&bdf)?;
         let ioctl_err = |op| move |source| VfioError::Ioctl { op, source };
-        let info = sys::device_info(&vdev).map_err(ioctl_err("VFIO_DEVICE_GET_INFO"))?;
+        let info = sys::device_info(&file).map_err(ioctl_err("VFIO_DEVICE_GET_INFO"))?;
         if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
             return Err(VfioError::NotPci { bdf });
         }
-        let file = crate::host::dup_file(&vdev).map_err(ioctl_err("dup of the device fd"))?;
-
-        // vfio-ioctls lists regions by position from index 0, skipping only
-        // ones whose info fails; vfio-pci answers for BARs, ROM and config,
-        // so positions 0..=7 are the region indices. Checked here for config.
         let ci = VFIO_PCI_CONFIG_REGION_INDEX;
+        let cinfo = Self::region(&file, ci)?;
         let config = Region {
-            offset: vdev.get_region_offset(ci),
-            size: vdev.get_region_size(ci),
+            offset: cinfo.offset,
+            size: cinfo.size,
         };
         let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
-        if !(64..=CONFIG_SPACE_MAX).contains(&config.size) || vdev.get_region_flags(ci) & rw != rw {
+        if !(64..=CONFIG_SPACE_MAX).contains(&config.size) || cinfo.flags & rw != rw {
             return Err(VfioError::Region {
                 index: ci,
                 reason: "config region is not 64..=4096 bytes and read-write",
@@ -442,9 +457,7 @@ impl VfioFunction {
         }
 
         let mut f = VfioFunction {
-            msix_count: vdev
-                .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
-                .map_or(0, |i| i.count),
+            msix_count: sys::irq_count(&file, VFIO_PCI_MSIX_IRQ_INDEX).unwrap_or(0),
             bdf,
             bars: Default::default(),
             config,
@@ -456,28 +469,25 @@ impl VfioFunction {
             mmaps: Vec::new(),
             removal: None,
             file,
-            device: sys::Device::new(vdev),
-            group,
-            container: container.clone(),
+            membership,
         };
-        reservation.armed = false;
-        f.container.attached(&f.bdf);
         // From here on, failures drop `f`, whose Drop undoes what was done.
         // vfio-pci's own reset at open is what the flag reports.
         f.reset_on_open = f.reset_supported;
         if opts.reset_on_open && f.reset_supported {
-            if let Err(e) = sys::device_reset(&f.device) {
+            if let Err(e) = sys::device_reset(&f.file) {
                 log::warn!("{}: the second reset on open failed: {e}", f.bdf);
             }
         }
         f.enable_decoding().map_err(VfioError::Command)?;
         f.setup_bars()?;
         f.removal = f.register_removal_request();
-        let env = f.container.iova().envelope();
-        let stats = f.container.stats();
+        let env = f.container().iova().envelope();
+        let stats = f.container().stats();
         log::info!(
-            "{}: opened (reset {}, {} MSI-X vectors, IOVA {:#x}..={:#x}, container of {} function(s))",
+            "{}: opened (group {}, reset {}, {} MSI-X vectors, IOVA {:#x}..={:#x}, container of {} function(s))",
             f.bdf,
+            f.membership.group().name(),
             if f.reset_on_open {
                 "done by vfio-pci"
             } else {
@@ -489,6 +499,18 @@ impl VfioFunction {
             stats.members
         );
         Ok(f)
+    }
+
+    /// `VFIO_DEVICE_GET_REGION_INFO` of `index`, parsed.
+    fn region(file: &File, index: u32) -> Result<RegionInfo, VfioError> {
+        let reply = sys::region_info(file, index).map_err(|source| VfioError::Ioctl {
+            op: "VFIO_DEVICE_GET_REGION_INFO",
+            source,
+        })?;
+        layout::region_info(&reply).ok_or(VfioError::Region {
+            index,
+            reason: "the kernel's region info is shorter than its header",
+        })
     }
 
     /// The canonical PCI address.
@@ -514,7 +536,7 @@ impl VfioFunction {
 
     /// The container the function was opened into.
     pub fn container(&self) -> &SharedContainer {
-        &self.container
+        self.membership.container()
     }
 
     /// Set memory-space decoding and bus mastering in PCI_COMMAND.
@@ -532,21 +554,26 @@ impl VfioFunction {
         let page = crate::host::page_size();
         for i in 0..NUM_BARS {
             let idx = u32::from(i);
-            let size = self.device.get_region_size(idx);
+            let info = match Self::region(&self.file, idx) {
+                Ok(info) => info,
+                Err(e) => {
+                    log::warn!("{}: BAR {i} left out: {e}", self.bdf);
+                    continue;
+                }
+            };
+            let size = info.size;
             if size == 0 {
                 continue;
             }
             let region = Region {
-                offset: self.device.get_region_offset(idx),
+                offset: info.offset,
                 size,
             };
             let reg = self
                 .config_read_u32(cfg::BAR0 + 4 * u64::from(i))
                 .map_err(VfioError::Command)?;
-            let flags = self.device.get_region_flags(idx);
-            let caps = self.device.get_region_caps(idx);
             let mut mappings = Vec::new();
-            for (off, len) in layout::mmap_areas(size, flags, &caps, page) {
+            for (off, len) in layout::mmap_areas(size, info.flags, info.sparse.as_deref(), page) {
                 let mapped = region
                     .offset
                     .checked_add(off)
@@ -616,7 +643,7 @@ impl VfioFunction {
                 bar: key.bar,
                 offset: key.offset,
             })?;
-        sys::device_ioeventfd(&self.device, &arg)
+        sys::device_ioeventfd(&self.file, &arg)
             .map_err(|e| layout::ioeventfd_error(key.bar, key.offset, e))
     }
 
@@ -625,10 +652,7 @@ impl VfioFunction {
     /// until the function is closed, and nobody is told. A failure only
     /// costs that notice, so it is logged.
     fn register_removal_request(&self) -> Option<EventFd> {
-        let count = self
-            .device
-            .get_irq_info(VFIO_PCI_REQ_IRQ_INDEX)
-            .map_or(0, |i| i.count);
+        let count = sys::irq_count(&self.file, VFIO_PCI_REQ_IRQ_INDEX).unwrap_or(0);
         if count == 0 {
             log::info!("{}: VFIO has no request interrupt for it: an ordered removal of the device waits until it is closed", self.bdf);
             return None;
@@ -640,7 +664,7 @@ impl VfioFunction {
                 0,
                 &[fd.as_raw_fd()],
             );
-            sys::set_irqs(&self.device, &mut words)?;
+            sys::set_irqs(&self.file, &mut words)?;
             Ok(fd)
         });
         match registered {
@@ -654,7 +678,7 @@ impl VfioFunction {
 
     fn set_msix_irqs(&self, flags: u32, fds: &[i32]) -> PciResult<()> {
         let mut words = layout::irq_set_words(flags, VFIO_PCI_MSIX_IRQ_INDEX, 0, fds);
-        sys::set_irqs(&self.device, &mut words).map_err(io_err("VFIO_DEVICE_SET_IRQS"))
+        sys::set_irqs(&self.file, &mut words).map_err(io_err("VFIO_DEVICE_SET_IRQS"))
     }
 
     fn disable_msix_locked(&self, enabled: &mut u32) -> PciResult<()> {
@@ -780,22 +804,22 @@ unsafe impl PciFunction for VfioFunction {
         if !self.reset_supported {
             return Ok(false);
         }
-        sys::device_reset(&self.device).map_err(io_err("VFIO_DEVICE_RESET"))?;
+        sys::device_reset(&self.file).map_err(io_err("VFIO_DEVICE_RESET"))?;
         self.enable_decoding()?;
         Ok(true)
     }
 
     fn iova_range(&self) -> IovaRange {
-        self.container.iova().envelope()
+        self.container().iova().envelope()
     }
 
     unsafe fn dma_map(&self, iova: Iova, size: u64, host_addr: usize) -> PciResult<()> {
         let mut dma = lock(&self.dma);
-        if !dma.may_map(&self.container.iova(), iova.0, size) {
+        if !dma.may_map(&self.container().iova(), iova.0, size) {
             return Err(PciError::DmaRange { iova: iova.0, size });
         }
         // SAFETY: the caller upholds PciFunction::dma_map's contract.
-        unsafe { self.container.map(iova.0, size, host_addr) }?;
+        unsafe { self.container().map(iova.0, size, host_addr) }?;
         dma.insert(iova.0, size);
         Ok(())
     }
@@ -809,7 +833,7 @@ unsafe impl PciFunction for VfioFunction {
     ) -> PciResult<Iova> {
         let mut dma = lock(&self.dma);
         // SAFETY: the caller upholds PciFunction::dma_map's contract.
-        let iova = unsafe { self.container.map_top(size, host_addr, align, floor) }?;
+        let iova = unsafe { self.container().map_top(size, host_addr, align, floor) }?;
         dma.insert(iova.0, size);
         Ok(iova)
     }
@@ -820,7 +844,7 @@ unsafe impl PciFunction for VfioFunction {
             .unmap_plan(iova.0, size)
             .ok_or(PciError::DmaRange { iova: iova.0, size })?;
         for (start, len) in plan {
-            self.container.unmap(start, len)?;
+            self.container().unmap(start, len)?;
             dma.remove(start);
         }
         Ok(())
@@ -860,14 +884,14 @@ impl Drop for VfioFunction {
         for (iova, size) in maps {
             // Only this function's references: a mapping another function
             // of the container holds stays.
-            if let Err(e) = self.container.unmap(iova, size) {
+            if let Err(e) = self.container().unmap(iova, size) {
                 log::warn!("{bdf}: DMA unmap of {iova:#x} (+{size:#x}) failed: {e}");
             }
         }
-        self.container.detached(self.group);
-        // BAR mappings, the fd duplicate, the device and this clone of the
-        // container are released by their own Drop, in field order; the last close of the
-        // device makes the kernel reset the function.
+        // BAR mappings, the device fd and the group's membership are
+        // released by their own Drop, in field order: the last close of
+        // the device makes the kernel reset the function, then the group
+        // leaves the container.
     }
 }
 
@@ -1039,10 +1063,7 @@ mod tests {
             .unwrap();
 
         assert!(
-            matches!(
-                err,
-                VfioError::Container { .. } | VfioError::Group { group: 999_999, .. }
-            ),
+            matches!(err, VfioError::Container { .. } | VfioError::Group { .. }),
             "{err}"
         );
     }
@@ -1060,19 +1081,15 @@ mod tests {
     }
 
     #[test]
-    fn vfio_dma_errors_keep_their_errno() {
-        let e = vfio_ioctls::VfioError::IommuDmaMap(vmm_sys_util::errno::Error::new(libc::EINVAL));
-        let other = vfio_io(vfio_ioctls::VfioError::GroupViable);
+    fn a_container_fd_that_is_not_a_vfio_container_is_refused_clearly() {
+        let f = File::open("/dev/null").unwrap();
 
-        assert_eq!(vfio_io(e).raw_os_error(), Some(libc::EINVAL));
-        assert_eq!(other.raw_os_error(), None);
-    }
+        let err = SharedContainer::from_fd(OwnedFd::from(f)).unwrap_err();
 
-    #[test]
-    fn group_errors_are_told_apart_from_device_errors() {
-        assert!(is_group_error(&vfio_ioctls::VfioError::GroupViable));
-        assert!(!is_group_error(
-            &vfio_ioctls::VfioError::VfioDeviceGetInfoPCI
-        ));
+        assert!(
+            matches!(&err, VfioError::Container { what, source }
+                if what.contains("not a VFIO container") && source.raw_os_error() == Some(libc::ENOTTY)),
+            "{err:?}"
+        );
     }
 }

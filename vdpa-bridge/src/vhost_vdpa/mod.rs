@@ -13,6 +13,7 @@
 
 mod sys;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -71,6 +72,10 @@ pub enum VhostVdpaError {
     /// The device reported something unusable.
     #[error("device reports {0}")]
     BadDevice(String),
+    /// A descriptor handed in is owned by a process already (vhost lets
+    /// one process own a device file, until the file is closed).
+    #[error("the vhost-vdpa descriptor handed in for {0} is in use (owned by a process already); hand in a descriptor that nothing has used")]
+    Owned(PathBuf),
 }
 
 /// Result of the vhost-vdpa backend.
@@ -99,6 +104,8 @@ type NoMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 /// A kernel vDPA device opened through its vhost-vdpa node.
 pub struct VhostVdpaDevice {
     vdpa: VhostKernVdpa<NoMem>,
+    /// Taken from a descriptor handed in ([`Self::from_fd`]).
+    handed_in: bool,
     path: PathBuf,
     device_id: u32,
     raw_features: u64,
@@ -142,12 +149,52 @@ impl VhostVdpaDevice {
             return Err(VhostVdpaError::NotVhostVdpa(path.to_owned()));
         }
         let s = path.to_string_lossy();
-        let mut vdpa = VhostKernVdpa::new(&s, GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-            .map_err(|source| VhostVdpaError::Open {
+        let vdpa = VhostKernVdpa::new(&s, GuestMemoryAtomic::new(GuestMemoryMmap::new())).map_err(
+            |source| VhostVdpaError::Open {
                 path: path.to_owned(),
                 source,
-            })?;
+            },
+        )?;
         vdpa.set_owner().map_err(ioctl("VHOST_SET_OWNER"))?;
+        Self::set_up(vdpa, path, features_mask, false)
+    }
+
+    /// Take over a vhost-vdpa device from a descriptor an orchestrator
+    /// opened and handed in (the device takes `fd`; pass a duplicate to
+    /// keep the original). `name` is for messages (the node it was opened
+    /// from); nothing is opened. Otherwise as [`Self::open`]. When the
+    /// device is dropped it gives up its ownership of the descriptor
+    /// (`VHOST_RESET_OWNER`, where the kernel has it) so that the original
+    /// can be handed in again (a reboot of the VM).
+    ///
+    /// # Errors
+    ///
+    /// [`VhostVdpaError::Owned`] when a process owns the descriptor's
+    /// device already; then as [`Self::open`].
+    pub fn from_fd(fd: OwnedFd, name: &Path, features_mask: Option<u64>) -> Result<Self> {
+        let vdpa = VhostKernVdpa::with(
+            std::fs::File::from(fd),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            0,
+        );
+        match vdpa.set_owner() {
+            Ok(()) => {}
+            Err(vhost::Error::IoctlError(e)) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(VhostVdpaError::Owned(name.to_owned()));
+            }
+            Err(e) => return Err(ioctl("VHOST_SET_OWNER")(e)),
+        }
+        Self::set_up(vdpa, name, features_mask, true)
+    }
+
+    /// What [`Self::open`] and [`Self::from_fd`] share once the device is
+    /// owned: backend features, identity, queues, doorbells, reset.
+    fn set_up(
+        mut vdpa: VhostKernVdpa<NoMem>,
+        path: &Path,
+        features_mask: Option<u64>,
+        handed_in: bool,
+    ) -> Result<Self> {
         let offered_backend = vdpa
             .get_backend_features()
             .map_err(ioctl("VHOST_GET_BACKEND_FEATURES"))?;
@@ -197,6 +244,7 @@ impl VhostVdpaDevice {
         }
         let mut dev = VhostVdpaDevice {
             vdpa,
+            handed_in,
             path: path.to_owned(),
             device_id,
             raw_features: raw,
@@ -550,6 +598,17 @@ impl Drop for VhostVdpaDevice {
     fn drop(&mut self) {
         if let Err(e) = self.reset() {
             log::warn!("{}: reset on close failed: {e}", self.path.display());
+        }
+        // The original of a handed-in descriptor stays open, and with it
+        // this process's ownership: give it up so it can be used again.
+        if self.handed_in {
+            if let Err(e) = self.vdpa.reset_owner() {
+                log::info!(
+                    "{}: VHOST_RESET_OWNER failed ({e}): the descriptor handed in stays owned \
+                     by this process until it is closed, and cannot be used for the device again",
+                    self.path.display()
+                );
+            }
         }
     }
 }
