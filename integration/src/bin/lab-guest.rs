@@ -23,6 +23,11 @@ fn run() -> anyhow::Result<u64> {
     let mut args = std::env::args().skip(1);
     let manifest = match (args.next().as_deref(), args.next()) {
         (Some("--manifest"), Some(p)) => PathBuf::from(p),
+        // A case's unprivileged child (cases::handed), started by the lab.
+        (Some(guest::cases::handed::CHILD_ARG), Some(spec)) => {
+            guest::cases::handed::child(&spec)?;
+            return Ok(0);
+        }
         _ => anyhow::bail!("usage: lab-guest --manifest <path>"),
     };
     let manifest = Manifest::load(&manifest).context("load the manifest")?;

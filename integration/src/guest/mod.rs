@@ -26,6 +26,7 @@
 
 pub mod cases;
 pub mod ch;
+pub mod handoff;
 pub mod stats;
 pub mod sys;
 

@@ -19,6 +19,7 @@ pub mod ch_bench;
 pub mod ch_migrate;
 pub mod faults;
 pub mod fleet;
+pub mod handed;
 pub mod plugin;
 pub mod smoke;
 pub mod soak;
@@ -62,6 +63,7 @@ pub fn all() -> Vec<Case> {
     all.extend(plugin::cases());
     all.extend(fleet::cases());
     all.extend(vhost_vdpa::cases());
+    all.extend(handed::cases());
     all.extend(ch::cases());
     all.extend(ch_migrate::cases());
     all.extend(faults::cases());

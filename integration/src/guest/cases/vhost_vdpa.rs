@@ -18,7 +18,8 @@ use crate::guest::{Case, CaseResult, Ctx, Outcome};
 use crate::pattern;
 
 const NAME: &str = "vduse0";
-const IMAGE: &str = "vduse";
+/// The VDUSE export's image name (pattern seed).
+pub(crate) const IMAGE: &str = "vduse";
 
 /// The suite.
 pub fn cases() -> Vec<Case> {
@@ -48,7 +49,7 @@ pub fn cases() -> Vec<Case> {
 
 /// The export and the vDPA device; torn down (device deleted, daemon
 /// killed by pid) on drop.
-struct Export {
+pub(crate) struct Export {
     daemon: Child,
     added: bool,
 }
@@ -89,7 +90,9 @@ fn vhost_node(dev: &Path) -> Option<PathBuf> {
     })
 }
 
-fn setup(image: &Path) -> anyhow::Result<(Export, PathBuf)> {
+/// Export `image` as a VDUSE block device on vhost-vdpa: the export (torn
+/// down on drop) and its `/dev/vhost-vdpa-N` node.
+pub(crate) fn setup(image: &Path) -> anyhow::Result<(Export, PathBuf)> {
     let daemon = Command::new("qemu-storage-daemon")
         .args([
             "--blockdev",

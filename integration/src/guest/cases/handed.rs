@@ -1,0 +1,368 @@
+//! Devices handed in as descriptors to an unprivileged process, as an
+//! orchestrator hands them to a VMM that runs without root.
+//!
+//! * `devices_handed_in_as_fds_to_an_unprivileged_process`: the lab (root)
+//!   opens two fleet disks' VFIO groups, one VFIO container and a VDUSE
+//!   block device's `/dev/vhost-vdpa-N` node, and starts a copy of
+//!   `lab-guest` as `nobody` ([`crate::guest::handoff`]) with those
+//!   descriptors inherited and a tmpfs over `/sys` and `/dev/vfio` in its
+//!   own mount namespace (so it cannot open anything there, and opening a
+//!   disk by its PCI address fails, which it checks). The child opens all
+//!   three through the plugin's configuration (`group_fd=`, `container_fd=`,
+//!   `fd=`), the two disks into the one container handed in, and reads each
+//!   device's pattern and writes a block on every queue. Then it drops the
+//!   devices and opens them again from the same descriptors (what a reboot
+//!   of the VM does) and reads again. The lab checks the report: uid 65534,
+//!   nothing under `/sys` and `/dev/vfio`, one mapping for two disks, and
+//!   finds the disks' writes in their image files (the VDUSE writes are
+//!   declared to the host, which checks its image).
+
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::FileExt as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use serde::{Deserialize, Serialize};
+use vdpa_bridge::types::features;
+use vdpa_plugin::{open_container_from, BridgeDevice, VdpaDeviceConfig};
+use vdpa_testkit::driver::blk::T_IN;
+use vdpa_testkit::harness::{Guest, TestInterrupt};
+
+use crate::guest::cases::bridge::proc_status;
+use crate::guest::cases::fleet::bind_fleet;
+use crate::guest::cases::plugin::blk_queue_roundtrip;
+use crate::guest::cases::vhost_vdpa;
+use crate::guest::handoff::{runnable_self_copy, Handoff, NOBODY};
+use crate::guest::{declare_write_to, Case, CaseResult, Ctx, Outcome};
+use crate::pattern;
+
+/// The argument that makes `lab-guest` run [`child`].
+pub const CHILD_ARG: &str = "--handed-child";
+
+/// The suite.
+pub fn cases() -> Vec<Case> {
+    vec![Case {
+        name: "devices_handed_in_as_fds_to_an_unprivileged_process".to_string(),
+        needs: None,
+        run: handed,
+    }]
+}
+
+/// One device for the child.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ChildDev {
+    /// `path=`: the PCI address, or the vhost-vdpa node.
+    path: String,
+    group_fd: Option<i32>,
+    fd: Option<i32>,
+    /// Pattern seed of its image.
+    image: String,
+    /// First sector written (queue q writes at `sector + 8 q`).
+    sector: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ChildSpec {
+    container_fd: i32,
+    devices: Vec<ChildDev>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct ChildReport {
+    uid: u32,
+    gid: u32,
+    /// Entries the child sees in `/sys` and `/dev/vfio`.
+    sys_entries: usize,
+    dev_vfio_entries: usize,
+    /// Why opening the first disk by its address failed.
+    by_path: String,
+    /// Queues each device has, in order.
+    queues: Vec<u16>,
+    /// The container: functions, kernel mappings, bytes, with every
+    /// device open.
+    members: usize,
+    mappings: usize,
+    mapped_bytes: u64,
+    vmlck_kib: u64,
+    /// Writes done: (image, byte offset, length).
+    writes: Vec<(String, u64, u64)>,
+    /// Reads checked after the devices were opened again.
+    reread: usize,
+}
+
+const RAM: u64 = 64 << 20;
+
+/// The child: runs as `nobody`, from the descriptors in `spec` (JSON).
+/// Prints its report (JSON) on stdout.
+///
+/// # Errors
+///
+/// Any step failed.
+pub fn child(spec: &str) -> anyhow::Result<()> {
+    let spec: ChildSpec = serde_json::from_str(spec)?;
+    let count = |p: &str| std::fs::read_dir(p).map_or(0, |d| d.count());
+    // SAFETY: getuid and getgid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut r = ChildReport {
+        uid,
+        gid,
+        sys_entries: count("/sys"),
+        dev_vfio_entries: count("/dev/vfio"),
+        ..ChildReport::default()
+    };
+    let first_pci = spec
+        .devices
+        .iter()
+        .find(|d| d.group_fd.is_some())
+        .context("no VFIO device in the spec")?;
+    r.by_path = match vdpa_bridge::vfio::VfioFunction::open(&first_pci.path) {
+        Ok(_) => bail!("{} opened by its address", first_pci.path),
+        Err(e) => e.to_string(),
+    };
+    let container = open_container_from(Some(spec.container_fd))?;
+    let span = Guest::span(2).next_multiple_of(1 << 20);
+    let mem = Guest::new(RAM, 64)?.mem;
+    let want = features::bit(features::VERSION_1) | features::bit(features::ACCESS_PLATFORM);
+    for round in 0..2 {
+        let mut open = Vec::new();
+        for (i, d) in spec.devices.iter().enumerate() {
+            let cfg = VdpaDeviceConfig {
+                path: d.path.clone(),
+                group_fd: d.group_fd,
+                container_fd: d.group_fd.map(|_| spec.container_fd),
+                fd: d.fd,
+                container: d.group_fd.map(|_| container.clone()),
+                ..VdpaDeviceConfig::default()
+            };
+            cfg.check_fds()?;
+            let backend = cfg
+                .open()
+                .with_context(|| format!("round {round}: open {}", d.path))?;
+            let mut dev = BridgeDevice::new(backend, mem.clone(), cfg.device_options(false))?;
+            ensure!(dev.features() & want == want, "{}: lacks {want:#x}", d.path);
+            dev.ack_features(want)?;
+            let mut g = Guest::sharing(mem.clone(), 64, span * i as u64);
+            let n = dev.queue_max_sizes().len();
+            let irq = TestInterrupt::new(n, true)?;
+            let queues = g.queues_sized(dev.queue_max_sizes())?;
+            dev.activate(mem.clone(), irq.clone(), queues)?;
+            open.push((d, dev, g, irq));
+        }
+        for (d, dev, g, irq) in &mut open {
+            let nq = dev.queue_max_sizes().len() as u16;
+            if round == 0 {
+                r.queues.push(nq);
+                for q in 0..nq {
+                    let at = d.sector + 8 * u64::from(q);
+                    blk_queue_roundtrip(
+                        g,
+                        &irq.queues[usize::from(q)],
+                        q,
+                        &d.image,
+                        1 + u64::from(q),
+                        at,
+                        |_, _| Ok(()),
+                    )
+                    .with_context(|| format!("{} queue {q}", d.path))?;
+                    r.writes.push((d.image.clone(), at * 512, 4096));
+                }
+            } else {
+                let mut buf = vec![0u8; 512];
+                let lba = 7;
+                ensure!(
+                    g.blk(0, T_IN, lba, &mut buf, &irq.queues[0])? == 0,
+                    "{}: read after reopening failed",
+                    d.path
+                );
+                ensure!(
+                    buf == pattern::sector(&d.image, lba),
+                    "{}: wrong data after reopening",
+                    d.path
+                );
+                r.reread += 1;
+            }
+        }
+        if round == 0 {
+            let st = container.stats();
+            (r.members, r.mappings, r.mapped_bytes) = (st.members, st.mappings, st.mapped_bytes);
+            r.vmlck_kib = proc_status("self", "VmLck:")?;
+        }
+        drop(open);
+        ensure!(
+            container.stats().members == 0,
+            "round {round}: {:?} after every device closed",
+            container.stats()
+        );
+    }
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+fn handed(ctx: &Ctx) -> CaseResult {
+    let Some(fleet) = bind_fleet(ctx)? else {
+        return Ok(Outcome::Skip("the manifest has no fleet".into()));
+    };
+    ensure!(fleet.len() >= 2, "a fleet of {}", fleet.len());
+    let vduse = ctx
+        .manifest
+        .vduse_image
+        .clone()
+        .context("the host prepared no VDUSE image")?;
+    let (_export, node) = vhost_vdpa::setup(&vduse)?;
+    let open_rw = |p: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .with_context(|| format!("open {p}"))
+    };
+    let disks = &fleet[..2];
+    let mut groups = Vec::new();
+    for d in disks {
+        let link = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", d.bdf))?;
+        let n = link
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("iommu_group link")?
+            .to_owned();
+        groups.push(open_rw(&format!("/dev/vfio/{n}"))?);
+    }
+    let container = open_rw("/dev/vfio/vfio")?;
+    let vhost = open_rw(&node.to_string_lossy())?;
+    let mut devices: Vec<ChildDev> = disks
+        .iter()
+        .zip(&groups)
+        .map(|(d, g)| ChildDev {
+            path: d.bdf.clone(),
+            group_fd: Some(g.as_raw_fd()),
+            fd: None,
+            image: d.name.clone(),
+            sector: 96,
+        })
+        .collect();
+    devices.push(ChildDev {
+        path: node.to_string_lossy().into_owned(),
+        group_fd: None,
+        fd: Some(vhost.as_raw_fd()),
+        image: vhost_vdpa::IMAGE.to_owned(),
+        sector: 400,
+    });
+    let spec = ChildSpec {
+        container_fd: container.as_raw_fd(),
+        devices,
+    };
+    let handoff = Handoff {
+        fds: groups
+            .iter()
+            .map(|g| g.as_raw_fd())
+            .chain([container.as_raw_fd(), vhost.as_raw_fd()])
+            .collect(),
+        memlock: 4 * RAM,
+        groups: Vec::new(),
+        hide: vec!["/sys".into(), "/dev/vfio".into()],
+    };
+    let exe = runnable_self_copy("lab-guest")?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg(CHILD_ARG)
+        .arg(serde_json::to_string(&spec)?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    handoff.apply(&mut cmd)?;
+    let t0 = Instant::now();
+    let child = cmd.spawn().context("start the unprivileged child")?;
+    let out = crate::guest::handoff::wait_output(child, Duration::from_secs(120))?;
+    let took = t0.elapsed();
+    // Whatever the child did, declare the VDUSE writes it may have made.
+    for q in 0..4u64 {
+        declare_write_to(vhost_vdpa::IMAGE, (400 + 8 * q) * 512, 4096);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "the child failed ({}): {stdout}{stderr}",
+        out.status
+    );
+    let r: ChildReport = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("the child's report: {stdout}{stderr}"))?;
+    ensure!(
+        (r.uid, r.gid) == (NOBODY, NOBODY),
+        "the child ran as {}:{}",
+        r.uid,
+        r.gid
+    );
+    ensure!(
+        r.sys_entries == 0 && r.dev_vfio_entries == 0,
+        "the child saw {} entries in /sys and {} in /dev/vfio",
+        r.sys_entries,
+        r.dev_vfio_entries
+    );
+    ensure!(
+        r.by_path.contains("no PCI device"),
+        "opening by address failed for another reason: {}",
+        r.by_path
+    );
+    ensure!(
+        r.queues == [2, 2, 1],
+        "queues {:?} (QEMU gave the disks 2, the VDUSE export 1)",
+        r.queues
+    );
+    ensure!(
+        (r.members, r.mappings, r.mapped_bytes) == (2, 1, RAM),
+        "the container handed in holds {} functions, {} mappings of {:#x} bytes (want 2, 1, {RAM:#x})",
+        r.members,
+        r.mappings,
+        r.mapped_bytes
+    );
+    ensure!(
+        r.vmlck_kib >= RAM >> 10,
+        "VmLck {} KiB < guest RAM",
+        r.vmlck_kib
+    );
+    ensure!(r.reread == 3, "{} devices read after reopening", r.reread);
+    let mut checked = 0;
+    for (image, at, len) in &r.writes {
+        let Some(d) = disks.iter().find(|d| &d.name == image) else {
+            continue;
+        };
+        let f = std::fs::File::open(&d.image)?;
+        let mut got = vec![0u8; *len as usize];
+        f.read_exact_at(&mut got, *at)?;
+        ensure!(
+            got == pattern::written(image, *at, *len as usize),
+            "{image}: the image file does not hold the child's write at {at:#x}"
+        );
+        checked += 1;
+    }
+    ensure!(checked == 4, "{checked} disk writes checked in image files");
+    Ok(Outcome::PassWith(format!(
+        "as uid {} with 2 VFIO groups, 1 container and 1 vhost-vdpa fd handed in, /sys and /dev/vfio empty: \
+         opened, read and wrote every queue ({:?}), 2 functions in 1 mapping, VmLck {} KiB; reopened from the same fds \
+         and read again; {checked} disk writes found in the image files; {} ms",
+        r.uid,
+        r.queues,
+        r.vmlck_kib,
+        took.as_millis()
+    )))
+}
+
+/// The lab's own check that the report parses (the child's format and the
+/// parent's reading of it agree).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_round_trips() {
+        let r = ChildReport {
+            uid: NOBODY,
+            writes: vec![("fleet00".into(), 96 * 512, 4096)],
+            ..ChildReport::default()
+        };
+        let back: ChildReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.uid, NOBODY);
+        assert_eq!(back.writes, r.writes);
+    }
+}
