@@ -104,8 +104,6 @@ type NoMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 /// A kernel vDPA device opened through its vhost-vdpa node.
 pub struct VhostVdpaDevice {
     vdpa: VhostKernVdpa<NoMem>,
-    /// Taken from a descriptor handed in ([`Self::from_fd`]).
-    handed_in: bool,
     path: PathBuf,
     device_id: u32,
     raw_features: u64,
@@ -156,16 +154,15 @@ impl VhostVdpaDevice {
             },
         )?;
         vdpa.set_owner().map_err(ioctl("VHOST_SET_OWNER"))?;
-        Self::set_up(vdpa, path, features_mask, false)
+        Self::set_up(vdpa, path, features_mask)
     }
 
     /// Take over a vhost-vdpa device from a descriptor an orchestrator
     /// opened and handed in (the device takes `fd`; pass a duplicate to
     /// keep the original). `name` is for messages (the node it was opened
-    /// from); nothing is opened. Otherwise as [`Self::open`]. When the
-    /// device is dropped it gives up its ownership of the descriptor
-    /// (`VHOST_RESET_OWNER`, where the kernel has it) so that the original
-    /// can be handed in again (a reboot of the VM).
+    /// from); nothing is opened. Otherwise as [`Self::open`]. The device
+    /// may be opened again from (a duplicate of) the same descriptor once
+    /// it is dropped, in this process: a reboot of the VM.
     ///
     /// # Errors
     ///
@@ -180,11 +177,24 @@ impl VhostVdpaDevice {
         match vdpa.set_owner() {
             Ok(()) => {}
             Err(vhost::Error::IoctlError(e)) if e.raw_os_error() == Some(libc::EBUSY) => {
-                return Err(VhostVdpaError::Owned(name.to_owned()));
+                // Owned already: by this process when a device was opened
+                // from the same descriptor before (a reboot of the VM; the
+                // kernel gives ownership up only when the file is closed,
+                // and vhost-vdpa has no VHOST_RESET_OWNER before Linux
+                // 6.13), or by another. Vring ioctls pass the kernel's
+                // owner check only for the owner (EPERM otherwise), so a
+                // harmless one tells which.
+                if vdpa.get_vring_base(0).is_err() {
+                    return Err(VhostVdpaError::Owned(name.to_owned()));
+                }
+                log::info!(
+                    "{}: the descriptor handed in is this process's already (opened before): used again",
+                    name.display()
+                );
             }
             Err(e) => return Err(ioctl("VHOST_SET_OWNER")(e)),
         }
-        Self::set_up(vdpa, name, features_mask, true)
+        Self::set_up(vdpa, name, features_mask)
     }
 
     /// What [`Self::open`] and [`Self::from_fd`] share once the device is
@@ -193,7 +203,6 @@ impl VhostVdpaDevice {
         mut vdpa: VhostKernVdpa<NoMem>,
         path: &Path,
         features_mask: Option<u64>,
-        handed_in: bool,
     ) -> Result<Self> {
         let offered_backend = vdpa
             .get_backend_features()
@@ -244,7 +253,6 @@ impl VhostVdpaDevice {
         }
         let mut dev = VhostVdpaDevice {
             vdpa,
-            handed_in,
             path: path.to_owned(),
             device_id,
             raw_features: raw,
@@ -598,17 +606,6 @@ impl Drop for VhostVdpaDevice {
     fn drop(&mut self) {
         if let Err(e) = self.reset() {
             log::warn!("{}: reset on close failed: {e}", self.path.display());
-        }
-        // The original of a handed-in descriptor stays open, and with it
-        // this process's ownership: give it up so it can be used again.
-        if self.handed_in {
-            if let Err(e) = self.vdpa.reset_owner() {
-                log::info!(
-                    "{}: VHOST_RESET_OWNER failed ({e}): the descriptor handed in stays owned \
-                     by this process until it is closed, and cannot be used for the device again",
-                    self.path.display()
-                );
-            }
         }
     }
 }

@@ -40,6 +40,9 @@ use crate::pattern;
 /// The argument that makes `lab-guest` run [`child`].
 pub const CHILD_ARG: &str = "--handed-child";
 
+/// The child's line for a write it made: `WROTE <image> <offset> <len>`.
+const WROTE: &str = "WROTE";
+
 /// The suite.
 pub fn cases() -> Vec<Case> {
     vec![Case {
@@ -165,6 +168,9 @@ pub fn child(spec: &str) -> anyhow::Result<()> {
                         |_, _| Ok(()),
                     )
                     .with_context(|| format!("{} queue {q}", d.path))?;
+                    // Told at once, so the lab declares it even if a later
+                    // step fails.
+                    println!("{WROTE} {} {} 4096", d.image, at * 512);
                     r.writes.push((d.image.clone(), at * 512, 4096));
                 }
             } else {
@@ -274,11 +280,17 @@ fn handed(ctx: &Ctx) -> CaseResult {
     let child = cmd.spawn().context("start the unprivileged child")?;
     let out = crate::guest::handoff::wait_output(child, Duration::from_secs(120))?;
     let took = t0.elapsed();
-    // Whatever the child did, declare the VDUSE writes it may have made.
-    for q in 0..4u64 {
-        declare_write_to(vhost_vdpa::IMAGE, (400 + 8 * q) * 512, 4096);
-    }
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // Whatever the child did after, the VDUSE writes it made are declared
+    // to the host, which checks that image (the disks' are checked below).
+    for l in stdout.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        if let [WROTE, image, at, len] = f[..] {
+            if image == vhost_vdpa::IMAGE {
+                declare_write_to(image, at.parse()?, len.parse()?);
+            }
+        }
+    }
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(
         out.status.success(),
