@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 
+use crate::guest::handoff::Handoff;
 use crate::guest::{Ctx, Outcome};
 use crate::manifest::ChRun;
 
@@ -64,6 +65,8 @@ pub struct Vdpa {
     iommu: bool,
     pci_segment: Option<u16>,
     shadow: bool,
+    group_fd: Option<i32>,
+    container_fd: Option<i32>,
 }
 
 impl Vdpa {
@@ -77,6 +80,8 @@ impl Vdpa {
             iommu: false,
             pci_segment: None,
             shadow: false,
+            group_fd: None,
+            container_fd: None,
         }
     }
 
@@ -110,7 +115,19 @@ impl Vdpa {
         self
     }
 
-    /// `path=<bdf>,num_queues=<n>[,features_mask=<hex>][,id=<id>][,iommu=on][,pci_segment=<n>]`.
+    /// `group_fd=<fd>`: the device's VFIO group, handed in.
+    pub fn group_fd(mut self, fd: i32) -> Self {
+        self.group_fd = Some(fd);
+        self
+    }
+
+    /// `container_fd=<fd>`: the VM's VFIO container, handed in.
+    pub fn container_fd(mut self, fd: i32) -> Self {
+        self.container_fd = Some(fd);
+        self
+    }
+
+    /// `path=<bdf>,num_queues=<n>[,features_mask=<hex>][,id=<id>][,iommu=on][,pci_segment=<n>][,shadow=on][,group_fd=<fd>][,container_fd=<fd>]`.
     pub fn arg(&self) -> String {
         let mut s = format!("path={},num_queues={}", self.bdf, self.num_queues);
         if let Some(mask) = self.features_mask {
@@ -128,6 +145,12 @@ impl Vdpa {
         if self.shadow {
             s.push_str(",shadow=on");
         }
+        if let Some(fd) = self.group_fd {
+            s.push_str(&format!(",group_fd={fd}"));
+        }
+        if let Some(fd) = self.container_fd {
+            s.push_str(&format!(",container_fd={fd}"));
+        }
         s
     }
 }
@@ -143,6 +166,8 @@ pub struct Ch<'a> {
     api_socket: bool,
     landlock_rules: Vec<String>,
     devices: Vec<String>,
+    /// Start it as an orchestrator starts an unprivileged VMM.
+    handoff: Option<Handoff>,
 }
 
 impl<'a> Ch<'a> {
@@ -157,7 +182,16 @@ impl<'a> Ch<'a> {
             api_socket: false,
             landlock_rules: Vec::new(),
             devices: Vec::new(),
+            handoff: None,
         }
+    }
+
+    /// Start Cloud Hypervisor as `nobody` with the descriptors, limits
+    /// and groups of `h` ([`Handoff`]); its work directory (boot files, API
+    /// socket) is made its to use.
+    pub fn handoff(mut self, h: Handoff) -> Self {
+        self.handoff = Some(h);
+        self
     }
 
     /// Bridge a device (`--vdpa`).
@@ -251,7 +285,8 @@ impl<'a> Ch<'a> {
         self
     }
 
-    fn api_socket_path() -> PathBuf {
+    /// Where the API socket of [`Ch::api`] is.
+    pub fn api_socket_path() -> PathBuf {
         Path::new(WORK_DIR).join("api.sock")
     }
 
@@ -272,7 +307,7 @@ impl<'a> Ch<'a> {
         if let Some(r) = restore {
             args.extend(["--restore".to_string(), r.to_string()]);
         }
-        spawn(lab, &args, Some(sock))
+        spawn(lab, &args, Some(sock), None)
     }
 
     /// The command line, booting `kernel` and `initramfs`.
@@ -336,7 +371,18 @@ impl<'a> Ch<'a> {
         if let Some(sock) = &api_socket {
             let _ = std::fs::remove_file(sock);
         }
-        spawn(self.lab, &self.args(&kernel, &initramfs), api_socket)
+        if self.handoff.is_some() {
+            use std::os::unix::fs::PermissionsExt as _;
+            // The lab VM's tmpfs, for this boot only: nobody may create
+            // the API socket there.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))?;
+        }
+        spawn(
+            self.lab,
+            &self.args(&kernel, &initramfs),
+            api_socket,
+            self.handoff.as_ref(),
+        )
     }
 }
 
@@ -355,12 +401,17 @@ fn spawn<'a>(
     lab: &'a ChRun,
     args: &[String],
     api_socket: Option<PathBuf>,
+    handoff: Option<&Handoff>,
 ) -> anyhow::Result<ChVm<'a>> {
-    let mut child = Command::new(&lab.binary)
-        .args(args)
+    let mut cmd = Command::new(&lab.binary);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(h) = handoff {
+        h.apply(&mut cmd)?;
+    }
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("start {}", lab.binary.display()))?;
     let (tx, rx) = mpsc::channel::<(Instant, String)>();

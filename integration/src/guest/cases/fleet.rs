@@ -203,7 +203,7 @@ fn startup_cost(ctx: &Ctx) -> CaseResult {
 }
 
 /// The inner guest's RAM (`Ch`'s `--memory size=512M`), in KiB.
-const INNER_RAM_KIB: u64 = 512 << 10;
+pub(crate) const INNER_RAM_KIB: u64 = 512 << 10;
 
 /// What one boot of Cloud Hypervisor with fleet disks gave.
 #[derive(Clone, Debug)]
@@ -328,7 +328,7 @@ fn boot_fleet(
 }
 
 /// Each disk's image holds the inner guest's sector-8 write.
-fn images_hold_the_writes(disks: &[FleetEntry]) -> anyhow::Result<()> {
+pub(crate) fn images_hold_the_writes(disks: &[FleetEntry]) -> anyhow::Result<()> {
     for e in disks {
         let f = std::fs::File::open(&e.image)?;
         let mut got = vec![0u8; 512];

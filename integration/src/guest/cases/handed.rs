@@ -16,6 +16,19 @@
 //!   nothing under `/sys` and `/dev/vfio`, one mapping for two disks, and
 //!   finds the disks' writes in their image files (the VDUSE writes are
 //!   declared to the host, which checks its image).
+//! * `ch_unprivileged_with_devices_handed_in_as_fds` (needs
+//!   `CLOUD_HYPERVISOR`): Cloud Hypervisor as `nobody` (uid and gid 65534;
+//!   `/dev/kvm` granted through a group of its own, RLIMIT_MEMLOCK 1 GiB),
+//!   default seccomp and `--landlock`, with a tmpfs over `/dev/vfio` in its
+//!   mount namespace. One fleet disk comes on the command line as
+//!   `--vdpa path=<bdf>,group_fd=N,container_fd=M` (descriptors the lab
+//!   opened and the VMM inherited); a second is hot-plugged while the
+//!   inner guest waits for it, by `ch-remote add-vdpa ...,group_fd=9`,
+//!   which sends the group's descriptor with the request. The inner guest
+//!   reads both disks' patterns and writes their sector 8 (found in the
+//!   image files); VmLck is guest RAM once; `send-migration` is refused,
+//!   naming the device; removing the hot-plugged disk closes its group
+//!   (another open of the group then succeeds).
 
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
@@ -30,9 +43,10 @@ use vdpa_testkit::driver::blk::T_IN;
 use vdpa_testkit::harness::{Guest, TestInterrupt};
 
 use crate::guest::cases::bridge::proc_status;
-use crate::guest::cases::fleet::bind_fleet;
+use crate::guest::cases::fleet::{bind_fleet, images_hold_the_writes, INNER_RAM_KIB};
 use crate::guest::cases::plugin::blk_queue_roundtrip;
 use crate::guest::cases::vhost_vdpa;
+use crate::guest::ch::{not_configured, Ch, Vdpa, BOOT_TIMEOUT};
 use crate::guest::handoff::{runnable_self_copy, Handoff, NOBODY};
 use crate::guest::{declare_write_to, Case, CaseResult, Ctx, Outcome};
 use crate::pattern;
@@ -45,11 +59,18 @@ const WROTE: &str = "WROTE";
 
 /// The suite.
 pub fn cases() -> Vec<Case> {
-    vec![Case {
-        name: "devices_handed_in_as_fds_to_an_unprivileged_process".to_string(),
-        needs: None,
-        run: handed,
-    }]
+    vec![
+        Case {
+            name: "devices_handed_in_as_fds_to_an_unprivileged_process".to_string(),
+            needs: None,
+            run: handed,
+        },
+        Case {
+            name: "ch_unprivileged_with_devices_handed_in_as_fds".to_string(),
+            needs: None,
+            run: ch_handed,
+        },
+    ]
 }
 
 /// One device for the child.
@@ -357,6 +378,170 @@ fn handed(ctx: &Ctx) -> CaseResult {
         r.queues,
         r.vmlck_kib,
         took.as_millis()
+    )))
+}
+
+/// The IOMMU group number of the PCI function `bdf`.
+fn group_of(bdf: &str) -> anyhow::Result<String> {
+    let link = std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group"))?;
+    Ok(link
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("iommu_group link")?
+        .to_owned())
+}
+
+/// `/dev/kvm` for the group `gid` (read-write), given back as it was on
+/// drop.
+struct KvmGrant {
+    mode: u32,
+    gid: u32,
+}
+
+impl KvmGrant {
+    fn new(gid: u32) -> anyhow::Result<Self> {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let m = std::fs::metadata("/dev/kvm").context("/dev/kvm")?;
+        let was = KvmGrant {
+            mode: m.mode() & 0o7777,
+            gid: m.gid(),
+        };
+        std::os::unix::fs::chown("/dev/kvm", None, Some(gid))?;
+        std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o660))?;
+        Ok(was)
+    }
+}
+
+impl Drop for KvmGrant {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::os::unix::fs::chown("/dev/kvm", None, Some(self.gid));
+        let _ = std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(self.mode));
+    }
+}
+
+fn ch_handed(ctx: &Ctx) -> CaseResult {
+    let Some(lab) = &ctx.manifest.ch else {
+        return Ok(not_configured(ctx));
+    };
+    let Some(fleet) = bind_fleet(ctx)? else {
+        return Ok(Outcome::Skip("the manifest has no fleet".into()));
+    };
+    ensure!(fleet.len() >= 4, "a fleet of {}", fleet.len());
+    let (boot, plugged) = (&fleet[2], &fleet[3]);
+    let open_rw = |p: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .with_context(|| format!("open {p}"))
+    };
+    let group = open_rw(&format!("/dev/vfio/{}", group_of(&boot.bdf)?))?;
+    let container = open_rw("/dev/vfio/vfio")?;
+    // A group of its own grants /dev/kvm (the lab VM has no udev rules).
+    let kvm_gid = crate::guest::handoff::group_id("kvm").unwrap_or(65533);
+    let _kvm = KvmGrant::new(kvm_gid)?;
+    let handoff = Handoff {
+        fds: vec![group.as_raw_fd(), container.as_raw_fd()],
+        memlock: 2 * (INNER_RAM_KIB << 10),
+        groups: vec![kvm_gid],
+        hide: vec!["/dev/vfio".into()],
+    };
+    let mut vm = Ch::new(lab, "fleet")
+        .cmdline("l3.disks=2")
+        .cmdline("l3.secs=2")
+        .possible_cpus(2)
+        .api()
+        .handoff(handoff)
+        .vdpa(
+            &Vdpa::new(&boot.bdf, 2)
+                .id(&boot.name)
+                .group_fd(group.as_raw_fd())
+                .container_fd(container.as_raw_fd()),
+        )
+        .start()?;
+    // The orchestrator's own copies are not needed any more: the VMM
+    // holds the inherited ones.
+    drop(group);
+    drop(container);
+    vm.wait("L3-UP", BOOT_TIMEOUT)
+        .with_context(|| format!("the inner guest did not start: {}", vm.tail()))?;
+    let uid = proc_status(&vm.pid().to_string(), "Uid:")?;
+    // The second disk, while the inner guest waits for it: ch-remote
+    // sends the group's descriptor (its fd 9) with the request.
+    let remote = lab.remote.as_deref().context("CH_REMOTE is not set")?;
+    let arg = format!(
+        "path={},num_queues=2,id={},group_fd=9",
+        plugged.bdf, plugged.name
+    );
+    let out = Command::new("sh")
+        .args(["-c", r#"exec "$0" --api-socket "$1" add-vdpa "$2" 9<>"$3""#])
+        .arg(remote)
+        .arg(Ch::api_socket_path())
+        .arg(&arg)
+        .arg(format!("/dev/vfio/{}", group_of(&plugged.bdf)?))
+        .output()
+        .context("run ch-remote add-vdpa")?;
+    ensure!(
+        out.status.success(),
+        "ch-remote add-vdpa {arg}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    vm.wait("L3-FLEET-HOLD", BOOT_TIMEOUT)
+        .with_context(|| format!("the inner guest did not finish its disks: {}", vm.tail()))?;
+    let line = vm
+        .line("L3-FLEET-DONE")
+        .context("no L3-FLEET-DONE line")?
+        .to_string();
+    ensure!(
+        line.contains("ok=2 of 2"),
+        "the inner guest: {line}: {}",
+        vm.tail()
+    );
+    let pid = vm.pid().to_string();
+    let vmlck = proc_status(&pid, "VmLck:")?;
+    let refused = vm.remote(&[
+        "send-migration",
+        "destination_url=unix:/tmp/ch-l3/nowhere.sock,downtime_ms=1000,timeout_s=10",
+    ]);
+    let refusal = match refused {
+        Ok(out) => bail!("send-migration was accepted: {out}"),
+        Err(e) => format!("{e:#}"),
+    };
+    vm.pump();
+    ensure!(
+        vm.has("was handed in as descriptors") || refusal.contains("handed in as descriptors"),
+        "send-migration failed for another reason: {refusal}: {}",
+        vm.tail()
+    );
+    vm.remote(&["remove-device", &plugged.name])?;
+    // The guest acknowledges the eject; the VMM then closes the device
+    // and the group it was handed.
+    let end = Instant::now() + Duration::from_secs(20);
+    let regrouped = loop {
+        match open_rw(&format!("/dev/vfio/{}", group_of(&plugged.bdf)?)) {
+            Ok(f) => break Ok(f),
+            Err(e) if Instant::now() > end => break Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    let regrouped = regrouped.context("the removed disk's group is still open in the VMM")?;
+    drop(regrouped);
+    vm.wait_done()?;
+    images_hold_the_writes(&fleet[2..4])?;
+    ensure!(
+        uid == u64::from(NOBODY),
+        "Cloud Hypervisor ran as uid {uid}"
+    );
+    ensure!(
+        (INNER_RAM_KIB..INNER_RAM_KIB + (16 << 10)).contains(&vmlck),
+        "VmLck {vmlck} KiB with 2 bridged disks; the inner guest's RAM is {INNER_RAM_KIB} KiB"
+    );
+    Ok(Outcome::PassWith(format!(
+        "Cloud Hypervisor as uid {uid}, default seccomp, --landlock, /dev/vfio empty: 1 disk by inherited group_fd and container_fd, \
+         1 hot-plugged with its group_fd sent by ch-remote; both read and written by the inner guest (images checked); \
+         VmLck {vmlck} KiB; send-migration refused; the removed disk's group closed"
     )))
 }
 
