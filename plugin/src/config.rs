@@ -56,10 +56,12 @@ pub struct VdpaDeviceConfig {
     #[serde(skip)]
     pub group_fd: Option<RawFd>,
     /// `container_fd=`: an open `/dev/vfio/vfio` with no group yet, for
-    /// the device's container (with `group_fd=` only). For a device in the
-    /// VM's shared container it is that container (the VMM adopts it with
-    /// [`open_container_from`]); without it the VMM opens
-    /// `/dev/vfio/vfio` itself. Not serialized.
+    /// the device's container (with `group_fd=` only). For a device of the
+    /// VM's shared container it is not used here: the VMM adopts the VM's
+    /// container from the first one its devices name
+    /// ([`open_container_from`]), or opens `/dev/vfio/vfio` itself. A
+    /// device behind a vIOMMU takes it as a container of its own. Not
+    /// serialized.
     #[serde(skip)]
     pub container_fd: Option<RawFd>,
     /// `fd=`: a `/dev/vhost-vdpa-N` node opened by whoever started the
@@ -122,10 +124,8 @@ fn adopt_container(fd: RawFd) -> Result<SharedContainer, Error> {
     SharedContainer::from_fd(dup).map_err(crate::error::backend_err(what))
 }
 
-fn handed(fd: RawFd, key: &str, wrap: fn(std::os::fd::OwnedFd) -> Handed) -> Result<Handed, Error> {
-    dup_raw(fd)
-        .map(wrap)
-        .map_err(|e| Error::Config(format!("{key}={fd}: not an open descriptor: {e}")))
+fn dup_of(fd: RawFd, key: &str) -> Result<std::os::fd::OwnedFd, Error> {
+    dup_raw(fd).map_err(|e| Error::Config(format!("{key}={fd}: not an open descriptor: {e}")))
 }
 
 impl VdpaDeviceConfig {
@@ -140,27 +140,6 @@ impl VdpaDeviceConfig {
     /// configuration alone (the destination needs descriptors of its own).
     pub fn handed_in(&self) -> bool {
         self.group_fd.is_some() || self.fd.is_some()
-    }
-
-    /// Check this device's `container_fd=` against the VM's shared
-    /// container, which came from `vm` (`None`: opened by the VMM): a VM
-    /// has one container for its bridged functions not behind a vIOMMU,
-    /// so every such device names the same descriptor, or none.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] when they differ.
-    pub fn check_container_fd(&self, vm: Option<RawFd>) -> Result<(), Error> {
-        match (self.container_fd, vm) {
-            (None, _) => Ok(()),
-            (Some(a), Some(b)) if a == b => Ok(()),
-            (Some(a), Some(b)) => Err(Error::Config(format!(
-                "container_fd={a}: the VM's bridged devices share one VFIO container, handed in as fd {b}; give every device the same container_fd, or none"
-            ))),
-            (Some(a), None) => Err(Error::Config(format!(
-                "container_fd={a}: the VM's bridged devices share one VFIO container, which the VMM opened before this device came; give every device the same container_fd, or none"
-            ))),
-        }
     }
 
     /// Classify `path`.
@@ -184,8 +163,11 @@ impl VdpaDeviceConfig {
         let shared = self.container.as_ref().filter(|_| !self.iommu);
         let open_err = crate::error::backend_err("open");
         let handed_in = match (self.group_fd, self.fd) {
-            (Some(g), _) => Some(handed(g, "group_fd", Handed::VfioGroup)?),
-            (None, Some(f)) => Some(handed(f, "fd", Handed::VhostVdpa)?),
+            (Some(g), _) => Some(Handed::VfioGroup {
+                fd: dup_of(g, "group_fd")?,
+                name: format!("group_fd={g}"),
+            }),
+            (None, Some(f)) => Some(Handed::VhostVdpa(dup_of(f, "fd")?)),
             (None, None) => None,
         };
         let Some(handed_in) = handed_in else {
@@ -385,23 +367,6 @@ mod tests {
             let e = bad.parse::<VdpaDeviceConfig>().unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn devices_of_one_vm_name_the_same_container_or_none() {
-        let with = |fd| VdpaDeviceConfig {
-            path: "0000:00:04.0".into(),
-            group_fd: Some(3),
-            container_fd: fd,
-            ..Default::default()
-        };
-
-        assert!(with(None).check_container_fd(Some(8)).is_ok());
-        assert!(with(Some(8)).check_container_fd(Some(8)).is_ok());
-        let other = with(Some(9)).check_container_fd(Some(8)).unwrap_err();
-        let late = with(Some(9)).check_container_fd(None).unwrap_err();
-        assert!(other.to_string().contains("handed in as fd 8"), "{other}");
-        assert!(late.to_string().contains("the VMM opened"), "{late}");
     }
 
     #[test]

@@ -31,7 +31,13 @@ use crate::Result;
 pub enum Handed {
     /// The VFIO group (`/dev/vfio/N`) of a PCI function bound to vfio-pci,
     /// not attached to a container.
-    VfioGroup(OwnedFd),
+    VfioGroup {
+        /// The descriptor.
+        fd: OwnedFd,
+        /// What to call it in messages (how the user gave it, e.g.
+        /// `group_fd=5`).
+        name: String,
+    },
     /// A `/dev/vhost-vdpa-N` node, opened and not used yet.
     VhostVdpa(OwnedFd),
 }
@@ -118,7 +124,7 @@ impl AnyDevice {
             (DevicePath::VhostVdpa(node), Handed::VhostVdpa(fd)) => Ok(AnyDevice::VhostVdpa(
                 VhostVdpaDevice::from_fd(fd, Path::new(&node), opts.features_mask)?,
             )),
-            (DevicePath::Pci(bdf), Handed::VfioGroup(fd)) => {
+            (DevicePath::Pci(bdf), Handed::VfioGroup { fd, name }) => {
                 let own;
                 let container = match container {
                     Some(c) => c,
@@ -127,7 +133,8 @@ impl AnyDevice {
                         &own
                     }
                 };
-                let f = VfioFunction::open_handed(&bdf, fd, container, &VfioOptions::default())?;
+                let f =
+                    VfioFunction::open_handed(&bdf, fd, &name, container, &VfioOptions::default())?;
                 Ok(AnyDevice::Vfio(VpVdpa::open(Arc::new(f), opts)?))
             }
             _ => Err(crate::device_path::BadDevicePath(format!(

@@ -20,7 +20,7 @@ use anyhow::Context as _;
 pub const NOBODY: u32 = 65534;
 
 /// How the child is started.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Handoff {
     /// Descriptors the child inherits (their close-on-exec flag cleared).
     pub fds: Vec<RawFd>,
@@ -139,28 +139,42 @@ impl Handoff {
 }
 
 /// Wait for `child` and collect its output, for at most `limit`; past it
-/// the child (started by us) is killed by its pid and this fails.
+/// the child (started by us, not reaped yet) is killed and this fails.
 ///
 /// # Errors
 ///
 /// The wait failed, or the child outlived `limit`.
 pub fn wait_output(
-    child: std::process::Child,
+    mut child: std::process::Child,
     limit: std::time::Duration,
 ) -> anyhow::Result<std::process::Output> {
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(out) => Ok(out?),
-        Err(_) => {
-            // SAFETY: kill takes no memory; `pid` is our child, which has
-            // not been reaped (the waiting thread has not returned).
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
-            anyhow::bail!("pid {pid} still ran after {limit:?}: killed")
+    use std::io::Read as _;
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
+    let end = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
         }
-    }
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("pid {} still ran after {limit:?}: killed", child.id());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }

@@ -286,8 +286,9 @@ impl SharedContainer {
         let mut st = self.state();
         if let Err(e) = sys::group_unset_container(group.file()) {
             log::warn!(
-                "VFIO group {}: VFIO_GROUP_UNSET_CONTAINER failed: {e}; it leaves the container \
-                 when its last descriptor is closed",
+                "VFIO group {}: VFIO_GROUP_UNSET_CONTAINER failed: {e}; it stays in the container \
+                 until every descriptor of it is closed (a group handed in cannot be used again \
+                 before)",
                 group.name()
             );
         }

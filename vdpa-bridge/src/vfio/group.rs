@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 
 use super::{sys, VfioError};
@@ -35,10 +35,10 @@ impl Group {
     }
 
     /// A group descriptor handed in (the group takes `fd`; pass a
-    /// duplicate to keep the original). Checked to be a VFIO group by
-    /// asking its status.
-    pub(crate) fn adopt(fd: OwnedFd) -> Result<Group, VfioError> {
-        let name = format!("handed in as fd {}", fd.as_raw_fd());
+    /// duplicate to keep the original), called `name` in messages.
+    /// Checked to be a VFIO group by asking its status.
+    pub(crate) fn adopt(fd: OwnedFd, name: &str) -> Result<Group, VfioError> {
+        let name = name.to_owned();
         let file = File::from(fd);
         sys::group_status(&file).map_err(|source| VfioError::Group {
             group: name.clone(),
@@ -94,11 +94,11 @@ mod tests {
     fn a_descriptor_that_is_not_a_vfio_group_is_refused_clearly() {
         let f = File::open("/dev/null").unwrap();
 
-        let err = Group::adopt(OwnedFd::from(f)).unwrap_err();
+        let err = Group::adopt(OwnedFd::from(f), "group_fd=5").unwrap_err();
 
         assert!(
             matches!(&err, VfioError::Group { group, source }
-                if group.starts_with("handed in as fd") && source.to_string().contains("not a VFIO group")),
+                if group == "group_fd=5" && source.to_string().contains("not a VFIO group")),
             "{err:?}"
         );
     }

@@ -132,6 +132,12 @@ pub fn region_info(reply: &[u8]) -> Option<RegionInfo> {
         return Some(info);
     }
     let mut off = u32_at(reply, 12)? as usize;
+    if off == 0 {
+        // Capabilities announced but not delivered (the kernel wanted a
+        // bigger buffer): no sparse areas known, so none mapped.
+        info.sparse = Some(Vec::new());
+        return Some(info);
+    }
     for _ in 0..MAX_CAP_HOPS {
         if off == 0 {
             return Some(info);
@@ -566,8 +572,12 @@ mod tests {
         inside_header[12..16].copy_from_slice(&8u32.to_ne_bytes());
         let mut past_end = region_reply(MMAP, 0x4000, 0, &[(2, vec![0u8; 8])]);
         past_end[12..16].copy_from_slice(&4096u32.to_ne_bytes());
+        // What the kernel answers when the buffer was too small.
+        let mut undelivered = region_reply(MMAP, 0x4000, 0, &[sparse_cap(&[(0, 0x1000)])]);
+        undelivered[12..16].copy_from_slice(&0u32.to_ne_bytes());
+        undelivered.truncate(32);
 
-        for reply in [truncated, looping, inside_header, past_end] {
+        for reply in [truncated, looping, inside_header, past_end, undelivered] {
             let info = region_info(&reply).unwrap();
             assert_eq!(info.sparse, Some(vec![]));
             assert!(mmap_areas(info.size, info.flags, info.sparse.as_deref(), PAGE).is_empty());

@@ -155,7 +155,7 @@ pub enum VfioError {
         source: io::Error,
     },
     /// The IOMMU group could not be opened or attached to the container.
-    #[error("cannot open or attach VFIO group {group} (/dev/vfio/<group> must be accessible, or its descriptor handed in)")]
+    #[error("cannot use VFIO group {group} (opened from /dev/vfio/<group>, which must be accessible, or handed in as a descriptor of it)")]
     Group {
         /// The group number, or the descriptor it was handed in as.
         group: String,
@@ -363,8 +363,8 @@ impl VfioFunction {
     /// opened under `/dev/vfio` and sysfs is not read: the group's
     /// viability comes from the kernel, and whether the function is alone
     /// in its group is the orchestrator's to ensure (with the group's
-    /// descriptor in this process only, no one else can open the group's
-    /// other devices). The function takes `group` (pass a duplicate to
+    /// other devices). `name` says in messages how the group came (e.g.
+    /// `group_fd=5`). The function takes `group` (pass a duplicate to
     /// keep the original: it can be used again once the function is
     /// closed).
     ///
@@ -376,12 +376,13 @@ impl VfioFunction {
     pub fn open_handed(
         bdf: &str,
         group: OwnedFd,
+        name: &str,
         container: &SharedContainer,
         opts: &VfioOptions,
     ) -> Result<VfioFunction, VfioError> {
         let bdf = crate::device_path::parse_pci_address(bdf)
             .ok_or_else(|| VfioError::BadAddress(bdf.to_owned()))?;
-        let group = Group::adopt(group)?;
+        let group = Group::adopt(group, name)?;
         let membership = container.attach(group, &bdf)?;
         Self::open_member(bdf, membership, opts)
     }

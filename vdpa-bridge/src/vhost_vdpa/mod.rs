@@ -184,13 +184,20 @@ impl VhostVdpaDevice {
                 // 6.13), or by another. Vring ioctls pass the kernel's
                 // owner check only for the owner (EPERM otherwise), so a
                 // harmless one tells which.
-                if vdpa.get_vring_base(0).is_err() {
-                    return Err(VhostVdpaError::Owned(name.to_owned()));
+                // (Only EPERM says "not the owner": past the owner check
+                // a parent without get_vq_state answers EOPNOTSUPP.)
+                if let Err(vhost::Error::IoctlError(e)) = vdpa.get_vring_base(0) {
+                    if e.raw_os_error() == Some(libc::EPERM) {
+                        return Err(VhostVdpaError::Owned(name.to_owned()));
+                    }
                 }
                 log::info!(
                     "{}: the descriptor handed in is this process's already (opened before): used again",
                     name.display()
                 );
+            }
+            Err(vhost::Error::IoctlError(e)) if e.raw_os_error() == Some(libc::ENOTTY) => {
+                return Err(VhostVdpaError::NotVhostVdpa(name.to_owned()));
             }
             Err(e) => return Err(ioctl("VHOST_SET_OWNER")(e)),
         }

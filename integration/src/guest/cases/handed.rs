@@ -402,6 +402,7 @@ impl KvmGrant {
     fn new(gid: u32) -> anyhow::Result<Self> {
         use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
         let m = std::fs::metadata("/dev/kvm").context("/dev/kvm")?;
+        // Built first, so a failure below still gives /dev/kvm back.
         let was = KvmGrant {
             mode: m.mode() & 0o7777,
             gid: m.gid(),
