@@ -27,8 +27,11 @@
 //!   which sends the group's descriptor with the request. The inner guest
 //!   reads both disks' patterns and writes their sector 8 (found in the
 //!   image files); VmLck is guest RAM once; `send-migration` is refused,
-//!   naming the device; removing the hot-plugged disk closes its group
-//!   (another open of the group then succeeds).
+//!   naming the device; after `ch-remote reboot` the inner guest reads and
+//!   writes both disks again (opened again from the descriptors the VMM
+//!   kept); a container sent with the hot-plug is not used (the VM has
+//!   one); removing the hot-plugged disk closes its group (another open
+//!   of the group then succeeds).
 
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
@@ -450,7 +453,7 @@ fn ch_handed(ctx: &Ctx) -> CaseResult {
     };
     let mut vm = Ch::new(lab, "fleet")
         .cmdline("l3.disks=2")
-        .cmdline("l3.secs=2")
+        .cmdline("l3.secs=25")
         .possible_cpus(2)
         .api()
         .handoff(handoff)
@@ -469,14 +472,18 @@ fn ch_handed(ctx: &Ctx) -> CaseResult {
         .with_context(|| format!("the inner guest did not start: {}", vm.tail()))?;
     let uid = proc_status(&vm.pid().to_string(), "Uid:")?;
     // The second disk, while the inner guest waits for it: ch-remote
-    // sends the group's descriptor (its fd 9) with the request.
+    // sends the group's descriptor (its fd 9) with the request, and a
+    // container (its fd 8), which the VM, having one, does not use.
     let remote = lab.remote.as_deref().context("CH_REMOTE is not set")?;
     let arg = format!(
-        "path={},num_queues=2,id={},group_fd=9",
+        "path={},num_queues=2,id={},group_fd=9,container_fd=8",
         plugged.bdf, plugged.name
     );
     let out = Command::new("sh")
-        .args(["-c", r#"exec "$0" --api-socket "$1" add-vdpa "$2" 9<>"$3""#])
+        .args([
+            "-c",
+            r#"exec "$0" --api-socket "$1" add-vdpa "$2" 9<>"$3" 8<>/dev/vfio/vfio"#,
+        ])
         .arg(remote)
         .arg(Ch::api_socket_path())
         .arg(&arg)
@@ -516,6 +523,26 @@ fn ch_handed(ctx: &Ctx) -> CaseResult {
         "send-migration failed for another reason: {refusal}: {}",
         vm.tail()
     );
+    // A reboot builds the VM anew: both disks are opened again from the
+    // descriptors the VMM kept (the hot-plugged one's too).
+    vm.remote(&["reboot"])?;
+    vm.wait("L3-FLEET-HOLD", BOOT_TIMEOUT)
+        .with_context(|| format!("the inner guest did not come back: {}", vm.tail()))?;
+    let again = vm
+        .last_line("L3-FLEET-DONE")
+        .context("no L3-FLEET-DONE line")?
+        .to_string();
+    ensure!(
+        vm.count("L3-FLEET-DONE") == 2 && again.contains("ok=2 of 2"),
+        "after the reboot: {again}: {}",
+        vm.tail()
+    );
+    vm.pump();
+    ensure!(
+        vm.has("the VM's VFIO container exists already; container_fd="),
+        "no line about the hot-plug's container: {}",
+        vm.tail()
+    );
     vm.remote(&["remove-device", &plugged.name])?;
     // The guest acknowledges the eject; the VMM then closes the device
     // and the group it was handed.
@@ -527,7 +554,20 @@ fn ch_handed(ctx: &Ctx) -> CaseResult {
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     };
-    let regrouped = regrouped.context("the removed disk's group is still open in the VMM")?;
+    if regrouped.is_err() {
+        vm.pump();
+    }
+    let regrouped = regrouped.with_context(|| {
+        let lines: Vec<&str> = vm
+            .stamped(&plugged.name)
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect();
+        format!(
+            "the removed disk's group is still open in the VMM: {}",
+            lines[lines.len().saturating_sub(15)..].join(" / ")
+        )
+    })?;
     drop(regrouped);
     vm.wait_done()?;
     images_hold_the_writes(&fleet[2..4])?;
@@ -541,8 +581,8 @@ fn ch_handed(ctx: &Ctx) -> CaseResult {
     );
     Ok(Outcome::PassWith(format!(
         "Cloud Hypervisor as uid {uid}, default seccomp, --landlock, /dev/vfio empty: 1 disk by inherited group_fd and container_fd, \
-         1 hot-plugged with its group_fd sent by ch-remote; both read and written by the inner guest (images checked); \
-         VmLck {vmlck} KiB; send-migration refused; the removed disk's group closed"
+         1 hot-plugged with its group_fd (and an unused container_fd) sent by ch-remote; both read and written by the inner guest \
+         (images checked), again after a reboot; VmLck {vmlck} KiB; send-migration refused; the removed disk's group closed"
     )))
 }
 
