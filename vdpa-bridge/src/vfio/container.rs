@@ -249,9 +249,9 @@ impl SharedContainer {
         })
     }
 
-    /// Whether a group of that name (its number) is attached.
-    pub(crate) fn has_group_named(&self, name: &str) -> bool {
-        self.state().groups.values().any(|n| n == name)
+    /// Whether the group of that key ([`Group::key`]) is attached.
+    pub(crate) fn holds_group(&self, key: u64) -> bool {
+        self.state().groups.contains_key(&key)
     }
 
     /// A group was attached: read the usable IOVA ranges again (the new

@@ -20,13 +20,23 @@ pub(crate) struct Group {
 }
 
 impl Group {
+    fn node(id: u32) -> String {
+        format!("/dev/vfio/{id}")
+    }
+
+    /// The key ([`Group::key`]) of group `id`, from its node without
+    /// opening it; `None` when the node cannot be read.
+    pub(crate) fn node_key(id: u32) -> Option<u64> {
+        std::fs::metadata(Self::node(id)).ok().map(|m| m.rdev())
+    }
+
     /// Open `/dev/vfio/{id}`.
     pub(crate) fn open(id: u32) -> Result<Group, VfioError> {
         let name = id.to_string();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(format!("/dev/vfio/{id}"))
+            .open(Self::node(id))
             .map_err(|source| VfioError::Group {
                 group: name.clone(),
                 source,

@@ -131,40 +131,19 @@ pub fn region_info(reply: &[u8]) -> Option<RegionInfo> {
     if flags & VFIO_REGION_INFO_FLAG_CAPS == 0 {
         return Some(info);
     }
-    let mut off = u32_at(reply, 12)? as usize;
-    if off == 0 {
-        // Capabilities announced but not delivered (the kernel wanted a
-        // bigger buffer): no sparse areas known, so none mapped.
-        info.sparse = Some(Vec::new());
-        return Some(info);
-    }
-    for _ in 0..MAX_CAP_HOPS {
-        if off == 0 {
-            return Some(info);
-        }
-        let Some((id, next)) = (off >= header)
-            .then(|| Some((u16_at(reply, off)?, u32_at(reply, off + 4)? as usize)))
-            .flatten()
-        else {
-            info.sparse = Some(Vec::new());
-            return Some(info);
-        };
-        if u32::from(id) == VFIO_REGION_INFO_CAP_SPARSE_MMAP {
-            // header (8), nr_areas (4), reserved (4), then {offset, size} u64 pairs.
-            let areas = u32_at(reply, off + 8).and_then(|n| {
-                (0..n as usize)
-                    .map(|i| {
-                        let at = off.checked_add(16)?.checked_add(i.checked_mul(16)?)?;
-                        Some((u64_at(reply, at)?, u64_at(reply, at + 8)?))
-                    })
-                    .collect::<Option<Vec<_>>>()
-            });
-            info.sparse = Some(areas.unwrap_or_default());
-            return Some(info);
-        }
-        off = next;
-    }
-    info.sparse = Some(Vec::new());
+    let first = u32_at(reply, 12)? as usize;
+    // Capabilities announced but not delivered (cap_offset 0: the kernel
+    // wanted a bigger buffer) count as a broken chain: no sparse areas
+    // known, so none mapped.
+    let found = match first {
+        0 => Err(BrokenChain),
+        _ => find_cap(reply, header, first, VFIO_REGION_INFO_CAP_SPARSE_MMAP),
+    };
+    info.sparse = match found {
+        Ok(None) => None,
+        Ok(Some(cap)) => Some(u64_pairs(reply, cap).unwrap_or_default()),
+        Err(BrokenChain) => Some(Vec::new()),
+    };
     Some(info)
 }
 
@@ -241,30 +220,61 @@ pub fn parse_iova_ranges(info: &[u8]) -> Option<Vec<IovaRange>> {
     if flags & VFIO_IOMMU_INFO_CAPS == 0 {
         return None;
     }
-    let mut off = u32_at(info, 16)? as usize;
+    let first = u32_at(info, 16)? as usize;
+    let cap = find_cap(info, header, first, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE).ok()??;
+    let mut ranges: Vec<IovaRange> = u64_pairs(info, cap)?
+        .into_iter()
+        .filter(|&(first, last)| first <= last)
+        .map(|(first, last)| IovaRange { first, last })
+        .collect();
+    ranges.sort_by_key(|r| r.first);
+    (!ranges.is_empty()).then_some(ranges)
+}
+
+/// A capability chain that points into its reply's header or past its
+/// end, or loops.
+#[derive(Debug)]
+struct BrokenChain;
+
+/// Where capability `id` starts in a VFIO info reply (a `header`-byte
+/// struct, then a chain of `{id: u16, version: u16, next: u32}` headed
+/// capabilities from offset `first`; `next` 0 ends it): `Ok(None)` when
+/// the chain ends without it.
+fn find_cap(
+    reply: &[u8],
+    header: usize,
+    first: usize,
+    id: u32,
+) -> Result<Option<usize>, BrokenChain> {
+    let mut off = first;
     for _ in 0..MAX_CAP_HOPS {
         if off < header {
-            return None;
+            return Err(BrokenChain);
         }
-        let id = u16_at(info, off)?;
-        let next = u32_at(info, off + 4)? as usize;
-        if u32::from(id) == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE {
-            // header (8), nr_iovas (4), reserved (4), then {start, end} u64 pairs.
-            let n = u32_at(info, off + 8)? as usize;
-            let mut ranges = Vec::new();
-            for i in 0..n {
-                let at = off.checked_add(16)?.checked_add(i.checked_mul(16)?)?;
-                let (first, last) = (u64_at(info, at)?, u64_at(info, at + 8)?);
-                if first <= last {
-                    ranges.push(IovaRange { first, last });
-                }
-            }
-            ranges.sort_by_key(|r| r.first);
-            return (!ranges.is_empty()).then_some(ranges);
+        let this = u16_at(reply, off).ok_or(BrokenChain)?;
+        let next = u32_at(reply, off + 4).ok_or(BrokenChain)? as usize;
+        if u32::from(this) == id {
+            return Ok(Some(off));
+        }
+        if next == 0 {
+            return Ok(None);
         }
         off = next;
     }
-    None
+    Err(BrokenChain)
+}
+
+/// The `{u64, u64}` pairs of the capability at `cap` whose body is a
+/// count (u32), a reserved u32, then the pairs (the IOVA-range and
+/// sparse-mmap capabilities). `None` when they run past the reply.
+fn u64_pairs(reply: &[u8], cap: usize) -> Option<Vec<(u64, u64)>> {
+    let n = u32_at(reply, cap.checked_add(8)?)? as usize;
+    (0..n)
+        .map(|i| {
+            let at = cap.checked_add(16)?.checked_add(i.checked_mul(16)?)?;
+            Some((u64_at(reply, at)?, u64_at(reply, at.checked_add(8)?)?))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -421,6 +431,12 @@ mod tests {
         let mut b = vec![0u8; 24];
         b[4..8].copy_from_slice(&(VFIO_IOMMU_INFO_CAPS | 1).to_ne_bytes());
         b[16..20].copy_from_slice(&(if caps.is_empty() { 0u32 } else { 24 }).to_ne_bytes());
+        append_chain(&mut b, caps);
+        b
+    }
+
+    /// Append `caps` to `b` as a capability chain starting at its end.
+    fn append_chain(b: &mut Vec<u8>, caps: &[(u16, Vec<u8>)]) {
         for (i, (id, body)) in caps.iter().enumerate() {
             let start = b.len();
             let next = if i + 1 < caps.len() {
@@ -433,18 +449,23 @@ mod tests {
             b.extend_from_slice(&(next as u32).to_ne_bytes());
             b.extend_from_slice(body);
         }
-        b
+    }
+
+    /// A capability `id` whose body is a count, a reserved u32, then
+    /// `pairs` (IOVA ranges, sparse-mmap areas).
+    fn pairs_cap(id: u32, pairs: &[(u64, u64)]) -> (u16, Vec<u8>) {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(pairs.len() as u32).to_ne_bytes());
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        for (a, b) in pairs {
+            body.extend_from_slice(&a.to_ne_bytes());
+            body.extend_from_slice(&b.to_ne_bytes());
+        }
+        (id as u16, body)
     }
 
     fn iova_cap(ranges: &[(u64, u64)]) -> (u16, Vec<u8>) {
-        let mut body = Vec::new();
-        body.extend_from_slice(&(ranges.len() as u32).to_ne_bytes());
-        body.extend_from_slice(&0u32.to_ne_bytes());
-        for (s, e) in ranges {
-            body.extend_from_slice(&s.to_ne_bytes());
-            body.extend_from_slice(&e.to_ne_bytes());
-        }
-        (VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE as u16, body)
+        pairs_cap(VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, ranges)
     }
 
     #[test]
@@ -499,32 +520,14 @@ mod tests {
         b[12..16].copy_from_slice(&(if caps.is_empty() { 0u32 } else { 32 }).to_ne_bytes());
         b[16..24].copy_from_slice(&size.to_ne_bytes());
         b[24..32].copy_from_slice(&offset.to_ne_bytes());
-        for (i, (id, body)) in caps.iter().enumerate() {
-            let start = b.len();
-            let next = if i + 1 < caps.len() {
-                start + 8 + body.len()
-            } else {
-                0
-            };
-            b.extend_from_slice(&id.to_ne_bytes());
-            b.extend_from_slice(&1u16.to_ne_bytes());
-            b.extend_from_slice(&(next as u32).to_ne_bytes());
-            b.extend_from_slice(body);
-        }
+        append_chain(&mut b, caps);
         let argsz = b.len() as u32;
         b[0..4].copy_from_slice(&argsz.to_ne_bytes());
         b
     }
 
     fn sparse_cap(areas: &[(u64, u64)]) -> (u16, Vec<u8>) {
-        let mut body = Vec::new();
-        body.extend_from_slice(&(areas.len() as u32).to_ne_bytes());
-        body.extend_from_slice(&0u32.to_ne_bytes());
-        for (o, s) in areas {
-            body.extend_from_slice(&o.to_ne_bytes());
-            body.extend_from_slice(&s.to_ne_bytes());
-        }
-        (VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16, body)
+        pairs_cap(VFIO_REGION_INFO_CAP_SPARSE_MMAP, areas)
     }
 
     #[test]

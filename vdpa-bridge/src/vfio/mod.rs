@@ -412,20 +412,17 @@ impl VfioFunction {
             Some(c) => c.clone(),
             None => SharedContainer::new()?,
         };
-        // The kernel lets a group be opened once, so a group open in this
-        // container already (the same device named twice) fails here with
-        // EBUSY: say so as the container would.
-        let group = Group::open(group).map_err(|e| match e {
-            VfioError::Group { group: g, source }
-                if source.raw_os_error() == Some(libc::EBUSY) && container.has_group_named(&g) =>
-            {
-                VfioError::GroupBusy {
-                    bdf: bdf.clone(),
-                    group: g,
-                }
-            }
-            e => e,
-        })?;
+        // The kernel lets a group be opened once, so a group this
+        // container holds already (the same device named twice, by path or
+        // handed in) would fail the open with EBUSY: say so as the
+        // container would.
+        if Group::node_key(group).is_some_and(|k| container.holds_group(k)) {
+            return Err(VfioError::GroupBusy {
+                bdf,
+                group: group.to_string(),
+            });
+        }
+        let group = Group::open(group)?;
         let membership = container.attach(group, &bdf)?;
         Self::open_member(bdf, membership, opts)
     }
