@@ -35,6 +35,7 @@
 
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -49,9 +50,9 @@ use crate::guest::cases::bridge::proc_status;
 use crate::guest::cases::fleet::{bind_fleet, images_hold_the_writes, INNER_RAM_KIB};
 use crate::guest::cases::plugin::blk_queue_roundtrip;
 use crate::guest::cases::vhost_vdpa;
-use crate::guest::ch::{not_configured, Ch, Vdpa, BOOT_TIMEOUT};
+use crate::guest::ch::{not_configured, Ch, ChVm, Vdpa, BOOT_TIMEOUT};
 use crate::guest::handoff::{runnable_self_copy, Handoff, NOBODY};
-use crate::guest::{declare_write_to, Case, CaseResult, Ctx, Outcome};
+use crate::guest::{declare_write_to, sys, Case, CaseResult, Ctx, Outcome};
 use crate::pattern;
 
 /// The argument that makes `lab-guest` run [`child`].
@@ -240,26 +241,13 @@ fn handed(ctx: &Ctx) -> CaseResult {
         .clone()
         .context("the host prepared no VDUSE image")?;
     let (_export, node) = vhost_vdpa::setup(&vduse)?;
-    let open_rw = |p: &str| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(p)
-            .with_context(|| format!("open {p}"))
-    };
     let disks = &fleet[..2];
     let mut groups = Vec::new();
     for d in disks {
-        let link = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", d.bdf))?;
-        let n = link
-            .file_name()
-            .and_then(|n| n.to_str())
-            .context("iommu_group link")?
-            .to_owned();
-        groups.push(open_rw(&format!("/dev/vfio/{n}"))?);
+        groups.push(open_rw(&group_node(&d.bdf)?)?);
     }
-    let container = open_rw("/dev/vfio/vfio")?;
-    let vhost = open_rw(&node.to_string_lossy())?;
+    let container = open_rw(Path::new("/dev/vfio/vfio"))?;
+    let vhost = open_rw(&node)?;
     let mut devices: Vec<ChildDev> = disks
         .iter()
         .zip(&groups)
@@ -384,14 +372,39 @@ fn handed(ctx: &Ctx) -> CaseResult {
     )))
 }
 
-/// The IOMMU group number of the PCI function `bdf`.
-fn group_of(bdf: &str) -> anyhow::Result<String> {
-    let link = std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group"))?;
-    Ok(link
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("iommu_group link")?
-        .to_owned())
+/// `/dev/vfio/<group>` of the PCI function `bdf`.
+fn group_node(bdf: &str) -> anyhow::Result<PathBuf> {
+    sys::vfio_group_node(&Path::new("/sys/bus/pci/devices").join(bdf))
+}
+
+/// Open `p` read-write, as an orchestrator opens what it hands over.
+fn open_rw(p: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .with_context(|| format!("open {}", p.display()))
+}
+
+/// Wait for the inner guest's `round`-th pass over its disks (one per
+/// boot) and check it found both right.
+fn fleet_round(vm: &mut ChVm<'_>, round: usize) -> anyhow::Result<()> {
+    vm.wait("L3-FLEET-HOLD", BOOT_TIMEOUT).with_context(|| {
+        format!(
+            "boot {round}: the inner guest did not finish its disks: {}",
+            vm.tail()
+        )
+    })?;
+    let line = vm
+        .last_line("L3-FLEET-DONE")
+        .context("no L3-FLEET-DONE line")?
+        .to_string();
+    ensure!(
+        vm.count("L3-FLEET-DONE") == round && line.contains("ok=2 of 2"),
+        "boot {round}: the inner guest: {line}: {}",
+        vm.tail()
+    );
+    Ok(())
 }
 
 /// `/dev/kvm` for the group `gid` (read-write), given back as it was on
@@ -433,15 +446,8 @@ fn ch_handed(ctx: &Ctx) -> CaseResult {
     };
     ensure!(fleet.len() >= 4, "a fleet of {}", fleet.len());
     let (boot, plugged) = (&fleet[2], &fleet[3]);
-    let open_rw = |p: &str| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(p)
-            .with_context(|| format!("open {p}"))
-    };
-    let group = open_rw(&format!("/dev/vfio/{}", group_of(&boot.bdf)?))?;
-    let container = open_rw("/dev/vfio/vfio")?;
+    let group = open_rw(&group_node(&boot.bdf)?)?;
+    let container = open_rw(Path::new("/dev/vfio/vfio"))?;
     // A group of its own grants /dev/kvm (the lab VM has no udev rules).
     let kvm_gid = crate::guest::handoff::group_id("kvm").unwrap_or(65533);
     let _kvm = KvmGrant::new(kvm_gid)?;
@@ -487,7 +493,7 @@ fn ch_handed(ctx: &Ctx) -> CaseResult {
         .arg(remote)
         .arg(Ch::api_socket_path())
         .arg(&arg)
-        .arg(format!("/dev/vfio/{}", group_of(&plugged.bdf)?))
+        .arg(group_node(&plugged.bdf)?)
         .output()
         .context("run ch-remote add-vdpa")?;
     ensure!(
@@ -496,17 +502,7 @@ fn ch_handed(ctx: &Ctx) -> CaseResult {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    vm.wait("L3-FLEET-HOLD", BOOT_TIMEOUT)
-        .with_context(|| format!("the inner guest did not finish its disks: {}", vm.tail()))?;
-    let line = vm
-        .line("L3-FLEET-DONE")
-        .context("no L3-FLEET-DONE line")?
-        .to_string();
-    ensure!(
-        line.contains("ok=2 of 2"),
-        "the inner guest: {line}: {}",
-        vm.tail()
-    );
+    fleet_round(&mut vm, 1)?;
     let pid = vm.pid().to_string();
     let vmlck = proc_status(&pid, "VmLck:")?;
     let refused = vm.remote(&[
@@ -526,17 +522,7 @@ fn ch_handed(ctx: &Ctx) -> CaseResult {
     // A reboot builds the VM anew: both disks are opened again from the
     // descriptors the VMM kept (the hot-plugged one's too).
     vm.remote(&["reboot"])?;
-    vm.wait("L3-FLEET-HOLD", BOOT_TIMEOUT)
-        .with_context(|| format!("the inner guest did not come back: {}", vm.tail()))?;
-    let again = vm
-        .last_line("L3-FLEET-DONE")
-        .context("no L3-FLEET-DONE line")?
-        .to_string();
-    ensure!(
-        vm.count("L3-FLEET-DONE") == 2 && again.contains("ok=2 of 2"),
-        "after the reboot: {again}: {}",
-        vm.tail()
-    );
+    fleet_round(&mut vm, 2)?;
     vm.pump();
     ensure!(
         vm.has("the VM's VFIO container exists already; container_fd="),
@@ -548,7 +534,7 @@ fn ch_handed(ctx: &Ctx) -> CaseResult {
     // and the group it was handed.
     let end = Instant::now() + Duration::from_secs(20);
     let regrouped = loop {
-        match open_rw(&format!("/dev/vfio/{}", group_of(&plugged.bdf)?)) {
+        match open_rw(&group_node(&plugged.bdf)?) {
             Ok(f) => break Ok(f),
             Err(e) if Instant::now() > end => break Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
